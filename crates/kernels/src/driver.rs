@@ -1,0 +1,200 @@
+//! The one driver every algorithm shares: chunking, threads, dtype dispatch, SIMD dispatch.
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use crate::elem::Elem;
+use crate::{pool, KernelError};
+
+/// Most state buffers any algorithm keeps per parameter (Adam with amsgrad: 3).
+pub const MAX_STATES: usize = 3;
+
+/// Elements per unit of parallel work: large enough to amortize scheduling, small enough
+/// that a few big tensors still spread over all threads.
+const CHUNK: usize = 1 << 15;
+/// Below this many elements in a whole call, threads cost more than they save.
+const MIN_PARALLEL: usize = 1 << 16;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    F64,
+    BF16,
+    F16,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F64 => 8,
+            DType::BF16 | DType::F16 => 2,
+        }
+    }
+}
+
+/// One parameter's buffers: `numel` dense elements of `dtype` each. `states` are in the
+/// algorithm's documented order; unused slots are null.
+#[derive(Clone, Copy, Debug)]
+pub struct Job<T> {
+    pub dtype: DType,
+    pub numel: usize,
+    pub param: *mut u8,
+    pub grad: *mut u8,
+    pub states: [*mut u8; MAX_STATES],
+    /// Per-tensor values the algorithm derived from this tensor's step (bias corrections…).
+    pub scalars: T,
+}
+
+// SAFETY: a Job only carries addresses; `run`'s contract makes them valid and disjoint.
+unsafe impl<T: Send> Send for Job<T> {}
+unsafe impl<T: Sync> Sync for Job<T> {}
+
+/// An optimizer's element-wise update. `update` is called on disjoint chunks of one tensor;
+/// it reads and writes each element of each buffer once.
+pub trait Algorithm: Sync {
+    /// Per-tensor scalars (derived from the step count by the caller).
+    type Scalars: Copy + Send + Sync;
+    /// Name used in errors.
+    const NAME: &'static str;
+    /// How many state buffers this configuration needs.
+    fn n_states(&self) -> usize;
+    fn update<E: Elem>(&self, s: &Self::Scalars, param: &mut [E], grad: &mut [E], states: [&mut [E]; MAX_STATES]);
+}
+
+/// Applies `alg` to every job, chunked over `threads` workers.
+///
+/// # Safety
+/// Every pointer of every job must be valid for reads and writes of `numel` elements of
+/// `dtype` for the duration of the call, and no two buffers (within a job or across jobs)
+/// may overlap. Unused state slots (index >= `alg.n_states()`) are ignored.
+pub unsafe fn run<A: Algorithm>(alg: &A, jobs: &[Job<A::Scalars>], threads: usize) -> Result<(), KernelError> {
+    let n = alg.n_states();
+    for job in jobs {
+        let got = job.states.iter().take(n).filter(|p| !p.is_null()).count();
+        if got != n {
+            return Err(KernelError::StateCount { what: A::NAME, expected: n, got });
+        }
+    }
+    let total: usize = jobs.iter().map(|j| j.numel).sum();
+    if threads <= 1 || total < MIN_PARALLEL {
+        for job in jobs {
+            run_chunk(alg, job, 0, job.numel);
+        }
+        return Ok(());
+    }
+    // Work units: (job, begin, end). Small tensors are one unit each; rayon's adaptive
+    // splitting of the unit list keeps per-unit overhead to a function call.
+    let mut units = Vec::with_capacity(jobs.len() + total / CHUNK);
+    for (j, job) in jobs.iter().enumerate() {
+        let mut b = 0;
+        while b < job.numel {
+            let e = (b + CHUNK).min(job.numel);
+            units.push((j, b, e));
+            b = e;
+        }
+    }
+    let pool = pool::get(threads)?;
+    pool.install(|| {
+        units.par_iter().with_min_len(4).for_each(|&(j, b, e)| {
+            // SAFETY: forwarded from the caller; units of one job are disjoint ranges.
+            unsafe { run_chunk(alg, &jobs[j], b, e) }
+        })
+    });
+    Ok(())
+}
+
+unsafe fn run_chunk<A: Algorithm>(alg: &A, job: &Job<A::Scalars>, b: usize, e: usize) {
+    match job.dtype {
+        DType::F32 => simd(|| chunk::<A, f32>(alg, job, b, e)),
+        DType::F64 => simd(|| chunk::<A, f64>(alg, job, b, e)),
+        DType::BF16 => simd(|| chunk::<A, bf16>(alg, job, b, e)),
+        DType::F16 => simd(|| chunk::<A, f16>(alg, job, b, e)),
+    }
+}
+
+#[inline(always)]
+unsafe fn chunk<A: Algorithm, E: Elem>(alg: &A, job: &Job<A::Scalars>, b: usize, e: usize) {
+    let len = e - b;
+    let slice = |p: *mut u8| -> &mut [E] {
+        if p.is_null() {
+            &mut []
+        } else {
+            std::slice::from_raw_parts_mut((p as *mut E).add(b), len)
+        }
+    };
+    let states = [slice(job.states[0]), slice(job.states[1]), slice(job.states[2])];
+    alg.update::<E>(&job.scalars, slice(job.param), slice(job.grad), states);
+}
+
+/// Runs `f` compiled for AVX2+FMA when the CPU has them (the closure is inlined into the
+/// `target_feature` function), else for the baseline target. Results are identical: Rust
+/// never contracts `a * b + c` into an FMA on its own, and `mul_add` is exact either way.
+#[inline(always)]
+fn simd<F: FnOnce()>(f: F) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        let has = *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"));
+        if has {
+            // SAFETY: the features were detected on this CPU.
+            return unsafe { avx2(f) };
+        }
+    }
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn avx2<F: FnOnce()>(f: F) {
+    f()
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! Helpers for the kernels' unit tests: run an algorithm over owned vectors.
+    use super::*;
+
+    pub fn dtype_of<E: 'static>() -> DType {
+        use std::any::TypeId;
+        let t = TypeId::of::<E>();
+        if t == TypeId::of::<f32>() {
+            DType::F32
+        } else if t == TypeId::of::<f64>() {
+            DType::F64
+        } else if t == TypeId::of::<bf16>() {
+            DType::BF16
+        } else {
+            DType::F16
+        }
+    }
+
+    /// One tensor: param, grad, states (as many as the algorithm needs).
+    pub struct Buffers<E> {
+        pub param: Vec<E>,
+        pub grad: Vec<E>,
+        pub states: Vec<Vec<E>>,
+    }
+
+    pub fn step<A: Algorithm, E: Elem>(alg: &A, scalars: A::Scalars, tensors: &mut [Buffers<E>], threads: usize) {
+        let jobs: Vec<Job<A::Scalars>> = tensors
+            .iter_mut()
+            .map(|t| {
+                let mut states = [std::ptr::null_mut(); MAX_STATES];
+                for (slot, s) in states.iter_mut().zip(t.states.iter_mut()) {
+                    *slot = s.as_mut_ptr() as *mut u8;
+                }
+                Job {
+                    dtype: dtype_of::<E>(),
+                    numel: t.param.len(),
+                    param: t.param.as_mut_ptr() as *mut u8,
+                    grad: t.grad.as_mut_ptr() as *mut u8,
+                    states,
+                    scalars,
+                }
+            })
+            .collect();
+        unsafe { run(alg, &jobs, threads).unwrap() }
+    }
+}

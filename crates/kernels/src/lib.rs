@@ -1,0 +1,31 @@
+//! Pure-Rust kernels behind ferrotorch's fused optimizers.
+//!
+//! Nothing here knows about Python or libtorch: a kernel sees raw, dense element buffers and
+//! plain hyper-parameters, so `cargo test -p ferrotorch-kernels` exercises the math alone.
+//! The data flow is: `bindings` (PyO3 + tch, argument checks) build [`Job`]s and call
+//! [`run`]; `run` splits every tensor into chunks, spreads them over a fork-safe thread pool
+//! and calls the algorithm's one generic `update` for each chunk.
+
+pub mod adagrad;
+pub mod adam;
+mod driver;
+pub mod elem;
+pub mod pool;
+pub mod rmsprop;
+pub mod sgd;
+
+pub use driver::{run, Algorithm, DType, Job, MAX_STATES};
+pub use elem::{Elem, OpFloat};
+
+/// Errors a kernel call can report; the bindings map them to Python exceptions.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KernelError {
+    #[error("{what}: expected {expected} state buffer(s), got {got}")]
+    StateCount {
+        what: &'static str,
+        expected: usize,
+        got: usize,
+    },
+    #[error("could not start the thread pool: {0}")]
+    Pool(String),
+}

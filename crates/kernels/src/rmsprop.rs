@@ -1,0 +1,105 @@
+//! RMSprop with centering, momentum, weight decay and maximize.
+//!
+//! State order: `square_avg`, then `momentum_buffer` when `momentum > 0`, then `grad_avg`
+//! when `centered`. Operation order follows torch's `_single_tensor_rmsprop`.
+
+use crate::adam::{lerp, load_grad};
+use crate::driver::{Algorithm, MAX_STATES};
+use crate::elem::{Elem, OpFloat};
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RmsProp {
+    pub lr: f64,
+    pub alpha: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub momentum: f64,
+    pub centered: bool,
+    pub maximize: bool,
+    pub grad_scale: Option<f64>,
+}
+
+impl Algorithm for RmsProp {
+    type Scalars = ();
+    const NAME: &'static str = "RMSprop";
+
+    fn n_states(&self) -> usize {
+        1 + usize::from(self.momentum > 0.0) + usize::from(self.centered)
+    }
+
+    #[inline(always)]
+    fn update<E: Elem>(&self, _: &(), p: &mut [E], g: &mut [E], st: [&mut [E]; MAX_STATES]) {
+        let [sq, s1, s2] = st;
+        let has_mom = self.momentum > 0.0;
+        // The buffers present are packed in order: momentum_buffer before grad_avg.
+        let (buf, gavg): (&mut [E], &mut [E]) = match (has_mom, self.centered) {
+            (true, true) => (s1, s2),
+            (true, false) => (s1, s2),
+            (false, true) => (s2, s1),
+            (false, false) => (s1, s2),
+        };
+        let n = p.len();
+        let (g, sq) = (&mut g[..n], &mut sq[..n]);
+        let buf: &mut [E] = if has_mom { &mut buf[..n] } else { buf };
+        let gavg: &mut [E] = if self.centered { &mut gavg[..n] } else { gavg };
+        let o = <E::Op as OpFloat>::of;
+        let scale = self.grad_scale.map(o);
+        let (wd, alpha, c, eps) = (o(self.weight_decay), o(self.alpha), o(1.0 - self.alpha), o(self.eps));
+        let (mom, neg_lr, one) = (o(self.momentum), o(-self.lr), o(1.0));
+        let has_wd = self.weight_decay != 0.0;
+        for i in 0..n {
+            let param = p[i].load();
+            let mut grad = load_grad(&mut g[i], scale, self.maximize);
+            if has_wd {
+                grad = param.mul_add(wd, grad);
+            }
+            let square_avg = sq[i].load() * alpha + c * grad * grad;
+            sq[i] = E::store(square_avg);
+            let avg = if self.centered {
+                let ga = lerp(gavg[i].load(), grad, c);
+                gavg[i] = E::store(ga);
+                (square_avg + -one * ga * ga).sqrt()
+            } else {
+                square_avg.sqrt()
+            } + eps;
+            p[i] = E::store(if has_mom {
+                let b = buf[i].load() * mom + one * grad / avg;
+                buf[i] = E::store(b);
+                b.mul_add(neg_lr, param)
+            } else {
+                param + neg_lr * grad / avg
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::driver::testing::{step, Buffers};
+
+    #[test]
+    fn centered_momentum_by_hand() {
+        let a = RmsProp { lr: 0.01, alpha: 0.9, eps: 1e-8, weight_decay: 0.0, momentum: 0.5, centered: true, maximize: false, grad_scale: None };
+        let mut t = [Buffers { param: vec![1.0f64], grad: vec![2.0], states: vec![vec![0.0], vec![0.0], vec![0.0]] }];
+        step(&a, (), &mut t, 1);
+        let sq = 0.1 * 4.0;
+        let ga = 0.1 * 2.0;
+        let avg = (sq - ga * ga as f64).sqrt() + 1e-8;
+        let b = 2.0 / avg;
+        assert!((t[0].states[0][0] - sq).abs() < 1e-15);
+        assert!((t[0].states[1][0] - b).abs() < 1e-12, "momentum_buffer is state 1");
+        assert!((t[0].states[2][0] - ga).abs() < 1e-15, "grad_avg is state 2");
+        assert!((t[0].param[0] - (1.0 - 0.01 * b)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn centered_without_momentum_uses_slot_1_for_grad_avg() {
+        let a = RmsProp { lr: 0.01, alpha: 0.9, eps: 1e-8, weight_decay: 0.0, momentum: 0.0, centered: true, maximize: false, grad_scale: None };
+        let mut t = [Buffers { param: vec![1.0f64], grad: vec![2.0], states: vec![vec![0.0], vec![0.0]] }];
+        step(&a, (), &mut t, 1);
+        assert!((t[0].states[1][0] - 0.2).abs() < 1e-15);
+        let avg = (0.4f64 - 0.04).sqrt() + 1e-8;
+        assert!((t[0].param[0] - (1.0 - 0.01 * 2.0 / avg)).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,188 @@
+"""ferrotorch's optimizers: torch.optim's classes with a fused Rust ``step``.
+
+Each class *is* its torch.optim counterpart (same constructor, defaults, validation,
+``state_dict`` format), so checkpoints move between the two in both directions:
+
+    opt = ferrotorch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
+    torch.optim.AdamW(model.parameters()).load_state_dict(opt.state_dict())
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.optim import adagrad as _tadagrad
+from torch.optim import adam as _tadam
+from torch.optim import rmsprop as _trmsprop
+from torch.optim import sgd as _tsgd
+
+from ._fused import _FusedOptimizer
+
+__all__ = ["Adam", "AdamW", "SGD", "RMSprop", "Adagrad"]
+
+
+def _complex(params: list[torch.Tensor]) -> bool:
+    return any(torch.is_complex(p) for p in params)
+
+
+class Adam(_FusedOptimizer, torch.optim.Adam):
+    """Adam (and AdamW with ``decoupled_weight_decay=True``), fused in Rust.
+
+    Same arguments and results as :class:`torch.optim.Adam`:
+
+        opt = ferrotorch.optim.Adam(model.parameters(), lr=3e-4)
+        loss.backward(); opt.step(); opt.zero_grad()
+    """
+
+    _kind = "adam"
+    _state_key_set = frozenset({"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"})
+    _group_keys = ("lr", "betas", "eps", "weight_decay", "amsgrad")
+
+    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        if group["amsgrad"]:
+            return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+        return ("exp_avg", "exp_avg_sq")
+
+    def _fallback(self, group: dict[str, Any], params: list[torch.Tensor], first: list[bool]) -> None:
+        st = [self.state[p] for p in params]
+        beta1, beta2 = group["betas"]
+        _tadam.adam(
+            params,
+            [p.grad for p in params],
+            [s["exp_avg"] for s in st],
+            [s["exp_avg_sq"] for s in st],
+            [s["max_exp_avg_sq"] for s in st] if group["amsgrad"] else [],
+            [s["step"] for s in st],
+            has_complex=_complex(params),
+            decoupled_weight_decay=group.get("decoupled_weight_decay", False),
+            amsgrad=group["amsgrad"],
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=group["maximize"],
+        )
+
+
+class AdamW(Adam, torch.optim.AdamW):
+    """AdamW (decoupled weight decay, default ``weight_decay=1e-2``), fused in Rust.
+
+        opt = ferrotorch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
+        loss.backward(); opt.step()
+    """
+
+
+class SGD(_FusedOptimizer, torch.optim.SGD):
+    """SGD with momentum, dampening, Nesterov and weight decay, fused in Rust.
+
+        opt = ferrotorch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+        loss.backward(); opt.step()
+    """
+
+    _kind = "sgd"
+    _state_key_set = frozenset({"momentum_buffer"})
+    _group_keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
+
+    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
+    def _fallback(self, group: dict[str, Any], params: list[torch.Tensor], first: list[bool]) -> None:
+        momentum = group["momentum"] != 0
+        bufs = [None if f or not momentum else self.state[p]["momentum_buffer"] for p, f in zip(params, first)]
+        grads = [p.grad for p in params]
+        _tsgd.sgd(
+            params,
+            grads,
+            bufs,
+            has_sparse_grad=any(g.is_sparse for g in grads),
+            weight_decay=group["weight_decay"],
+            momentum=group["momentum"],
+            lr=group["lr"],
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+            maximize=group["maximize"],
+        )
+        if momentum:
+            for p, b in zip(params, bufs):
+                self.state[p]["momentum_buffer"] = b
+
+
+class RMSprop(_FusedOptimizer, torch.optim.RMSprop):
+    """RMSprop (centered, momentum, weight decay), fused in Rust.
+
+        opt = ferrotorch.optim.RMSprop(model.parameters(), lr=1e-2, alpha=0.99)
+        loss.backward(); opt.step()
+    """
+
+    _kind = "rmsprop"
+    _state_key_set = frozenset({"step", "square_avg", "momentum_buffer", "grad_avg"})
+    _group_keys = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered")
+
+    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        keys = ("square_avg",)
+        if group["momentum"] > 0:
+            keys += ("momentum_buffer",)
+        if group["centered"]:
+            keys += ("grad_avg",)
+        return keys
+
+    def _new_step(self, group: dict[str, Any], p: torch.Tensor) -> torch.Tensor:
+        return torch.zeros((), dtype=_tadam._get_scalar_dtype())
+
+    def _fallback(self, group: dict[str, Any], params: list[torch.Tensor], first: list[bool]) -> None:
+        st = [self.state[p] for p in params]
+        _trmsprop.rmsprop(
+            params,
+            [p.grad for p in params],
+            [s["square_avg"] for s in st],
+            [s["grad_avg"] for s in st] if group["centered"] else [],
+            [s["momentum_buffer"] for s in st] if group["momentum"] > 0 else [],
+            [s["step"] for s in st],
+            maximize=group["maximize"],
+            has_complex=_complex(params),
+            lr=group["lr"],
+            alpha=group["alpha"],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            momentum=group["momentum"],
+            centered=group["centered"],
+        )
+
+
+class Adagrad(_FusedOptimizer, torch.optim.Adagrad):
+    """Adagrad (lr decay, initial accumulator, weight decay), fused in Rust.
+
+        opt = ferrotorch.optim.Adagrad(model.parameters(), lr=1e-2, lr_decay=1e-4)
+        loss.backward(); opt.step()
+    """
+
+    _kind = "adagrad"
+    _state_key_set = frozenset({"step", "sum"})
+    _group_keys = ("lr", "lr_decay", "eps", "weight_decay", "initial_accumulator_value")
+
+    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("sum",)
+
+    def _new_state(self, group: dict[str, Any], p: torch.Tensor, key: str) -> torch.Tensor:
+        init = group["initial_accumulator_value"]
+        value = complex(init, init) if torch.is_complex(p) else init
+        return torch.full_like(p, value, memory_format=torch.preserve_format)
+
+    def _fallback(self, group: dict[str, Any], params: list[torch.Tensor], first: list[bool]) -> None:
+        st = [self.state[p] for p in params]
+        grads = [p.grad for p in params]
+        _tadagrad.adagrad(
+            params,
+            grads,
+            [s["sum"] for s in st],
+            [s["step"] for s in st],
+            has_sparse_grad=any(g.is_sparse for g in grads),
+            has_complex=_complex(params),
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            lr_decay=group["lr_decay"],
+            eps=group["eps"],
+            maximize=group["maximize"],
+        )

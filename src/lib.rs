@@ -1,0 +1,28 @@
+//! ferrotorch's Python extension, `ferrotorch._native`.
+//!
+//! Layers, one way: `ferrotorch_kernels` (pure Rust math) ← this crate (PyO3 + tch glue:
+//! argument checks, tensor validation, GIL release) ← `python/ferrotorch` (torch-compatible
+//! classes).
+
+use pyo3::prelude::*;
+
+pub mod errors;
+pub mod plan;
+pub mod tensor;
+
+/// Version of torch this extension was compiled against; the Python package refuses to
+/// load the extension under any other.
+pub const TORCH_VERSION: &str = "2.13.0";
+
+#[pymodule]
+fn _native(py: Python<'_>, m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // libtorch must be loaded (by importing torch) before any tch call.
+    py.import("torch")?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("TORCH_VERSION", TORCH_VERSION)?;
+    m.add_class::<plan::GroupPlan>()?;
+    m.add("FerrotorchValueError", py.get_type::<errors::FerrotorchValueError>())?;
+    m.add("FerrotorchTypeError", py.get_type::<errors::FerrotorchTypeError>())?;
+    m.add("FerrotorchRuntimeError", py.get_type::<errors::FerrotorchRuntimeError>())?;
+    Ok(())
+}

@@ -1,0 +1,383 @@
+//! `GroupPlan`: one optimizer param group, resolved once into the tensors the kernel updates.
+//!
+//! Python builds a plan when a group's parameters or state layout change; each `step` then
+//! costs O(1) Python work per group. The plan reads every parameter's `.grad` itself, checks
+//! all tensors before changing any, bumps the step counters, and runs the fused kernel with
+//! the GIL released. Tensors the kernel cannot take (CUDA, non-contiguous, complex, sparse,
+//! mismatched state dtypes…) are returned to Python, which steps them with torch's own
+//! single-tensor functions.
+
+use ferrotorch_kernels::{
+    adagrad::Adagrad, adam::Adam, rmsprop::RmsProp, sgd::Sgd, sgd::SgdScalars, Algorithm, DType, Job, MAX_STATES,
+};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use pyo3_tch::PyTensor;
+use tch::Tensor;
+
+use crate::errors::{no_panic, Error, Result};
+use crate::tensor::{byte_range, check_grad_matches, flat_cpu, kernel_dtype, overlaps, StepCounter};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Adam,
+    Sgd,
+    RmsProp,
+    Adagrad,
+}
+
+impl Kind {
+    fn parse(name: &str) -> Result<Kind> {
+        match name {
+            "adam" => Ok(Kind::Adam),
+            "sgd" => Ok(Kind::Sgd),
+            "rmsprop" => Ok(Kind::RmsProp),
+            "adagrad" => Ok(Kind::Adagrad),
+            _ => Err(Error::Value(format!("kind: expected one of 'adam', 'sgd', 'rmsprop', 'adagrad', got {name:?}"))),
+        }
+    }
+    fn has_step(self) -> bool {
+        self != Kind::Sgd
+    }
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Adam => "Adam",
+            Kind::Sgd => "SGD",
+            Kind::RmsProp => "RMSprop",
+            Kind::Adagrad => "Adagrad",
+        }
+    }
+}
+
+struct Entry {
+    /// Position of the parameter in `group["params"]`.
+    index: usize,
+    param: Tensor,
+    states: Vec<Tensor>,
+    step: Option<Tensor>,
+    /// SGD: the momentum buffer is created by this entry's next step.
+    first: bool,
+}
+
+/// The tensors of a plan. tch tensors are reference-counted handles; every access goes
+/// through `&mut GroupPlan`, which PyO3 guards against concurrent use, so sharing the
+/// plan object between threads is sound.
+struct Tensors {
+    entries: Vec<Entry>,
+    pending: Vec<Tensor>,
+}
+unsafe impl Send for Tensors {}
+unsafe impl Sync for Tensors {}
+
+/// One parameter group prepared for the fused kernels. Built by `ferrotorch.optim`.
+#[pyclass(module = "ferrotorch._native")]
+pub struct GroupPlan {
+    kind: Kind,
+    t: Tensors,
+}
+
+fn get<'py>(group: &Bound<'py, PyDict>, key: &str) -> Result<Bound<'py, PyAny>> {
+    group
+        .get_item(key)
+        .map_err(|e| Error::Runtime(e.to_string()))?
+        .ok_or_else(|| Error::Value(format!("param_group is missing the hyper-parameter '{key}'")))
+}
+
+/// A hyper-parameter as a float; 1-element tensors (lr, betas, weight_decay) are accepted.
+fn float(group: &Bound<'_, PyDict>, key: &str) -> Result<f64> {
+    let v = get(group, key)?;
+    v.extract::<f64>().map_err(|_| {
+        let ty = v.get_type().name().map(|n| n.to_string()).unwrap_or_default();
+        Error::Type(format!("param_group['{key}'] must be a float or a 1-element tensor, got {ty}"))
+    })
+}
+
+fn flag(group: &Bound<'_, PyDict>, key: &str, default: bool) -> Result<bool> {
+    match group.get_item(key).map_err(|e| Error::Runtime(e.to_string()))? {
+        None => Ok(default),
+        Some(v) => v.is_truthy().map_err(|e| Error::Type(format!("param_group['{key}']: {e}"))),
+    }
+}
+
+fn betas(group: &Bound<'_, PyDict>) -> Result<(f64, f64)> {
+    let v = get(group, "betas")?;
+    let bad = || Error::Type("param_group['betas'] must be a pair of floats".to_string());
+    let b0 = v.get_item(0).map_err(|_| bad())?.extract::<f64>().map_err(|_| bad())?;
+    let b1 = v.get_item(1).map_err(|_| bad())?.extract::<f64>().map_err(|_| bad())?;
+    Ok((b0, b1))
+}
+
+enum Algo {
+    Adam(Adam),
+    Sgd(Sgd),
+    RmsProp(RmsProp),
+    Adagrad(Adagrad),
+}
+
+impl Algo {
+    fn from_group(kind: Kind, g: &Bound<'_, PyDict>, grad_scale: Option<f64>) -> Result<Algo> {
+        Ok(match kind {
+            Kind::Adam => {
+                let (beta1, beta2) = betas(g)?;
+                Algo::Adam(Adam {
+                    lr: float(g, "lr")?,
+                    beta1,
+                    beta2,
+                    eps: float(g, "eps")?,
+                    weight_decay: float(g, "weight_decay")?,
+                    amsgrad: flag(g, "amsgrad", false)?,
+                    maximize: flag(g, "maximize", false)?,
+                    decoupled_weight_decay: flag(g, "decoupled_weight_decay", false)?,
+                    grad_scale,
+                })
+            }
+            Kind::Sgd => Algo::Sgd(Sgd {
+                lr: float(g, "lr")?,
+                momentum: float(g, "momentum")?,
+                dampening: float(g, "dampening")?,
+                weight_decay: float(g, "weight_decay")?,
+                nesterov: flag(g, "nesterov", false)?,
+                maximize: flag(g, "maximize", false)?,
+                grad_scale,
+            }),
+            Kind::RmsProp => Algo::RmsProp(RmsProp {
+                lr: float(g, "lr")?,
+                alpha: float(g, "alpha")?,
+                eps: float(g, "eps")?,
+                weight_decay: float(g, "weight_decay")?,
+                momentum: float(g, "momentum")?,
+                centered: flag(g, "centered", false)?,
+                maximize: flag(g, "maximize", false)?,
+                grad_scale,
+            }),
+            Kind::Adagrad => Algo::Adagrad(Adagrad {
+                lr: float(g, "lr")?,
+                lr_decay: float(g, "lr_decay")?,
+                weight_decay: float(g, "weight_decay")?,
+                eps: float(g, "eps")?,
+                maximize: flag(g, "maximize", false)?,
+                grad_scale,
+            }),
+        })
+    }
+
+    fn n_states(&self) -> usize {
+        match self {
+            Algo::Adam(a) => a.n_states(),
+            Algo::Sgd(a) => a.n_states(),
+            Algo::RmsProp(a) => a.n_states(),
+            Algo::Adagrad(a) => a.n_states(),
+        }
+    }
+}
+
+/// A validated entry ready for the kernel.
+struct Ready {
+    entry: usize,
+    dtype: DType,
+    numel: usize,
+    ptrs: [*mut u8; 2 + MAX_STATES],
+    step: Option<StepCounter>,
+}
+unsafe impl Send for Ready {}
+
+/// Outcome of validating one entry.
+enum Verdict {
+    NoGrad,
+    Slow,
+    Fast(Ready),
+}
+
+impl GroupPlan {
+    fn classify(&self, k: usize, e: &Entry, grad: &Tensor, n_states: usize) -> Result<Verdict> {
+        if !grad.defined() {
+            return Ok(Verdict::NoGrad);
+        }
+        if grad.is_sparse() {
+            return match self.kind {
+                Kind::Adam => Err(Error::Runtime(
+                    "Adam does not support sparse gradients, please consider SparseAdam instead".to_string(),
+                )),
+                Kind::RmsProp => Err(Error::Runtime("RMSprop does not support sparse gradients".to_string())),
+                _ => Ok(Verdict::Slow),
+            };
+        }
+        check_grad_matches(e.index, &e.param, grad)?;
+        let Some(dtype) = kernel_dtype(&e.param) else { return Ok(Verdict::Slow) };
+        if e.states.len() != n_states {
+            return Err(Error::Runtime(format!(
+                "{}: parameter {} has {} state tensors, the group's settings need {n_states}; \
+                 the plan is stale (changed hyper-parameters are picked up at the next step)",
+                self.kind.label(),
+                e.index,
+                e.states.len()
+            )));
+        }
+        let numel = e.param.numel();
+        let mut ptrs = [std::ptr::null_mut(); 2 + MAX_STATES];
+        let mut ranges = [(0usize, 0usize); 2 + MAX_STATES];
+        for (slot, t) in std::iter::once(&e.param).chain(std::iter::once(grad)).chain(e.states.iter()).enumerate() {
+            if !flat_cpu(t) || kernel_dtype(t) != Some(dtype) || t.numel() != numel {
+                return Ok(Verdict::Slow);
+            }
+            ptrs[slot] = t.data_ptr() as *mut u8;
+            ranges[slot] = byte_range(t, dtype);
+        }
+        // Buffers that share memory would alias `&mut` slices: let torch handle those.
+        let used = 2 + n_states;
+        for a in 0..used {
+            for b in a + 1..used {
+                if overlaps(ranges[a], ranges[b]) {
+                    return Ok(Verdict::Slow);
+                }
+            }
+        }
+        let step = match (&e.step, self.kind.has_step()) {
+            (Some(s), true) => match StepCounter::of(s) {
+                Some(c) => Some(c),
+                None => return Ok(Verdict::Slow),
+            },
+            (None, true) => return Err(Error::Runtime(format!("parameter {} has no 'step' state", e.index))),
+            (_, false) => None,
+        };
+        Ok(Verdict::Fast(Ready { entry: k, dtype, numel, ptrs, step }))
+    }
+}
+
+fn jobs_for<S: Copy>(ready: &[Ready], mut scalars: impl FnMut(&Ready) -> S) -> Vec<Job<S>> {
+    ready
+        .iter()
+        .map(|r| Job {
+            dtype: r.dtype,
+            numel: r.numel,
+            param: r.ptrs[0],
+            grad: r.ptrs[1],
+            states: [r.ptrs[2], r.ptrs[3], r.ptrs[4]],
+            scalars: scalars(r),
+        })
+        .collect()
+}
+
+/// Runs the kernel with the GIL released.
+fn launch<A: Algorithm + Send>(py: Python<'_>, alg: A, jobs: Vec<Job<A::Scalars>>, threads: usize) -> Result<()> {
+    py.allow_threads(move || unsafe { ferrotorch_kernels::run(&alg, &jobs, threads) })?;
+    Ok(())
+}
+
+#[pymethods]
+impl GroupPlan {
+    /// `GroupPlan(kind, indices, params, states, steps, first, pending)`; `states[i]` lists the
+    /// state tensors of `params[i]` in the kernel's order, `steps` is None for SGD.
+    #[new]
+    #[pyo3(signature = (kind, indices, params, states, steps, first, pending))]
+    fn new(
+        kind: &str,
+        indices: Vec<usize>,
+        params: Vec<PyTensor>,
+        states: Vec<Vec<PyTensor>>,
+        steps: Option<Vec<PyTensor>>,
+        first: Vec<bool>,
+        pending: Vec<PyTensor>,
+    ) -> PyResult<Self> {
+        let kind = Kind::parse(kind)?;
+        let n = params.len();
+        let steps_len = steps.as_ref().map_or(n, Vec::len);
+        if indices.len() != n || states.len() != n || first.len() != n || steps_len != n {
+            return Err(Error::Value(format!(
+                "GroupPlan: indices, params, states, steps and first must have one item per parameter \
+                 (got {}, {n}, {}, {steps_len}, {})",
+                indices.len(),
+                states.len(),
+                first.len()
+            ))
+            .into());
+        }
+        if kind.has_step() != steps.is_some() {
+            return Err(Error::Value(format!("GroupPlan: steps must be {} for {}", if kind.has_step() { "a list" } else { "None" }, kind.label())).into());
+        }
+        let mut steps = steps.map(|v| v.into_iter().map(|t| Some(t.0)).collect::<Vec<_>>()).unwrap_or_else(|| (0..n).map(|_| None).collect());
+        let entries = indices
+            .into_iter()
+            .zip(params)
+            .zip(states)
+            .zip(first)
+            .enumerate()
+            .map(|(i, (((index, p), st), first))| Entry {
+                index,
+                param: p.0,
+                states: st.into_iter().map(|t| t.0).collect(),
+                step: steps[i].take(),
+                first,
+            })
+            .collect();
+        Ok(GroupPlan { kind, t: Tensors { entries, pending: pending.into_iter().map(|t| t.0).collect() } })
+    }
+
+    /// Number of parameters the plan steps (those with state).
+    fn __len__(&self) -> usize {
+        self.t.entries.len()
+    }
+
+    /// One optimizer step for this group.
+    ///
+    /// Returns `(rebuild, slow)`: `rebuild` is True when a parameter without state got a grad
+    /// (nothing was changed; build a new plan and call again); `slow` lists
+    /// `(index, first)` for the parameters Python must step with torch's own functions.
+    #[pyo3(signature = (group, grad_scale=None))]
+    fn step(&mut self, py: Python<'_>, group: &Bound<'_, PyDict>, grad_scale: Option<f64>) -> PyResult<(bool, Vec<(usize, bool)>)> {
+        let kind = self.kind;
+        let algo = Algo::from_group(kind, group, grad_scale)?;
+        let out = no_panic("optimizer step", || {
+            if self.t.pending.iter().any(|p| p.f_grad().map(|g| g.defined()).unwrap_or(false)) {
+                return Ok((true, Vec::new()));
+            }
+            let n_states = algo.n_states();
+            // Check everything before changing anything.
+            let mut grads = Vec::with_capacity(self.t.entries.len());
+            let mut ready = Vec::with_capacity(self.t.entries.len());
+            let mut slow = Vec::new();
+            for (k, e) in self.t.entries.iter().enumerate() {
+                let grad = e.param.f_grad()?;
+                match self.classify(k, e, &grad, n_states)? {
+                    Verdict::NoGrad => {}
+                    Verdict::Slow => slow.push((e.index, e.first)),
+                    Verdict::Fast(r) => ready.push(r),
+                }
+                grads.push(grad); // keeps every grad alive until the kernel is done
+            }
+            let threads = tch::get_num_threads().max(1) as usize;
+            // SAFETY (bump): the step tensors are owned by self.t.entries, alive here.
+            match algo {
+                Algo::Adam(a) => {
+                    let jobs = jobs_for(&ready, |r| a.scalars(unsafe { r.step.as_ref().unwrap().bump() }));
+                    launch(py, a, jobs, threads)?
+                }
+                Algo::Adagrad(a) => {
+                    let jobs = jobs_for(&ready, |r| a.scalars(unsafe { r.step.as_ref().unwrap().bump() }));
+                    launch(py, a, jobs, threads)?
+                }
+                Algo::RmsProp(a) => {
+                    let jobs = jobs_for(&ready, |r| unsafe {
+                        r.step.as_ref().unwrap().bump();
+                    });
+                    launch(py, a, jobs, threads)?
+                }
+                Algo::Sgd(a) => {
+                    let entries = &self.t.entries;
+                    let jobs = jobs_for(&ready, |r| SgdScalars { first_step: entries[r.entry].first });
+                    launch(py, a, jobs, threads)?
+                }
+            }
+            for r in &ready {
+                self.t.entries[r.entry].first = false;
+            }
+            drop(grads);
+            Ok((false, slow))
+        })?;
+        Ok(out)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("GroupPlan({}, {} params, {} pending)", self.kind.label(), self.t.entries.len(), self.t.pending.len())
+    }
+}
