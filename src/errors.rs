@@ -8,14 +8,14 @@ use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::PyErr;
 
 create_exception!(
-    _native,
+    ferrotorch,
     FerrotorchValueError,
     PyValueError,
     "An argument or state has the right type but a wrong value (shape, range, keys)."
 );
-create_exception!(_native, FerrotorchTypeError, PyTypeError, "An argument has the wrong type or dtype.");
+create_exception!(ferrotorch, FerrotorchTypeError, PyTypeError, "An argument has the wrong type or dtype.");
 create_exception!(
-    _native,
+    ferrotorch,
     FerrotorchRuntimeError,
     PyRuntimeError,
     "An operation failed at run time (torch reported an error, or a kernel could not run)."

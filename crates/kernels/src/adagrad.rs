@@ -53,7 +53,7 @@ impl Algorithm for Adagrad {
             if has_wd {
                 grad = param.mul_add(wd, grad);
             }
-            let acc = sum[i].load() + one * grad * grad;
+            let acc = (one * grad).mul_add(grad, sum[i].load());
             sum[i] = E::store(acc);
             p[i] = E::store(param + neg_clr * grad / (acc.sqrt() + eps));
         }

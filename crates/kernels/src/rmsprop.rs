@@ -53,12 +53,12 @@ impl Algorithm for RmsProp {
             if has_wd {
                 grad = param.mul_add(wd, grad);
             }
-            let square_avg = sq[i].load() * alpha + c * grad * grad;
+            let square_avg = (c * grad).mul_add(grad, sq[i].load() * alpha);
             sq[i] = E::store(square_avg);
             let avg = if self.centered {
                 let ga = lerp(gavg[i].load(), grad, c);
                 gavg[i] = E::store(ga);
-                (square_avg + -one * ga * ga).sqrt()
+                (-one * ga).mul_add(ga, square_avg).sqrt()
             } else {
                 square_avg.sqrt()
             } + eps;
