@@ -57,6 +57,27 @@ struct Entry {
     step: Option<Tensor>,
     /// SGD: the momentum buffer is created by this entry's next step.
     first: bool,
+    /// What the last full check found out about param, states and step, keyed by the
+    /// param's data pointer: `p.data = …` (e.g. `model.to()`) moves it and forces a re-check.
+    /// State tensors only change through `load_state_dict`/new plans, which rebuild entries.
+    cache: Option<Checked>,
+}
+
+#[derive(Clone, Copy)]
+struct Checked {
+    param_ptr: usize,
+    /// None: the kernel cannot take this parameter (torch steps it).
+    fast: Option<FastParts>,
+}
+
+#[derive(Clone, Copy)]
+struct FastParts {
+    dtype: DType,
+    numel: usize,
+    /// param, then states; the grad pointer is read every step.
+    ptrs: [*mut u8; 1 + MAX_STATES],
+    ranges: [(usize, usize); 1 + MAX_STATES],
+    step: Option<StepCounter>,
 }
 
 /// The tensors of a plan. tch tensors are reference-counted handles; every access goes
@@ -189,12 +210,54 @@ enum Verdict {
 }
 
 impl GroupPlan {
-    fn classify(&self, k: usize, e: &Entry, grad: &Tensor, n_states: usize) -> Result<Verdict> {
+    /// The full check of an entry's param, states and step (not its grad).
+    fn check_entry(kind: Kind, e: &Entry, n_states: usize) -> Result<Checked> {
+        let param_ptr = e.param.data_ptr() as usize;
+        let slow = Checked { param_ptr, fast: None };
+        if e.states.len() != n_states {
+            return Err(Error::Runtime(format!(
+                "{}: parameter {} has {} state tensors, the group's settings need {n_states}",
+                kind.label(),
+                e.index,
+                e.states.len()
+            )));
+        }
+        let Some(dtype) = kernel_dtype(&e.param) else { return Ok(slow) };
+        let numel = e.param.numel();
+        let mut ptrs = [std::ptr::null_mut(); 1 + MAX_STATES];
+        let mut ranges = [(0usize, 0usize); 1 + MAX_STATES];
+        for (slot, t) in std::iter::once(&e.param).chain(e.states.iter()).enumerate() {
+            if !flat_cpu(t) || kernel_dtype(t) != Some(dtype) || t.numel() != numel {
+                return Ok(slow);
+            }
+            ptrs[slot] = t.data_ptr() as *mut u8;
+            ranges[slot] = byte_range(t, dtype);
+        }
+        // Buffers that share memory would alias `&mut` slices: let torch handle those.
+        for a in 0..=n_states {
+            for b in a + 1..=n_states {
+                if overlaps(ranges[a], ranges[b]) {
+                    return Ok(slow);
+                }
+            }
+        }
+        let step = match (&e.step, kind.has_step()) {
+            (Some(s), true) => match StepCounter::of(s) {
+                Some(c) => Some(c),
+                None => return Ok(slow),
+            },
+            (None, true) => return Err(Error::Runtime(format!("parameter {} has no 'step' state", e.index))),
+            (_, false) => None,
+        };
+        Ok(Checked { param_ptr, fast: Some(FastParts { dtype, numel, ptrs, ranges, step }) })
+    }
+
+    fn classify(kind: Kind, k: usize, e: &mut Entry, grad: &Tensor, n_states: usize) -> Result<Verdict> {
         if !grad.defined() {
             return Ok(Verdict::NoGrad);
         }
         if grad.is_sparse() {
-            return match self.kind {
+            return match kind {
                 Kind::Adam => Err(Error::Runtime(
                     "Adam does not support sparse gradients, please consider SparseAdam instead".to_string(),
                 )),
@@ -202,45 +265,35 @@ impl GroupPlan {
                 _ => Ok(Verdict::Slow),
             };
         }
-        check_grad_matches(e.index, &e.param, grad)?;
-        let Some(dtype) = kernel_dtype(&e.param) else { return Ok(Verdict::Slow) };
-        if e.states.len() != n_states {
-            return Err(Error::Runtime(format!(
-                "{}: parameter {} has {} state tensors, the group's settings need {n_states}; \
-                 the plan is stale (changed hyper-parameters are picked up at the next step)",
-                self.kind.label(),
-                e.index,
-                e.states.len()
-            )));
-        }
-        let numel = e.param.numel();
-        let mut ptrs = [std::ptr::null_mut(); 2 + MAX_STATES];
-        let mut ranges = [(0usize, 0usize); 2 + MAX_STATES];
-        for (slot, t) in std::iter::once(&e.param).chain(std::iter::once(grad)).chain(e.states.iter()).enumerate() {
-            if !flat_cpu(t) || kernel_dtype(t) != Some(dtype) || t.numel() != numel {
-                return Ok(Verdict::Slow);
+        let param_ptr = e.param.data_ptr() as usize;
+        let checked = match e.cache {
+            Some(c) if c.param_ptr == param_ptr => c,
+            _ => {
+                let c = Self::check_entry(kind, e, n_states)?;
+                e.cache = Some(c);
+                c
             }
-            ptrs[slot] = t.data_ptr() as *mut u8;
-            ranges[slot] = byte_range(t, dtype);
-        }
-        // Buffers that share memory would alias `&mut` slices: let torch handle those.
-        let used = 2 + n_states;
-        for a in 0..used {
-            for b in a + 1..used {
-                if overlaps(ranges[a], ranges[b]) {
-                    return Ok(Verdict::Slow);
-                }
-            }
-        }
-        let step = match (&e.step, self.kind.has_step()) {
-            (Some(s), true) => match StepCounter::of(s) {
-                Some(c) => Some(c),
-                None => return Ok(Verdict::Slow),
-            },
-            (None, true) => return Err(Error::Runtime(format!("parameter {} has no 'step' state", e.index))),
-            (_, false) => None,
         };
-        Ok(Verdict::Fast(Ready { entry: k, dtype, numel, ptrs, step }))
+        let Some(f) = checked.fast else {
+            check_grad_matches(e.index, &e.param, grad)?;
+            return Ok(Verdict::Slow);
+        };
+        if kernel_dtype(grad) != Some(f.dtype) || grad.numel() != f.numel {
+            check_grad_matches(e.index, &e.param, grad)?;
+            return Ok(Verdict::Slow);
+        }
+        if grad.device() != tch::Device::Cpu || !grad.is_contiguous() {
+            return Ok(Verdict::Slow);
+        }
+        let g = byte_range(grad, f.dtype);
+        if f.ranges[..=n_states].iter().any(|&r| overlaps(r, g)) {
+            return Ok(Verdict::Slow);
+        }
+        let mut ptrs = [std::ptr::null_mut(); 2 + MAX_STATES];
+        ptrs[0] = f.ptrs[0];
+        ptrs[1] = g.0 as *mut u8;
+        ptrs[2..].copy_from_slice(&f.ptrs[1..]);
+        Ok(Verdict::Fast(Ready { entry: k, dtype: f.dtype, numel: f.numel, ptrs, step: f.step }))
     }
 }
 
@@ -308,6 +361,7 @@ impl GroupPlan {
                 states: st.into_iter().map(|t| t.0).collect(),
                 step: steps[i].take(),
                 first,
+                cache: None,
             })
             .collect();
         Ok(GroupPlan { kind, t: Tensors { entries, pending: pending.into_iter().map(|t| t.0).collect() } })
@@ -336,9 +390,9 @@ impl GroupPlan {
             let mut grads = Vec::with_capacity(self.t.entries.len());
             let mut ready = Vec::with_capacity(self.t.entries.len());
             let mut slow = Vec::new();
-            for (k, e) in self.t.entries.iter().enumerate() {
+            for (k, e) in self.t.entries.iter_mut().enumerate() {
                 let grad = e.param.f_grad()?;
-                match self.classify(k, e, &grad, n_states)? {
+                match Self::classify(kind, k, e, &grad, n_states)? {
                     Verdict::NoGrad => {}
                     Verdict::Slow => slow.push((e.index, e.first)),
                     Verdict::Fast(r) => ready.push(r),

@@ -32,6 +32,7 @@ pub fn overlaps(a: (usize, usize), b: (usize, usize)) -> bool {
 }
 
 /// A scalar step counter the kernel can read and bump: 1 element, f32 or f64, on the CPU.
+#[derive(Clone, Copy)]
 pub struct StepCounter {
     ptr: *mut u8,
     double: bool,

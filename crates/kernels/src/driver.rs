@@ -107,11 +107,53 @@ pub unsafe fn run<A: Algorithm>(alg: &A, jobs: &[Job<A::Scalars>], threads: usiz
 
 unsafe fn run_chunk<A: Algorithm>(alg: &A, job: &Job<A::Scalars>, b: usize, e: usize) {
     match job.dtype {
-        DType::F32 => simd(|| chunk::<A, f32>(alg, job, b, e)),
-        DType::F64 => simd(|| chunk::<A, f64>(alg, job, b, e)),
-        DType::BF16 => simd(|| chunk::<A, bf16>(alg, job, b, e)),
-        DType::F16 => simd(|| chunk::<A, f16>(alg, job, b, e)),
+        DType::F32 => dispatch::<A, f32>(alg, job, b, e),
+        DType::F64 => dispatch::<A, f64>(alg, job, b, e),
+        DType::BF16 => dispatch::<A, bf16>(alg, job, b, e),
+        DType::F16 => dispatch::<A, f16>(alg, job, b, e),
     }
+}
+
+/// Runs the chunk compiled for AVX2+FMA when the CPU has them, else for the baseline
+/// target. Results are identical: Rust never contracts `a * b + c` into an FMA on its own,
+/// and `mul_add` is exactly rounded either way (a library call on the baseline).
+#[inline(always)]
+unsafe fn dispatch<A: Algorithm, E: Elem>(alg: &A, job: &Job<A::Scalars>, b: usize, e: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::atomic::{AtomicU8, Ordering};
+        static HAS: AtomicU8 = AtomicU8::new(0); // 0 unknown, 1 baseline, 2 avx2, 3 avx512
+        let mut has = HAS.load(Ordering::Relaxed);
+        if has == 0 {
+            has = if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+                3
+            } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                2
+            } else {
+                1
+            };
+            HAS.store(has, Ordering::Relaxed);
+        }
+        if has == 3 {
+            return chunk_avx512::<A, E>(alg, job, b, e);
+        }
+        if has == 2 {
+            return chunk_avx2::<A, E>(alg, job, b, e);
+        }
+    }
+    chunk::<A, E>(alg, job, b, e)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn chunk_avx2<A: Algorithm, E: Elem>(alg: &A, job: &Job<A::Scalars>, b: usize, e: usize) {
+    chunk::<A, E>(alg, job, b, e)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn chunk_avx512<A: Algorithm, E: Elem>(alg: &A, job: &Job<A::Scalars>, b: usize, e: usize) {
+    chunk::<A, E>(alg, job, b, e)
 }
 
 #[inline(always)]
@@ -126,30 +168,6 @@ unsafe fn chunk<A: Algorithm, E: Elem>(alg: &A, job: &Job<A::Scalars>, b: usize,
     };
     let states = [slice(job.states[0]), slice(job.states[1]), slice(job.states[2])];
     alg.update::<E>(&job.scalars, slice(job.param), slice(job.grad), states);
-}
-
-/// Runs `f` compiled for AVX2+FMA when the CPU has them (the closure is inlined into the
-/// `target_feature` function), else for the baseline target. Results are identical: Rust
-/// never contracts `a * b + c` into an FMA on its own, and `mul_add` is exact either way.
-#[inline(always)]
-fn simd<F: FnOnce()>(f: F) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::sync::OnceLock;
-        static HAS: OnceLock<bool> = OnceLock::new();
-        let has = *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"));
-        if has {
-            // SAFETY: the features were detected on this CPU.
-            return unsafe { avx2(f) };
-        }
-    }
-    f()
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn avx2<F: FnOnce()>(f: F) {
-    f()
 }
 
 #[cfg(test)]

@@ -29,19 +29,26 @@ impl Algorithm for RmsProp {
 
     #[inline(always)]
     fn update<E: Elem>(&self, _: &(), p: &mut [E], g: &mut [E], st: [&mut [E]; MAX_STATES]) {
+        // One source, specialized so each loop body is branch-free and vectorizes.
+        match (self.momentum > 0.0, self.centered) {
+            (false, false) => self.body::<E, false, false>(p, g, st),
+            (false, true) => self.body::<E, false, true>(p, g, st),
+            (true, false) => self.body::<E, true, false>(p, g, st),
+            (true, true) => self.body::<E, true, true>(p, g, st),
+        }
+    }
+}
+
+impl RmsProp {
+    #[inline(always)]
+    fn body<E: Elem, const MOMENTUM: bool, const CENTERED: bool>(&self, p: &mut [E], g: &mut [E], st: [&mut [E]; MAX_STATES]) {
         let [sq, s1, s2] = st;
-        let has_mom = self.momentum > 0.0;
         // The buffers present are packed in order: momentum_buffer before grad_avg.
-        let (buf, gavg): (&mut [E], &mut [E]) = match (has_mom, self.centered) {
-            (true, true) => (s1, s2),
-            (true, false) => (s1, s2),
-            (false, true) => (s2, s1),
-            (false, false) => (s1, s2),
-        };
+        let (buf, gavg) = if MOMENTUM { (s1, s2) } else { (s2, s1) };
         let n = p.len();
         let (g, sq) = (&mut g[..n], &mut sq[..n]);
-        let buf: &mut [E] = if has_mom { &mut buf[..n] } else { buf };
-        let gavg: &mut [E] = if self.centered { &mut gavg[..n] } else { gavg };
+        let buf: &mut [E] = if MOMENTUM { &mut buf[..n] } else { buf };
+        let gavg: &mut [E] = if CENTERED { &mut gavg[..n] } else { gavg };
         let o = <E::Op as OpFloat>::of;
         let scale = self.grad_scale.map(o);
         let (wd, alpha, c, eps) = (o(self.weight_decay), o(self.alpha), o(1.0 - self.alpha), o(self.eps));
@@ -55,14 +62,14 @@ impl Algorithm for RmsProp {
             }
             let square_avg = (c * grad).mul_add(grad, sq[i].load() * alpha);
             sq[i] = E::store(square_avg);
-            let avg = if self.centered {
+            let avg = if CENTERED {
                 let ga = lerp(gavg[i].load(), grad, c);
                 gavg[i] = E::store(ga);
                 (-one * ga).mul_add(ga, square_avg).sqrt()
             } else {
                 square_avg.sqrt()
             } + eps;
-            p[i] = E::store(if has_mom {
+            p[i] = E::store(if MOMENTUM {
                 let b = buf[i].load() * mom + one * grad / avg;
                 buf[i] = E::store(b);
                 b.mul_add(neg_lr, param)

@@ -36,24 +36,35 @@ impl Algorithm for Sgd {
 
     #[inline(always)]
     fn update<E: Elem>(&self, s: &SgdScalars, p: &mut [E], g: &mut [E], st: [&mut [E]; MAX_STATES]) {
+        // One source, specialized so each loop body is branch-free and vectorizes.
+        match (self.momentum != 0.0, s.first_step) {
+            (false, _) => self.body::<E, false, false>(p, g, st),
+            (true, true) => self.body::<E, true, true>(p, g, st),
+            (true, false) => self.body::<E, true, false>(p, g, st),
+        }
+    }
+}
+
+impl Sgd {
+    #[inline(always)]
+    fn body<E: Elem, const MOMENTUM: bool, const FIRST: bool>(&self, p: &mut [E], g: &mut [E], st: [&mut [E]; MAX_STATES]) {
         let [buf, _, _] = st;
         let n = p.len();
         let g = &mut g[..n];
+        let buf: &mut [E] = if MOMENTUM { &mut buf[..n] } else { buf };
         let o = <E::Op as OpFloat>::of;
         let scale = self.grad_scale.map(o);
         let (wd, neg_lr) = (o(self.weight_decay), o(-self.lr));
         let (mom, keep) = (o(self.momentum), o(1.0 - self.dampening));
         let has_wd = self.weight_decay != 0.0;
-        let has_mom = self.momentum != 0.0;
-        let buf: &mut [E] = if has_mom { &mut buf[..n] } else { buf };
         for i in 0..n {
             let param = p[i].load();
             let mut grad = load_grad(&mut g[i], scale, self.maximize);
             if has_wd {
                 grad = param.mul_add(wd, grad);
             }
-            if has_mom {
-                let b = if s.first_step { grad } else { grad.mul_add(keep, buf[i].load() * mom) };
+            if MOMENTUM {
+                let b = if FIRST { grad } else { grad.mul_add(keep, buf[i].load() * mom) };
                 buf[i] = E::store(b);
                 grad = if self.nesterov { b.mul_add(mom, grad) } else { b };
             }

@@ -1,0 +1,108 @@
+"""Optimizer step time: ferrotorch vs torch.optim (for-loop, foreach, fused), one run.
+
+    python benchmarks/bench_optim.py                  # full table (a few minutes on 2 cores)
+    python benchmarks/bench_optim.py --quick          # fewer repeats
+
+Layouts: a = 64 tensors x 262,144 elements, b = 2000 tensors x 1000 elements. Each cell is
+the median ms per ``step()`` over several timed runs; ratios are torch-fused time divided by
+ferrotorch time (higher is better for ferrotorch). Rows whose implementation leaves bf16
+parameters unchanged after a step are flagged: torch 2.13's fused SGD skips bf16 updates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+
+import torch
+
+import ferrotorch.optim as fopt
+
+LAYOUTS = {"a": (64, 262_144), "b": (2000, 1000)}
+CONFIGS = {
+    "Adam": (torch.optim.Adam, fopt.Adam, dict(lr=1e-3)),
+    "AdamW": (torch.optim.AdamW, fopt.AdamW, dict(lr=1e-3, weight_decay=1e-2)),
+    "SGD(momentum)": (torch.optim.SGD, fopt.SGD, dict(lr=1e-2, momentum=0.9)),
+    "SGD(nesterov)": (torch.optim.SGD, fopt.SGD, dict(lr=1e-2, momentum=0.9, nesterov=True)),
+}
+
+
+def make(layout: str, dtype: torch.dtype) -> list[torch.Tensor]:
+    n, size = LAYOUTS[layout]
+    g = torch.Generator().manual_seed(0)
+    params = []
+    for _ in range(n):
+        p = torch.randn(size, generator=g).to(dtype).requires_grad_()
+        p.grad = torch.randn(size, generator=g).to(dtype)
+        params.append(p)
+    return params
+
+
+def time_steps(opt: torch.optim.Optimizer, steps: int, repeats: int) -> float:
+    for _ in range(3):
+        opt.step()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            opt.step()
+        samples.append((time.perf_counter() - t0) / steps * 1e3)
+    return statistics.median(samples)
+
+
+def bench(name: str, layout: str, dtype: torch.dtype, threads: int, repeats: int) -> dict[str, float | str]:
+    torch_cls, ours_cls, kw = CONFIGS[name]
+    impls = {
+        "torch loop": lambda ps: torch_cls(ps, foreach=False, **kw),
+        "torch foreach": lambda ps: torch_cls(ps, foreach=True, **kw),
+        "torch fused": lambda ps: torch_cls(ps, fused=True, **kw),
+        "ferrotorch": lambda ps: ours_cls(ps, **kw),
+    }
+    torch.set_num_threads(threads)
+    row: dict[str, float | str] = {}
+    for impl, build in impls.items():
+        params = make(layout, dtype)
+        before = params[0].detach().clone()
+        opt = build(params)
+        steps = 2 if impl == "torch loop" and layout == "a" else 5
+        row[impl] = time_steps(opt, steps, repeats)
+        if torch.equal(params[0].detach(), before):
+            row[impl + " note"] = "no update!"
+        del opt, params
+        gc.collect()
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="3 repeats instead of 7")
+    ap.add_argument("--layouts", default="a,b")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--optimizers", default=",".join(CONFIGS))
+    args = ap.parse_args()
+    repeats = 3 if args.quick else 7
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    print(f"torch {torch.__version__}, ms per step (median of {repeats}); ratio = torch fused / ferrotorch")
+    head = f"{'optimizer':<14} {'lay':>3} {'thr':>3} {'dtype':>5} | {'loop':>8} {'foreach':>8} {'fused':>8} {'ferro':>8} | {'x loop':>6} {'x fe':>6} {'x fused':>7}"
+    print(head)
+    print("-" * len(head))
+    for layout in args.layouts.split(","):
+        for threads in map(int, args.threads.split(",")):
+            for dname in args.dtypes.split(","):
+                for name in args.optimizers.split(","):
+                    r = bench(name, layout, dtypes[dname], threads, repeats)
+                    notes = " ".join(f"[{k[:-5]}: {v}]" for k, v in r.items() if k.endswith("note"))
+                    ours = r["ferrotorch"]
+                    print(
+                        f"{name:<14} {layout:>3} {threads:>3} {dname:>5} | {r['torch loop']:8.2f} {r['torch foreach']:8.2f} "
+                        f"{r['torch fused']:8.2f} {ours:8.2f} | {r['torch loop'] / ours:6.2f} {r['torch foreach'] / ours:6.2f} "
+                        f"{r['torch fused'] / ours:7.2f} {notes}",
+                        flush=True,
+                    )
+
+
+if __name__ == "__main__":
+    main()
