@@ -123,3 +123,16 @@ def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Largest distance in bf16 units in the last place (sign-magnitude aware; -0 == +0)."""
+    if a.numel() == 0:
+        return 0
+
+    def key(t):
+        bits = t.detach().contiguous().view(torch.int16).int() & 0xFFFF
+        mag = bits & 0x7FFF
+        return torch.where(bits >= 0x8000, -mag, mag)
+
+    return int((key(a) - key(b)).abs().max())

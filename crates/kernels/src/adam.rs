@@ -97,7 +97,7 @@ impl Adam {
             m[i] = E::store(exp_avg);
             v[i] = E::store(exp_avg_sq);
             let second = if AMSGRAD {
-                let mx = vmax[i].load().maximum(exp_avg_sq);
+                let mx = vmax[i].load().max_nan(exp_avg_sq);
                 vmax[i] = E::store(mx);
                 mx
             } else {

@@ -23,7 +23,7 @@ pub trait OpFloat:
     /// `self * a + b` with one rounding, where torch's vectorized kernels use `fmadd`.
     fn mul_add(self, a: Self, b: Self) -> Self;
     /// torch's `maximum`: NaN wins.
-    fn maximum(self, other: Self) -> Self;
+    fn max_nan(self, other: Self) -> Self;
 }
 
 macro_rules! op_float {
@@ -46,7 +46,7 @@ macro_rules! op_float {
                 <$t>::mul_add(self, a, b)
             }
             #[inline(always)]
-            fn maximum(self, other: Self) -> Self {
+            fn max_nan(self, other: Self) -> Self {
                 if self.is_nan() || other.is_nan() {
                     <$t>::NAN
                 } else if self > other {
@@ -137,8 +137,8 @@ mod tests {
 
     #[test]
     fn maximum_propagates_nan() {
-        assert!(1.0f32.maximum(f32::NAN).is_nan());
-        assert!(f32::NAN.maximum(1.0).is_nan());
-        assert_eq!(2.0f64.maximum(3.0), 3.0);
+        assert!(1.0f32.max_nan(f32::NAN).is_nan());
+        assert!(f32::NAN.max_nan(1.0).is_nan());
+        assert_eq!(2.0f64.max_nan(3.0), 3.0);
     }
 }
