@@ -13,7 +13,12 @@ create_exception!(
     PyValueError,
     "An argument or state has the right type but a wrong value (shape, range, keys)."
 );
-create_exception!(ferrotorch, FerrotorchTypeError, PyTypeError, "An argument has the wrong type or dtype.");
+create_exception!(
+    ferrotorch,
+    FerrotorchTypeError,
+    PyTypeError,
+    "An argument has the wrong type or dtype."
+);
 create_exception!(
     ferrotorch,
     FerrotorchRuntimeError,
@@ -43,7 +48,9 @@ impl From<Error> for PyErr {
         match e {
             Error::Value(_) => FerrotorchValueError::new_err(msg),
             Error::Type(_) => FerrotorchTypeError::new_err(msg),
-            Error::Runtime(_) | Error::Kernel(_) | Error::Torch(_) => FerrotorchRuntimeError::new_err(msg),
+            Error::Runtime(_) | Error::Kernel(_) | Error::Torch(_) => {
+                FerrotorchRuntimeError::new_err(msg)
+            }
         }
     }
 }

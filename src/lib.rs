@@ -7,12 +7,20 @@
 use pyo3::prelude::*;
 
 pub mod errors;
+pub mod parallel;
 pub mod plan;
 pub mod tensor;
 
 /// Version of torch this extension was compiled against; the Python package refuses to
 /// load the extension under any other.
 pub const TORCH_VERSION: &str = "2.13.0";
+
+/// True when fused steps run on torch's OpenMP threads (False in a forked child, where a
+/// fork-safe pool is used instead).
+#[pyfunction]
+fn uses_torch_threads() -> bool {
+    parallel::uses_torch_threads()
+}
 
 #[pymodule]
 fn _native(py: Python<'_>, m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -21,8 +29,18 @@ fn _native(py: Python<'_>, m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("TORCH_VERSION", TORCH_VERSION)?;
     m.add_class::<plan::GroupPlan>()?;
-    m.add("FerrotorchValueError", py.get_type::<errors::FerrotorchValueError>())?;
-    m.add("FerrotorchTypeError", py.get_type::<errors::FerrotorchTypeError>())?;
-    m.add("FerrotorchRuntimeError", py.get_type::<errors::FerrotorchRuntimeError>())?;
+    m.add_function(wrap_pyfunction!(uses_torch_threads, m)?)?;
+    m.add(
+        "FerrotorchValueError",
+        py.get_type::<errors::FerrotorchValueError>(),
+    )?;
+    m.add(
+        "FerrotorchTypeError",
+        py.get_type::<errors::FerrotorchTypeError>(),
+    )?;
+    m.add(
+        "FerrotorchRuntimeError",
+        py.get_type::<errors::FerrotorchRuntimeError>(),
+    )?;
     Ok(())
 }

@@ -8,7 +8,8 @@
 //! single-tensor functions.
 
 use ferrotorch_kernels::{
-    adagrad::Adagrad, adam::Adam, rmsprop::RmsProp, sgd::Sgd, sgd::SgdScalars, Algorithm, DType, Job, MAX_STATES,
+    adagrad::Adagrad, adam::Adam, rmsprop::RmsProp, sgd::Sgd, sgd::SgdScalars, Algorithm, DType,
+    Job, MAX_STATES,
 };
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -16,7 +17,9 @@ use pyo3_tch::PyTensor;
 use tch::Tensor;
 
 use crate::errors::{no_panic, Error, Result};
-use crate::tensor::{byte_range, check_grad_matches, flat_cpu, kernel_dtype, overlaps, StepCounter};
+use crate::tensor::{
+    byte_range, check_grad_matches, flat_cpu, kernel_dtype, overlaps, StepCounter,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
@@ -33,7 +36,9 @@ impl Kind {
             "sgd" => Ok(Kind::Sgd),
             "rmsprop" => Ok(Kind::RmsProp),
             "adagrad" => Ok(Kind::Adagrad),
-            _ => Err(Error::Value(format!("kind: expected one of 'adam', 'sgd', 'rmsprop', 'adagrad', got {name:?}"))),
+            _ => Err(Error::Value(format!(
+                "kind: expected one of 'adam', 'sgd', 'rmsprop', 'adagrad', got {name:?}"
+            ))),
         }
     }
     fn has_step(self) -> bool {
@@ -101,30 +106,53 @@ fn get<'py>(group: &Bound<'py, PyDict>, key: &str) -> Result<Bound<'py, PyAny>> 
     group
         .get_item(key)
         .map_err(|e| Error::Runtime(e.to_string()))?
-        .ok_or_else(|| Error::Value(format!("param_group is missing the hyper-parameter '{key}'")))
+        .ok_or_else(|| {
+            Error::Value(format!(
+                "param_group is missing the hyper-parameter '{key}'"
+            ))
+        })
 }
 
 /// A hyper-parameter as a float; 1-element tensors (lr, betas, weight_decay) are accepted.
 fn float(group: &Bound<'_, PyDict>, key: &str) -> Result<f64> {
     let v = get(group, key)?;
     v.extract::<f64>().map_err(|_| {
-        let ty = v.get_type().name().map(|n| n.to_string()).unwrap_or_default();
-        Error::Type(format!("param_group['{key}'] must be a float or a 1-element tensor, got {ty}"))
+        let ty = v
+            .get_type()
+            .name()
+            .map(|n| n.to_string())
+            .unwrap_or_default();
+        Error::Type(format!(
+            "param_group['{key}'] must be a float or a 1-element tensor, got {ty}"
+        ))
     })
 }
 
 fn flag(group: &Bound<'_, PyDict>, key: &str, default: bool) -> Result<bool> {
-    match group.get_item(key).map_err(|e| Error::Runtime(e.to_string()))? {
+    match group
+        .get_item(key)
+        .map_err(|e| Error::Runtime(e.to_string()))?
+    {
         None => Ok(default),
-        Some(v) => v.is_truthy().map_err(|e| Error::Type(format!("param_group['{key}']: {e}"))),
+        Some(v) => v
+            .is_truthy()
+            .map_err(|e| Error::Type(format!("param_group['{key}']: {e}"))),
     }
 }
 
 fn betas(group: &Bound<'_, PyDict>) -> Result<(f64, f64)> {
     let v = get(group, "betas")?;
     let bad = || Error::Type("param_group['betas'] must be a pair of floats".to_string());
-    let b0 = v.get_item(0).map_err(|_| bad())?.extract::<f64>().map_err(|_| bad())?;
-    let b1 = v.get_item(1).map_err(|_| bad())?.extract::<f64>().map_err(|_| bad())?;
+    let b0 = v
+        .get_item(0)
+        .map_err(|_| bad())?
+        .extract::<f64>()
+        .map_err(|_| bad())?;
+    let b1 = v
+        .get_item(1)
+        .map_err(|_| bad())?
+        .extract::<f64>()
+        .map_err(|_| bad())?;
     Ok((b0, b1))
 }
 
@@ -213,7 +241,10 @@ impl GroupPlan {
     /// The full check of an entry's param, states and step (not its grad).
     fn check_entry(kind: Kind, e: &Entry, n_states: usize) -> Result<Checked> {
         let param_ptr = e.param.data_ptr() as usize;
-        let slow = Checked { param_ptr, fast: None };
+        let slow = Checked {
+            param_ptr,
+            fast: None,
+        };
         if e.states.len() != n_states {
             return Err(Error::Runtime(format!(
                 "{}: parameter {} has {} state tensors, the group's settings need {n_states}",
@@ -222,7 +253,9 @@ impl GroupPlan {
                 e.states.len()
             )));
         }
-        let Some(dtype) = kernel_dtype(&e.param) else { return Ok(slow) };
+        let Some(dtype) = kernel_dtype(&e.param) else {
+            return Ok(slow);
+        };
         let numel = e.param.numel();
         let mut ptrs = [std::ptr::null_mut(); 1 + MAX_STATES];
         let mut ranges = [(0usize, 0usize); 1 + MAX_STATES];
@@ -246,22 +279,45 @@ impl GroupPlan {
                 Some(c) => Some(c),
                 None => return Ok(slow),
             },
-            (None, true) => return Err(Error::Runtime(format!("parameter {} has no 'step' state", e.index))),
+            (None, true) => {
+                return Err(Error::Runtime(format!(
+                    "parameter {} has no 'step' state",
+                    e.index
+                )))
+            }
             (_, false) => None,
         };
-        Ok(Checked { param_ptr, fast: Some(FastParts { dtype, numel, ptrs, ranges, step }) })
+        Ok(Checked {
+            param_ptr,
+            fast: Some(FastParts {
+                dtype,
+                numel,
+                ptrs,
+                ranges,
+                step,
+            }),
+        })
     }
 
-    fn classify(kind: Kind, k: usize, e: &mut Entry, grad: &Tensor, n_states: usize) -> Result<Verdict> {
+    fn classify(
+        kind: Kind,
+        k: usize,
+        e: &mut Entry,
+        grad: &Tensor,
+        n_states: usize,
+    ) -> Result<Verdict> {
         if !grad.defined() {
             return Ok(Verdict::NoGrad);
         }
         if grad.is_sparse() {
             return match kind {
                 Kind::Adam => Err(Error::Runtime(
-                    "Adam does not support sparse gradients, please consider SparseAdam instead".to_string(),
+                    "Adam does not support sparse gradients, please consider SparseAdam instead"
+                        .to_string(),
                 )),
-                Kind::RmsProp => Err(Error::Runtime("RMSprop does not support sparse gradients".to_string())),
+                Kind::RmsProp => Err(Error::Runtime(
+                    "RMSprop does not support sparse gradients".to_string(),
+                )),
                 _ => Ok(Verdict::Slow),
             };
         }
@@ -293,7 +349,13 @@ impl GroupPlan {
         ptrs[0] = f.ptrs[0];
         ptrs[1] = g.0 as *mut u8;
         ptrs[2..].copy_from_slice(&f.ptrs[1..]);
-        Ok(Verdict::Fast(Ready { entry: k, dtype: f.dtype, numel: f.numel, ptrs, step: f.step }))
+        Ok(Verdict::Fast(Ready {
+            entry: k,
+            dtype: f.dtype,
+            numel: f.numel,
+            ptrs,
+            step: f.step,
+        }))
     }
 }
 
@@ -312,8 +374,15 @@ fn jobs_for<S: Copy>(ready: &[Ready], mut scalars: impl FnMut(&Ready) -> S) -> V
 }
 
 /// Runs the kernel with the GIL released.
-fn launch<A: Algorithm + Send>(py: Python<'_>, alg: A, jobs: Vec<Job<A::Scalars>>, threads: usize) -> Result<()> {
-    py.allow_threads(move || unsafe { ferrotorch_kernels::run(&alg, &jobs, threads) })?;
+fn launch<A: Algorithm + Send>(
+    py: Python<'_>,
+    alg: A,
+    jobs: Vec<Job<A::Scalars>>,
+    threads: usize,
+) -> Result<()> {
+    py.allow_threads(move || unsafe {
+        ferrotorch_kernels::run(&alg, &jobs, threads, &crate::parallel::TorchThreads)
+    })?;
     Ok(())
 }
 
@@ -346,9 +415,16 @@ impl GroupPlan {
             .into());
         }
         if kind.has_step() != steps.is_some() {
-            return Err(Error::Value(format!("GroupPlan: steps must be {} for {}", if kind.has_step() { "a list" } else { "None" }, kind.label())).into());
+            return Err(Error::Value(format!(
+                "GroupPlan: steps must be {} for {}",
+                if kind.has_step() { "a list" } else { "None" },
+                kind.label()
+            ))
+            .into());
         }
-        let mut steps = steps.map(|v| v.into_iter().map(|t| Some(t.0)).collect::<Vec<_>>()).unwrap_or_else(|| (0..n).map(|_| None).collect());
+        let mut steps = steps
+            .map(|v| v.into_iter().map(|t| Some(t.0)).collect::<Vec<_>>())
+            .unwrap_or_else(|| (0..n).map(|_| None).collect());
         let entries = indices
             .into_iter()
             .zip(params)
@@ -364,7 +440,13 @@ impl GroupPlan {
                 cache: None,
             })
             .collect();
-        Ok(GroupPlan { kind, t: Tensors { entries, pending: pending.into_iter().map(|t| t.0).collect() } })
+        Ok(GroupPlan {
+            kind,
+            t: Tensors {
+                entries,
+                pending: pending.into_iter().map(|t| t.0).collect(),
+            },
+        })
     }
 
     /// Number of parameters the plan steps (those with state).
@@ -378,11 +460,21 @@ impl GroupPlan {
     /// (nothing was changed; build a new plan and call again); `slow` lists
     /// `(index, first)` for the parameters Python must step with torch's own functions.
     #[pyo3(signature = (group, grad_scale=None))]
-    fn step(&mut self, py: Python<'_>, group: &Bound<'_, PyDict>, grad_scale: Option<f64>) -> PyResult<(bool, Vec<(usize, bool)>)> {
+    fn step(
+        &mut self,
+        py: Python<'_>,
+        group: &Bound<'_, PyDict>,
+        grad_scale: Option<f64>,
+    ) -> PyResult<(bool, Vec<(usize, bool)>)> {
         let kind = self.kind;
         let algo = Algo::from_group(kind, group, grad_scale)?;
         let out = no_panic("optimizer step", || {
-            if self.t.pending.iter().any(|p| p.f_grad().map(|g| g.defined()).unwrap_or(false)) {
+            if self
+                .t
+                .pending
+                .iter()
+                .any(|p| p.f_grad().map(|g| g.defined()).unwrap_or(false))
+            {
                 return Ok((true, Vec::new()));
             }
             let n_states = algo.n_states();
@@ -403,11 +495,15 @@ impl GroupPlan {
             // SAFETY (bump): the step tensors are owned by self.t.entries, alive here.
             match algo {
                 Algo::Adam(a) => {
-                    let jobs = jobs_for(&ready, |r| a.scalars(unsafe { r.step.as_ref().unwrap().bump() }));
+                    let jobs = jobs_for(&ready, |r| {
+                        a.scalars(unsafe { r.step.as_ref().unwrap().bump() })
+                    });
                     launch(py, a, jobs, threads)?
                 }
                 Algo::Adagrad(a) => {
-                    let jobs = jobs_for(&ready, |r| a.scalars(unsafe { r.step.as_ref().unwrap().bump() }));
+                    let jobs = jobs_for(&ready, |r| {
+                        a.scalars(unsafe { r.step.as_ref().unwrap().bump() })
+                    });
                     launch(py, a, jobs, threads)?
                 }
                 Algo::RmsProp(a) => {
@@ -418,7 +514,9 @@ impl GroupPlan {
                 }
                 Algo::Sgd(a) => {
                     let entries = &self.t.entries;
-                    let jobs = jobs_for(&ready, |r| SgdScalars { first_step: entries[r.entry].first });
+                    let jobs = jobs_for(&ready, |r| SgdScalars {
+                        first_step: entries[r.entry].first,
+                    });
                     launch(py, a, jobs, threads)?
                 }
             }
@@ -432,6 +530,11 @@ impl GroupPlan {
     }
 
     fn __repr__(&self) -> String {
-        format!("GroupPlan({}, {} params, {} pending)", self.kind.label(), self.t.entries.len(), self.t.pending.len())
+        format!(
+            "GroupPlan({}, {} params, {} pending)",
+            self.kind.label(),
+            self.t.entries.len(),
+            self.t.pending.len()
+        )
     }
 }

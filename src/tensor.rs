@@ -18,7 +18,11 @@ pub fn kernel_dtype(t: &Tensor) -> Option<DType> {
 
 /// A tensor the kernel may treat as a flat buffer: defined, dense, contiguous, on the CPU.
 pub fn flat_cpu(t: &Tensor) -> bool {
-    t.defined() && !t.is_sparse() && !t.is_mkldnn() && t.device() == Device::Cpu && t.is_contiguous()
+    t.defined()
+        && !t.is_sparse()
+        && !t.is_mkldnn()
+        && t.device() == Device::Cpu
+        && t.is_contiguous()
 }
 
 /// The half-open byte range a flat tensor occupies.
@@ -44,8 +48,14 @@ impl StepCounter {
             return None;
         }
         match t.f_kind().ok()? {
-            Kind::Float => Some(StepCounter { ptr: t.data_ptr() as *mut u8, double: false }),
-            Kind::Double => Some(StepCounter { ptr: t.data_ptr() as *mut u8, double: true }),
+            Kind::Float => Some(StepCounter {
+                ptr: t.data_ptr() as *mut u8,
+                double: false,
+            }),
+            Kind::Double => Some(StepCounter {
+                ptr: t.data_ptr() as *mut u8,
+                double: true,
+            }),
             _ => None,
         }
     }
@@ -89,7 +99,9 @@ pub fn check_grad_matches(index: usize, param: &Tensor, grad: &Tensor) -> Result
     // numel and rank are free to read; the sizes are only materialized for the message.
     if param.numel() != grad.numel() || param.dim() != grad.dim() {
         let (ps, gs) = (param.size(), grad.size());
-        return Err(Error::Value(format!("grad of parameter {index} has shape {gs:?}, but the parameter has shape {ps:?}")));
+        return Err(Error::Value(format!(
+            "grad of parameter {index} has shape {gs:?}, but the parameter has shape {ps:?}"
+        )));
     }
     Ok(())
 }

@@ -26,7 +26,9 @@ pub struct AdagradScalars {
 impl Adagrad {
     /// `step` is the count after this step's increment.
     pub fn scalars(&self, step: f64) -> AdagradScalars {
-        AdagradScalars { clr: self.lr / (1.0 + (step - 1.0) * self.lr_decay) }
+        AdagradScalars {
+            clr: self.lr / (1.0 + (step - 1.0) * self.lr_decay),
+        }
     }
 }
 
@@ -39,7 +41,13 @@ impl Algorithm for Adagrad {
     }
 
     #[inline(always)]
-    fn update<E: Elem>(&self, s: &AdagradScalars, p: &mut [E], g: &mut [E], st: [&mut [E]; MAX_STATES]) {
+    fn update<E: Elem>(
+        &self,
+        s: &AdagradScalars,
+        p: &mut [E],
+        g: &mut [E],
+        st: [&mut [E]; MAX_STATES],
+    ) {
         let [sum, _, _] = st;
         let n = p.len();
         let (g, sum) = (&mut g[..n], &mut sum[..n]);
@@ -67,8 +75,19 @@ mod tests {
 
     #[test]
     fn lr_decay_and_accumulator_by_hand() {
-        let a = Adagrad { lr: 0.1, lr_decay: 0.5, weight_decay: 0.0, eps: 1e-10, maximize: false, grad_scale: None };
-        let mut t = [Buffers { param: vec![1.0f64], grad: vec![2.0], states: vec![vec![0.1]] }];
+        let a = Adagrad {
+            lr: 0.1,
+            lr_decay: 0.5,
+            weight_decay: 0.0,
+            eps: 1e-10,
+            maximize: false,
+            grad_scale: None,
+        };
+        let mut t = [Buffers {
+            param: vec![1.0f64],
+            grad: vec![2.0],
+            states: vec![vec![0.1]],
+        }];
         step(&a, a.scalars(1.0), &mut t, 1);
         let p1 = 1.0 - 0.1 * 2.0 / ((4.1f64).sqrt() + 1e-10);
         assert!((t[0].param[0] - p1).abs() < 1e-15);

@@ -38,7 +38,10 @@ impl Adam {
     pub fn scalars(&self, step: f64) -> AdamScalars {
         let bias_correction1 = 1.0 - self.beta1.powf(step);
         let bias_correction2 = 1.0 - self.beta2.powf(step);
-        AdamScalars { step_size: self.lr / bias_correction1, bias_correction2_sqrt: bias_correction2.sqrt() }
+        AdamScalars {
+            step_size: self.lr / bias_correction1,
+            bias_correction2_sqrt: bias_correction2.sqrt(),
+        }
     }
 }
 
@@ -71,7 +74,13 @@ pub(crate) fn load_grad<E: Elem>(g: &mut E, inv_scale: Option<E::Op>, maximize: 
 
 impl Adam {
     #[inline(always)]
-    fn body<E: Elem, const AMSGRAD: bool>(&self, s: &AdamScalars, p: &mut [E], g: &mut [E], st: [&mut [E]; MAX_STATES]) {
+    fn body<E: Elem, const AMSGRAD: bool>(
+        &self,
+        s: &AdamScalars,
+        p: &mut [E],
+        g: &mut [E],
+        st: [&mut [E]; MAX_STATES],
+    ) {
         let [m, v, vmax] = st;
         let n = p.len();
         let (g, m, v) = (&mut g[..n], &mut m[..n], &mut v[..n]);
@@ -122,7 +131,13 @@ impl Algorithm for Adam {
     }
 
     #[inline(always)]
-    fn update<E: Elem>(&self, s: &AdamScalars, p: &mut [E], g: &mut [E], st: [&mut [E]; MAX_STATES]) {
+    fn update<E: Elem>(
+        &self,
+        s: &AdamScalars,
+        p: &mut [E],
+        g: &mut [E],
+        st: [&mut [E]; MAX_STATES],
+    ) {
         if self.amsgrad {
             self.body::<E, true>(s, p, g, st)
         } else {
@@ -155,7 +170,11 @@ mod tests {
     #[test]
     fn first_step_is_lr_times_sign() {
         let a = adam();
-        let mut t = [Buffers { param: vec![1.0f64, -2.0, 0.5], grad: vec![0.3, -4.0, 1e-3], states: vec![vec![0.0; 3], vec![0.0; 3]] }];
+        let mut t = [Buffers {
+            param: vec![1.0f64, -2.0, 0.5],
+            grad: vec![0.3, -4.0, 1e-3],
+            states: vec![vec![0.0; 3], vec![0.0; 3]],
+        }];
         step(&a, a.scalars(1.0), &mut t, 1);
         for (p, p0) in t[0].param.iter().zip([1.0 - 1e-3, -2.0 + 1e-3, 0.5 - 1e-3]) {
             assert!((p - p0).abs() < 1e-7, "{p} vs {p0}");
@@ -167,8 +186,17 @@ mod tests {
     /// Hand-derived second step with weight decay (L2) and amsgrad.
     #[test]
     fn two_steps_l2_amsgrad_by_hand() {
-        let a = Adam { weight_decay: 0.1, amsgrad: true, lr: 0.01, ..adam() };
-        let mut t = [Buffers { param: vec![2.0f64], grad: vec![1.0], states: vec![vec![0.0], vec![0.0], vec![0.0]] }];
+        let a = Adam {
+            weight_decay: 0.1,
+            amsgrad: true,
+            lr: 0.01,
+            ..adam()
+        };
+        let mut t = [Buffers {
+            param: vec![2.0f64],
+            grad: vec![1.0],
+            states: vec![vec![0.0], vec![0.0], vec![0.0]],
+        }];
         step(&a, a.scalars(1.0), &mut t, 1);
         // g = 1 + 0.1*2 = 1.2: m = 0.12, v = 0.00144, p = 2 - 0.01 * 1.2/(1.2 + eps/sqrt(bc2)...)
         let (m1, v1) = (0.12, 0.001 * 1.44);
@@ -180,15 +208,30 @@ mod tests {
         let m2 = 0.9 * m1 + 0.1 * g2;
         let v2 = 0.999 * v1 + 0.001 * g2 * g2;
         let vmax = f64::max(v1, v2);
-        let p2 = p1 - 0.01 / (1.0 - 0.81) * m2 / (vmax.sqrt() / (1.0 - 0.999f64 * 0.999).sqrt() + 1e-8);
-        assert!((t[0].param[0] - p2).abs() < 1e-12, "{} vs {p2}", t[0].param[0]);
+        let p2 =
+            p1 - 0.01 / (1.0 - 0.81) * m2 / (vmax.sqrt() / (1.0 - 0.999f64 * 0.999).sqrt() + 1e-8);
+        assert!(
+            (t[0].param[0] - p2).abs() < 1e-12,
+            "{} vs {p2}",
+            t[0].param[0]
+        );
         assert!((t[0].states[2][0] - vmax).abs() < 1e-15 * vmax);
     }
 
     #[test]
     fn adamw_decays_param_and_maximize_flips() {
-        let a = Adam { weight_decay: 0.5, decoupled_weight_decay: true, maximize: true, lr: 0.1, ..adam() };
-        let mut t = [Buffers { param: vec![1.0f32], grad: vec![2.0], states: vec![vec![0.0], vec![0.0]] }];
+        let a = Adam {
+            weight_decay: 0.5,
+            decoupled_weight_decay: true,
+            maximize: true,
+            lr: 0.1,
+            ..adam()
+        };
+        let mut t = [Buffers {
+            param: vec![1.0f32],
+            grad: vec![2.0],
+            states: vec![vec![0.0], vec![0.0]],
+        }];
         step(&a, a.scalars(1.0), &mut t, 1);
         // p = 1 * (1 - 0.05) + 0.1 (ascent: sign of -grad is -1, subtracting gives +)
         assert!((t[0].param[0] - 1.05).abs() < 1e-6, "{}", t[0].param[0]);
@@ -197,7 +240,11 @@ mod tests {
     /// Threads and chunking do not change a single bit.
     #[test]
     fn parallel_equals_serial() {
-        let a = Adam { amsgrad: true, weight_decay: 0.01, ..adam() };
+        let a = Adam {
+            amsgrad: true,
+            weight_decay: 0.01,
+            ..adam()
+        };
         let make = || -> Vec<Buffers<f32>> {
             (0..7)
                 .map(|k| {
@@ -239,7 +286,11 @@ mod tests {
     #[test]
     fn nan_grad_propagates() {
         let a = adam();
-        let mut t = [Buffers { param: vec![1.0f32, 1.0], grad: vec![f32::NAN, 1.0], states: vec![vec![0.0; 2], vec![0.0; 2]] }];
+        let mut t = [Buffers {
+            param: vec![1.0f32, 1.0],
+            grad: vec![f32::NAN, 1.0],
+            states: vec![vec![0.0; 2], vec![0.0; 2]],
+        }];
         step(&a, a.scalars(1.0), &mut t, 1);
         assert!(t[0].param[0].is_nan());
         assert!(!t[0].param[1].is_nan());
@@ -247,8 +298,15 @@ mod tests {
 
     #[test]
     fn grad_scale_unscales_and_stores_back() {
-        let a = Adam { grad_scale: Some(4.0), ..adam() };
-        let mut t = [Buffers { param: vec![1.0f32], grad: vec![8.0], states: vec![vec![0.0], vec![0.0]] }];
+        let a = Adam {
+            grad_scale: Some(4.0),
+            ..adam()
+        };
+        let mut t = [Buffers {
+            param: vec![1.0f32],
+            grad: vec![8.0],
+            states: vec![vec![0.0], vec![0.0]],
+        }];
         step(&a, a.scalars(1.0), &mut t, 1);
         assert_eq!(t[0].grad[0], 2.0);
         assert!((t[0].states[0][0] - 0.2).abs() < 1e-7);

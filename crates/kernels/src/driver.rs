@@ -1,7 +1,7 @@
 //! The one driver every algorithm shares: chunking, threads, dtype dispatch, SIMD dispatch.
 
 use half::{bf16, f16};
-use rayon::prelude::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::elem::Elem;
 use crate::{pool, KernelError};
@@ -59,22 +59,67 @@ pub trait Algorithm: Sync {
     const NAME: &'static str;
     /// How many state buffers this configuration needs.
     fn n_states(&self) -> usize;
-    fn update<E: Elem>(&self, s: &Self::Scalars, param: &mut [E], grad: &mut [E], states: [&mut [E]; MAX_STATES]);
+    fn update<E: Elem>(
+        &self,
+        s: &Self::Scalars,
+        param: &mut [E],
+        grad: &mut [E],
+        states: [&mut [E]; MAX_STATES],
+    );
 }
 
-/// Applies `alg` to every job, chunked over `threads` workers.
+/// Runs a task on several threads at once. Each of up to `threads` workers calls `task`
+/// once; the task itself pulls work from a shared counter, so a worker that starts late
+/// simply finds less to do.
+pub trait Executor: Sync {
+    fn broadcast(&self, threads: usize, task: &(dyn Fn() + Sync));
+}
+
+/// Runs everything on the calling thread.
+pub struct Serial;
+
+impl Executor for Serial {
+    fn broadcast(&self, _threads: usize, task: &(dyn Fn() + Sync)) {
+        task()
+    }
+}
+
+/// The fork-safe rayon pool of [`crate::pool`].
+pub struct RayonPool;
+
+impl Executor for RayonPool {
+    fn broadcast(&self, threads: usize, task: &(dyn Fn() + Sync)) {
+        match pool::get(threads) {
+            Ok(p) => {
+                p.broadcast(|_| task());
+            }
+            Err(_) => task(),
+        }
+    }
+}
+
+/// Applies `alg` to every job, chunked over up to `threads` workers of `exec`.
 ///
 /// # Safety
 /// Every pointer of every job must be valid for reads and writes of `numel` elements of
 /// `dtype` for the duration of the call, and no two buffers (within a job or across jobs)
 /// may overlap. Unused state slots (index >= `alg.n_states()`) are ignored.
-pub unsafe fn run<A: Algorithm>(alg: &A, jobs: &[Job<A::Scalars>], threads: usize) -> Result<(), KernelError> {
+pub unsafe fn run<A: Algorithm>(
+    alg: &A,
+    jobs: &[Job<A::Scalars>],
+    threads: usize,
+    exec: &dyn Executor,
+) -> Result<(), KernelError> {
     let n = alg.n_states();
     for job in jobs.iter().filter(|j| j.numel > 0) {
         // Empty tensors may have null data pointers; they have nothing to update.
         let got = job.states.iter().take(n).filter(|p| !p.is_null()).count();
         if got != n {
-            return Err(KernelError::StateCount { what: A::NAME, expected: n, got });
+            return Err(KernelError::StateCount {
+                what: A::NAME,
+                expected: n,
+                got,
+            });
         }
     }
     let total: usize = jobs.iter().map(|j| j.numel).sum();
@@ -84,24 +129,38 @@ pub unsafe fn run<A: Algorithm>(alg: &A, jobs: &[Job<A::Scalars>], threads: usiz
         }
         return Ok(());
     }
-    // Work units: (job, begin, end). Small tensors are one unit each; rayon's adaptive
-    // splitting of the unit list keeps per-unit overhead to a function call.
-    let mut units = Vec::with_capacity(jobs.len() + total / CHUNK);
+    // Pieces are (job, begin, end) with at most CHUNK elements; a unit is a run of
+    // consecutive pieces holding about CHUNK elements, so 2000 tiny tensors make ~60 units.
+    let mut pieces: Vec<(usize, usize, usize)> = Vec::with_capacity(jobs.len() + total / CHUNK);
+    let mut units: Vec<(usize, usize)> = Vec::with_capacity(total / CHUNK + 2);
+    let (mut unit_start, mut unit_elems) = (0usize, 0usize);
     for (j, job) in jobs.iter().enumerate() {
         let mut b = 0;
         while b < job.numel {
-            let e = (b + CHUNK).min(job.numel);
-            units.push((j, b, e));
+            let e = (b + CHUNK - unit_elems).min(job.numel);
+            pieces.push((j, b, e));
+            unit_elems += e - b;
             b = e;
+            if unit_elems >= CHUNK {
+                units.push((unit_start, pieces.len()));
+                unit_start = pieces.len();
+                unit_elems = 0;
+            }
         }
     }
-    let pool = pool::get(threads)?;
-    pool.install(|| {
-        units.par_iter().with_min_len(4).for_each(|&(j, b, e)| {
-            // SAFETY: forwarded from the caller; units of one job are disjoint ranges.
-            unsafe { run_chunk(alg, &jobs[j], b, e) }
-        })
-    });
+    if unit_start < pieces.len() {
+        units.push((unit_start, pieces.len()));
+    }
+    let next = AtomicUsize::new(0);
+    let task = || loop {
+        let u = next.fetch_add(1, Ordering::Relaxed);
+        let Some(&(a, b)) = units.get(u) else { break };
+        for &(j, lo, hi) in &pieces[a..b] {
+            // SAFETY: forwarded from the caller; pieces of one job are disjoint ranges.
+            unsafe { run_chunk(alg, &jobs[j], lo, hi) }
+        }
+    };
+    exec.broadcast(threads.min(units.len()), &task);
     Ok(())
 }
 
@@ -166,7 +225,11 @@ unsafe fn chunk<A: Algorithm, E: Elem>(alg: &A, job: &Job<A::Scalars>, b: usize,
             std::slice::from_raw_parts_mut((p as *mut E).add(b), len)
         }
     };
-    let states = [slice(job.states[0]), slice(job.states[1]), slice(job.states[2])];
+    let states = [
+        slice(job.states[0]),
+        slice(job.states[1]),
+        slice(job.states[2]),
+    ];
     alg.update::<E>(&job.scalars, slice(job.param), slice(job.grad), states);
 }
 
@@ -196,7 +259,12 @@ pub(crate) mod testing {
         pub states: Vec<Vec<E>>,
     }
 
-    pub fn step<A: Algorithm, E: Elem>(alg: &A, scalars: A::Scalars, tensors: &mut [Buffers<E>], threads: usize) {
+    pub fn step<A: Algorithm, E: Elem>(
+        alg: &A,
+        scalars: A::Scalars,
+        tensors: &mut [Buffers<E>],
+        threads: usize,
+    ) {
         let jobs: Vec<Job<A::Scalars>> = tensors
             .iter_mut()
             .map(|t| {
@@ -214,6 +282,6 @@ pub(crate) mod testing {
                 }
             })
             .collect();
-        unsafe { run(alg, &jobs, threads).unwrap() }
+        unsafe { run(alg, &jobs, threads, &RayonPool).unwrap() }
     }
 }

@@ -14,7 +14,7 @@ pub mod pool;
 pub mod rmsprop;
 pub mod sgd;
 
-pub use driver::{run, Algorithm, DType, Job, MAX_STATES};
+pub use driver::{run, Algorithm, DType, Executor, Job, RayonPool, Serial, MAX_STATES};
 pub use elem::{Elem, OpFloat};
 
 /// Errors a kernel call can report; the bindings map them to Python exceptions.

@@ -34,7 +34,11 @@ pub fn get(threads: usize) -> Result<Arc<rayon::ThreadPool>, KernelError> {
         .build()
         .map_err(|e| KernelError::Pool(e.to_string()))?;
     let pool = Arc::new(pool);
-    if let Some(old) = held.replace(Held { pid, threads, pool: pool.clone() }) {
+    if let Some(old) = held.replace(Held {
+        pid,
+        threads,
+        pool: pool.clone(),
+    }) {
         if old.pid != pid {
             // Its threads belong to the parent process: dropping it here could block.
             std::mem::forget(old);

@@ -41,7 +41,12 @@ impl Algorithm for RmsProp {
 
 impl RmsProp {
     #[inline(always)]
-    fn body<E: Elem, const MOMENTUM: bool, const CENTERED: bool>(&self, p: &mut [E], g: &mut [E], st: [&mut [E]; MAX_STATES]) {
+    fn body<E: Elem, const MOMENTUM: bool, const CENTERED: bool>(
+        &self,
+        p: &mut [E],
+        g: &mut [E],
+        st: [&mut [E]; MAX_STATES],
+    ) {
         let [sq, s1, s2] = st;
         // The buffers present are packed in order: momentum_buffer before grad_avg.
         let (buf, gavg) = if MOMENTUM { (s1, s2) } else { (s2, s1) };
@@ -51,7 +56,12 @@ impl RmsProp {
         let gavg: &mut [E] = if CENTERED { &mut gavg[..n] } else { gavg };
         let o = <E::Op as OpFloat>::of;
         let scale = self.grad_scale.map(o);
-        let (wd, alpha, c, eps) = (o(self.weight_decay), o(self.alpha), o(1.0 - self.alpha), o(self.eps));
+        let (wd, alpha, c, eps) = (
+            o(self.weight_decay),
+            o(self.alpha),
+            o(1.0 - self.alpha),
+            o(self.eps),
+        );
         let (mom, neg_lr, one) = (o(self.momentum), o(-self.lr), o(1.0));
         let has_wd = self.weight_decay != 0.0;
         for i in 0..n {
@@ -87,23 +97,55 @@ mod tests {
 
     #[test]
     fn centered_momentum_by_hand() {
-        let a = RmsProp { lr: 0.01, alpha: 0.9, eps: 1e-8, weight_decay: 0.0, momentum: 0.5, centered: true, maximize: false, grad_scale: None };
-        let mut t = [Buffers { param: vec![1.0f64], grad: vec![2.0], states: vec![vec![0.0], vec![0.0], vec![0.0]] }];
+        let a = RmsProp {
+            lr: 0.01,
+            alpha: 0.9,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            momentum: 0.5,
+            centered: true,
+            maximize: false,
+            grad_scale: None,
+        };
+        let mut t = [Buffers {
+            param: vec![1.0f64],
+            grad: vec![2.0],
+            states: vec![vec![0.0], vec![0.0], vec![0.0]],
+        }];
         step(&a, (), &mut t, 1);
         let sq = 0.1 * 4.0;
         let ga = 0.1 * 2.0;
         let avg = (sq - ga * ga as f64).sqrt() + 1e-8;
         let b = 2.0 / avg;
         assert!((t[0].states[0][0] - sq).abs() < 1e-15);
-        assert!((t[0].states[1][0] - b).abs() < 1e-12, "momentum_buffer is state 1");
-        assert!((t[0].states[2][0] - ga).abs() < 1e-15, "grad_avg is state 2");
+        assert!(
+            (t[0].states[1][0] - b).abs() < 1e-12,
+            "momentum_buffer is state 1"
+        );
+        assert!(
+            (t[0].states[2][0] - ga).abs() < 1e-15,
+            "grad_avg is state 2"
+        );
         assert!((t[0].param[0] - (1.0 - 0.01 * b)).abs() < 1e-12);
     }
 
     #[test]
     fn centered_without_momentum_uses_slot_1_for_grad_avg() {
-        let a = RmsProp { lr: 0.01, alpha: 0.9, eps: 1e-8, weight_decay: 0.0, momentum: 0.0, centered: true, maximize: false, grad_scale: None };
-        let mut t = [Buffers { param: vec![1.0f64], grad: vec![2.0], states: vec![vec![0.0], vec![0.0]] }];
+        let a = RmsProp {
+            lr: 0.01,
+            alpha: 0.9,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            momentum: 0.0,
+            centered: true,
+            maximize: false,
+            grad_scale: None,
+        };
+        let mut t = [Buffers {
+            param: vec![1.0f64],
+            grad: vec![2.0],
+            states: vec![vec![0.0], vec![0.0]],
+        }];
         step(&a, (), &mut t, 1);
         assert!((t[0].states[1][0] - 0.2).abs() < 1e-15);
         let avg = (0.4f64 - 0.04).sqrt() + 1e-8;

@@ -35,7 +35,13 @@ impl Algorithm for Sgd {
     }
 
     #[inline(always)]
-    fn update<E: Elem>(&self, s: &SgdScalars, p: &mut [E], g: &mut [E], st: [&mut [E]; MAX_STATES]) {
+    fn update<E: Elem>(
+        &self,
+        s: &SgdScalars,
+        p: &mut [E],
+        g: &mut [E],
+        st: [&mut [E]; MAX_STATES],
+    ) {
         // One source, specialized so each loop body is branch-free and vectorizes.
         match (self.momentum != 0.0, s.first_step) {
             (false, _) => self.body::<E, false, false>(p, g, st),
@@ -47,7 +53,12 @@ impl Algorithm for Sgd {
 
 impl Sgd {
     #[inline(always)]
-    fn body<E: Elem, const MOMENTUM: bool, const FIRST: bool>(&self, p: &mut [E], g: &mut [E], st: [&mut [E]; MAX_STATES]) {
+    fn body<E: Elem, const MOMENTUM: bool, const FIRST: bool>(
+        &self,
+        p: &mut [E],
+        g: &mut [E],
+        st: [&mut [E]; MAX_STATES],
+    ) {
         let [buf, _, _] = st;
         let n = p.len();
         let g = &mut g[..n];
@@ -64,9 +75,17 @@ impl Sgd {
                 grad = param.mul_add(wd, grad);
             }
             if MOMENTUM {
-                let b = if FIRST { grad } else { grad.mul_add(keep, buf[i].load() * mom) };
+                let b = if FIRST {
+                    grad
+                } else {
+                    grad.mul_add(keep, buf[i].load() * mom)
+                };
                 buf[i] = E::store(b);
-                grad = if self.nesterov { b.mul_add(mom, grad) } else { b };
+                grad = if self.nesterov {
+                    b.mul_add(mom, grad)
+                } else {
+                    b
+                };
             }
             p[i] = E::store(grad.mul_add(neg_lr, param));
         }
@@ -79,13 +98,25 @@ mod tests {
     use crate::driver::testing::{step, Buffers};
 
     fn sgd() -> Sgd {
-        Sgd { lr: 0.1, momentum: 0.0, dampening: 0.0, weight_decay: 0.0, nesterov: false, maximize: false, grad_scale: None }
+        Sgd {
+            lr: 0.1,
+            momentum: 0.0,
+            dampening: 0.0,
+            weight_decay: 0.0,
+            nesterov: false,
+            maximize: false,
+            grad_scale: None,
+        }
     }
 
     #[test]
     fn plain_sgd() {
         let a = sgd();
-        let mut t = [Buffers { param: vec![1.0f64, 2.0], grad: vec![0.5, -1.0], states: vec![] }];
+        let mut t = [Buffers {
+            param: vec![1.0f64, 2.0],
+            grad: vec![0.5, -1.0],
+            states: vec![],
+        }];
         step(&a, SgdScalars { first_step: false }, &mut t, 1);
         assert_eq!(t[0].param, vec![0.95, 2.1]);
     }
@@ -93,8 +124,17 @@ mod tests {
     /// Heavy-ball momentum by hand over three steps, with dampening and weight decay.
     #[test]
     fn momentum_dampening_weight_decay_by_hand() {
-        let a = Sgd { momentum: 0.9, dampening: 0.1, weight_decay: 0.01, ..sgd() };
-        let mut t = [Buffers { param: vec![1.0f64], grad: vec![0.0], states: vec![vec![0.0]] }];
+        let a = Sgd {
+            momentum: 0.9,
+            dampening: 0.1,
+            weight_decay: 0.01,
+            ..sgd()
+        };
+        let mut t = [Buffers {
+            param: vec![1.0f64],
+            grad: vec![0.0],
+            states: vec![vec![0.0]],
+        }];
         let (mut p, mut b) = (1.0f64, 0.0f64);
         for (k, g) in [0.5, -0.25, 1.0].into_iter().enumerate() {
             t[0].grad[0] = g;
@@ -109,8 +149,16 @@ mod tests {
 
     #[test]
     fn nesterov_by_hand() {
-        let a = Sgd { momentum: 0.5, nesterov: true, ..sgd() };
-        let mut t = [Buffers { param: vec![0.0f32], grad: vec![1.0], states: vec![vec![0.0]] }];
+        let a = Sgd {
+            momentum: 0.5,
+            nesterov: true,
+            ..sgd()
+        };
+        let mut t = [Buffers {
+            param: vec![0.0f32],
+            grad: vec![1.0],
+            states: vec![vec![0.0]],
+        }];
         step(&a, SgdScalars { first_step: true }, &mut t, 1);
         // buf = 1, update = g + 0.5 * buf = 1.5
         assert!((t[0].param[0] + 0.15).abs() < 1e-7);

@@ -1,0 +1,68 @@
+//! Threads for the kernels: torch's own OpenMP team when we can reach it.
+//!
+//! After `backward()` torch's OpenMP workers keep spinning for a while; a second pool (rayon)
+//! would fight them for the same cores and make a step several times slower. So, like
+//! torch's fused optimizers (`at::parallel_for`), the kernels run on torch's OpenMP team: the
+//! `GOMP_parallel` entry point of the libgomp that torch loaded globally. In a forked child
+//! (DataLoader workers) libgomp's team is gone and using it hangs, as torch itself does; there
+//! the fork-safe rayon pool of the kernel crate takes over.
+
+use std::ffi::{c_uint, c_void, CStr};
+use std::sync::OnceLock;
+
+use ferrotorch_kernels::{Executor, RayonPool};
+
+type GompParallel = unsafe extern "C" fn(extern "C" fn(*mut c_void), *mut c_void, c_uint, c_uint);
+
+struct Gomp {
+    parallel: GompParallel,
+    pid: u32,
+}
+
+static GOMP: OnceLock<Option<Gomp>> = OnceLock::new();
+
+fn gomp() -> Option<&'static Gomp> {
+    GOMP.get_or_init(|| {
+        let name = CStr::from_bytes_with_nul(b"GOMP_parallel\0").ok()?;
+        // SAFETY: dlsym with RTLD_DEFAULT only looks a symbol up.
+        let sym = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
+        if sym.is_null() {
+            return None;
+        }
+        // SAFETY: GOMP_parallel has had this signature since GCC 4.9.
+        let parallel = unsafe { std::mem::transmute::<*mut c_void, GompParallel>(sym) };
+        Some(Gomp {
+            parallel,
+            pid: std::process::id(),
+        })
+    })
+    .as_ref()
+}
+
+/// The executor the bindings hand to the kernels.
+pub struct TorchThreads;
+
+extern "C" fn trampoline(data: *mut c_void) {
+    // SAFETY: `data` is the `&&dyn Fn` passed by `broadcast`, alive for the whole call.
+    let task = unsafe { &*(data as *const &(dyn Fn() + Sync)) };
+    // A panic must not unwind into C; the kernels do not panic, but be sure.
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| task()));
+}
+
+impl Executor for TorchThreads {
+    fn broadcast(&self, threads: usize, task: &(dyn Fn() + Sync)) {
+        match gomp() {
+            Some(g) if g.pid == std::process::id() => {
+                let data = &task as *const &(dyn Fn() + Sync) as *mut c_void;
+                // SAFETY: the trampoline only reads `data` during this call.
+                unsafe { (g.parallel)(trampoline, data, threads as c_uint, 0) }
+            }
+            _ => RayonPool.broadcast(threads, task),
+        }
+    }
+}
+
+/// Whether steps run on torch's OpenMP threads (for diagnostics and tests).
+pub fn uses_torch_threads() -> bool {
+    gomp().is_some_and(|g| g.pid == std::process::id())
+}
