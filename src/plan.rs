@@ -14,6 +14,10 @@ use ferrotorch_kernels::{
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use pyo3_tch::PyTensor;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use ferrotorch_kernels::Executor;
 use tch::Tensor;
 
 use crate::errors::{no_panic, Error, Result};
@@ -229,6 +233,8 @@ struct Ready {
     step: Option<StepCounter>,
 }
 unsafe impl Send for Ready {}
+// SAFETY: the cached pointers are only dereferenced by the kernel, under the plan's `&mut`.
+unsafe impl Send for Entry {}
 
 /// Outcome of validating one entry.
 enum Verdict {
@@ -373,17 +379,114 @@ fn jobs_for<S: Copy>(ready: &[Ready], mut scalars: impl FnMut(&Ready) -> S) -> V
         .collect()
 }
 
-/// Runs the kernel with the GIL released.
-fn launch<A: Algorithm + Send>(
-    py: Python<'_>,
-    alg: A,
-    jobs: Vec<Job<A::Scalars>>,
+/// Entries per unit of parallel checking.
+const CHECK_CHUNK: usize = 128;
+
+/// Checks every entry (in parallel for large groups), then bumps the step counters and runs
+/// the kernel. Nothing is changed unless every check passed.
+fn step_group(
+    kind: Kind,
+    t: &mut Tensors,
+    algo: Algo,
     threads: usize,
-) -> Result<()> {
-    py.allow_threads(move || unsafe {
-        ferrotorch_kernels::run(&alg, &jobs, threads, &crate::parallel::TorchThreads)
-    })?;
-    Ok(())
+) -> Result<(bool, Vec<(usize, bool)>)> {
+    if t.pending
+        .iter()
+        .any(|p| p.f_grad().map(|g| g.defined()).unwrap_or(false))
+    {
+        return Ok((true, Vec::new()));
+    }
+    let n_states = algo.n_states();
+    let n = t.entries.len();
+    // Per entry: its grad (kept alive until the kernel is done) and verdict.
+    let mut checked: Vec<Option<(Tensor, Verdict)>> = (0..n).map(|_| None).collect();
+    {
+        let chunks: Vec<Mutex<(usize, &mut [Entry], &mut [Option<(Tensor, Verdict)>])>> = t
+            .entries
+            .chunks_mut(CHECK_CHUNK)
+            .zip(checked.chunks_mut(CHECK_CHUNK))
+            .enumerate()
+            .map(|(c, (e, out))| Mutex::new((c * CHECK_CHUNK, e, out)))
+            .collect();
+        let first_error: Mutex<Option<Error>> = Mutex::new(None);
+        let next = AtomicUsize::new(0);
+        let task = || loop {
+            let c = next.fetch_add(1, Ordering::Relaxed);
+            let Some(chunk) = chunks.get(c) else { break };
+            let mut guard = chunk.lock().unwrap_or_else(|p| p.into_inner());
+            let (base, entries, out) = &mut *guard;
+            let res = no_panic("checking tensors", || {
+                for (i, (e, slot)) in entries.iter_mut().zip(out.iter_mut()).enumerate() {
+                    let grad = e.param.f_grad()?;
+                    let verdict = GroupPlan::classify(kind, *base + i, e, &grad, n_states)?;
+                    *slot = Some((grad, verdict));
+                }
+                Ok(())
+            });
+            if let Err(err) = res {
+                first_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert(err);
+            }
+        };
+        if threads > 1 && chunks.len() > 1 {
+            crate::parallel::TorchThreads.broadcast(threads.min(chunks.len()), &task);
+        } else {
+            task();
+        }
+        if let Some(err) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            return Err(err);
+        }
+    }
+    let mut grads = Vec::with_capacity(n);
+    let mut ready = Vec::with_capacity(n);
+    let mut slow = Vec::new();
+    for (e, slot) in t.entries.iter().zip(checked) {
+        let Some((grad, verdict)) = slot else {
+            return Err(Error::Runtime(
+                "a parameter was not checked (worker failure)".to_string(),
+            ));
+        };
+        match verdict {
+            Verdict::NoGrad => {}
+            Verdict::Slow => slow.push((e.index, e.first)),
+            Verdict::Fast(r) => ready.push(r),
+        }
+        grads.push(grad);
+    }
+    // SAFETY (bump): the step tensors are owned by t.entries, alive here.
+    let exec = &crate::parallel::TorchThreads;
+    unsafe {
+        match algo {
+            Algo::Adam(a) => {
+                let jobs = jobs_for(&ready, |r| a.scalars(r.step.as_ref().unwrap().bump()));
+                ferrotorch_kernels::run(&a, &jobs, threads, exec)?
+            }
+            Algo::Adagrad(a) => {
+                let jobs = jobs_for(&ready, |r| a.scalars(r.step.as_ref().unwrap().bump()));
+                ferrotorch_kernels::run(&a, &jobs, threads, exec)?
+            }
+            Algo::RmsProp(a) => {
+                let jobs = jobs_for(&ready, |r| {
+                    r.step.as_ref().unwrap().bump();
+                });
+                ferrotorch_kernels::run(&a, &jobs, threads, exec)?
+            }
+            Algo::Sgd(a) => {
+                let entries = &t.entries;
+                let jobs = jobs_for(&ready, |r| SgdScalars {
+                    first_step: entries[r.entry].first,
+                });
+                ferrotorch_kernels::run(&a, &jobs, threads, exec)?
+            }
+        }
+    }
+    for r in &ready {
+        t.entries[r.entry].first = false;
+    }
+    drop(grads);
+    Ok((false, slow))
 }
 
 #[pymethods]
@@ -466,65 +569,12 @@ impl GroupPlan {
         group: &Bound<'_, PyDict>,
         grad_scale: Option<f64>,
     ) -> PyResult<(bool, Vec<(usize, bool)>)> {
-        let kind = self.kind;
-        let algo = Algo::from_group(kind, group, grad_scale)?;
-        let out = no_panic("optimizer step", || {
-            if self
-                .t
-                .pending
-                .iter()
-                .any(|p| p.f_grad().map(|g| g.defined()).unwrap_or(false))
-            {
-                return Ok((true, Vec::new()));
-            }
-            let n_states = algo.n_states();
-            // Check everything before changing anything.
-            let mut grads = Vec::with_capacity(self.t.entries.len());
-            let mut ready = Vec::with_capacity(self.t.entries.len());
-            let mut slow = Vec::new();
-            for (k, e) in self.t.entries.iter_mut().enumerate() {
-                let grad = e.param.f_grad()?;
-                match Self::classify(kind, k, e, &grad, n_states)? {
-                    Verdict::NoGrad => {}
-                    Verdict::Slow => slow.push((e.index, e.first)),
-                    Verdict::Fast(r) => ready.push(r),
-                }
-                grads.push(grad); // keeps every grad alive until the kernel is done
-            }
-            let threads = tch::get_num_threads().max(1) as usize;
-            // SAFETY (bump): the step tensors are owned by self.t.entries, alive here.
-            match algo {
-                Algo::Adam(a) => {
-                    let jobs = jobs_for(&ready, |r| {
-                        a.scalars(unsafe { r.step.as_ref().unwrap().bump() })
-                    });
-                    launch(py, a, jobs, threads)?
-                }
-                Algo::Adagrad(a) => {
-                    let jobs = jobs_for(&ready, |r| {
-                        a.scalars(unsafe { r.step.as_ref().unwrap().bump() })
-                    });
-                    launch(py, a, jobs, threads)?
-                }
-                Algo::RmsProp(a) => {
-                    let jobs = jobs_for(&ready, |r| unsafe {
-                        r.step.as_ref().unwrap().bump();
-                    });
-                    launch(py, a, jobs, threads)?
-                }
-                Algo::Sgd(a) => {
-                    let entries = &self.t.entries;
-                    let jobs = jobs_for(&ready, |r| SgdScalars {
-                        first_step: entries[r.entry].first,
-                    });
-                    launch(py, a, jobs, threads)?
-                }
-            }
-            for r in &ready {
-                self.t.entries[r.entry].first = false;
-            }
-            drop(grads);
-            Ok((false, slow))
+        let algo = Algo::from_group(self.kind, group, grad_scale)?;
+        let threads = tch::get_num_threads().max(1) as usize;
+        let (kind, t) = (self.kind, &mut self.t);
+        // Nothing below touches Python objects: checks and kernel run without the GIL.
+        let out = py.allow_threads(move || {
+            no_panic("optimizer step", || step_group(kind, t, algo, threads))
         })?;
         Ok(out)
     }

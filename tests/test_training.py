@@ -287,3 +287,23 @@ def test_version_check_message():
 
     assert ferrotorch.REQUIRED_TORCH == "2.13.0"
     assert torch.__version__.startswith(ferrotorch.REQUIRED_TORCH)
+
+
+def test_wrong_torch_version_is_a_clear_import_error():
+    """Under another torch, importing ferrotorch raises ImportError naming the version."""
+    import subprocess
+
+    code = "import torch; torch.__version__ = '2.12.1+cpu'\ntry:\n    import ferrotorch\nexcept ImportError as e:\n    print('IMPORTERROR', e)\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "IMPORTERROR" in out.stdout and "torch==2.13.0" in out.stdout and "2.12.1+cpu" in out.stdout
+
+
+def test_grad_with_wrong_dtype_is_a_type_error():
+    p = torch.zeros(3, requires_grad=True)
+    opt = fopt.SGD([p], lr=0.1)
+    p.grad = torch.ones(3)
+    p.grad.data = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(TypeError, match="grad of parameter 0 has dtype Double, but the parameter has dtype Float"):
+        opt.step()
+    assert not p.any()

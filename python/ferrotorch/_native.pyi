@@ -7,6 +7,9 @@ import torch
 __version__: str
 TORCH_VERSION: str
 
+def uses_torch_threads() -> bool:
+    """True when fused steps run on torch's OpenMP threads (False in a forked child)."""
+
 class FerrotorchValueError(ValueError): ...
 class FerrotorchTypeError(TypeError): ...
 class FerrotorchRuntimeError(RuntimeError): ...
