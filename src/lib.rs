@@ -9,6 +9,7 @@ use pyo3::prelude::*;
 pub mod errors;
 pub mod parallel;
 pub mod plan;
+pub mod sched;
 pub mod tensor;
 
 /// Version of torch this extension was compiled against; the Python package refuses to
@@ -30,6 +31,7 @@ fn _native(py: Python<'_>, m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("TORCH_VERSION", TORCH_VERSION)?;
     m.add_class::<plan::GroupPlan>()?;
     m.add_function(wrap_pyfunction!(uses_torch_threads, m)?)?;
+    sched::register(m)?;
     m.add(
         "FerrotorchValueError",
         py.get_type::<errors::FerrotorchValueError>(),

@@ -12,6 +12,7 @@ mod driver;
 pub mod elem;
 pub mod pool;
 pub mod rmsprop;
+pub mod schedule;
 pub mod sgd;
 
 pub use driver::{run, Algorithm, DType, Executor, Job, RayonPool, Serial, MAX_STATES};

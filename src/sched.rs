@@ -1,0 +1,480 @@
+//! Python entry points of the schedule math in `ferrotorch_kernels::schedule`.
+//!
+//! The Python scheduler classes read `param_groups` and their own attributes, call one of
+//! these per step, and write the returned values back.
+
+use ferrotorch_kernels::schedule as s;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::errors::Error;
+
+fn param<'py, T: FromPyObject<'py>>(params: &Bound<'py, PyDict>, key: &str) -> PyResult<T> {
+    let v = params
+        .get_item(key)?
+        .ok_or_else(|| Error::Value(format!("scheduler parameter '{key}' is missing")))?;
+    v.extract::<T>().map_err(|_| {
+        Error::Type(format!(
+            "scheduler parameter '{key}' has the wrong type ({})",
+            v.get_type()
+        ))
+        .into()
+    })
+}
+
+/// The lrs of a StepLR/MultiStepLR/ConstantLR/LinearLR/ExponentialLR/PolynomialLR/
+/// CosineAnnealingLR step: torch's chainable form from the current `lrs`, or the closed form
+/// from `base_lrs` when `closed`.
+#[pyfunction]
+#[pyo3(signature = (kind, lrs, base_lrs, last_epoch, is_initial, step_count, closed, params))]
+#[allow(clippy::too_many_arguments)]
+pub fn schedule_lrs(
+    kind: &str,
+    lrs: Vec<f64>,
+    base_lrs: Vec<f64>,
+    last_epoch: i64,
+    is_initial: bool,
+    step_count: i64,
+    closed: bool,
+    params: &Bound<'_, PyDict>,
+) -> PyResult<Vec<f64>> {
+    if lrs.len() != base_lrs.len() {
+        return Err(Error::Value(format!(
+            "{} current lrs but {} base_lrs",
+            lrs.len(),
+            base_lrs.len()
+        ))
+        .into());
+    }
+    let e = last_epoch;
+    let out: Vec<f64> = match kind {
+        "step" => {
+            let (k, g): (i64, f64) = (param(params, "step_size")?, param(params, "gamma")?);
+            if k == 0 {
+                return Err(Error::Value("StepLR: step_size must not be 0".into()).into());
+            }
+            if closed {
+                base_lrs
+                    .iter()
+                    .map(|&b| s::step_closed(b, e, k, g))
+                    .collect()
+            } else {
+                lrs.iter().map(|&lr| s::step_chain(lr, e, k, g)).collect()
+            }
+        }
+        "multistep" => {
+            let (m, g): (Vec<i64>, f64) = (param(params, "milestones")?, param(params, "gamma")?);
+            if closed {
+                base_lrs
+                    .iter()
+                    .map(|&b| s::multistep_closed(b, e, &m, g))
+                    .collect()
+            } else {
+                lrs.iter()
+                    .map(|&lr| s::multistep_chain(lr, e, &m, g))
+                    .collect()
+            }
+        }
+        "constant" => {
+            let (f, t): (f64, i64) = (param(params, "factor")?, param(params, "total_iters")?);
+            if closed {
+                base_lrs
+                    .iter()
+                    .map(|&b| s::constant_closed(b, e, f, t))
+                    .collect()
+            } else {
+                lrs.iter()
+                    .map(|&lr| s::constant_chain(lr, e, f, t))
+                    .collect()
+            }
+        }
+        "linear" => {
+            let (a, b, t): (f64, f64, i64) = (
+                param(params, "start_factor")?,
+                param(params, "end_factor")?,
+                param(params, "total_iters")?,
+            );
+            if closed {
+                base_lrs
+                    .iter()
+                    .map(|&x| s::linear_closed(x, e, a, b, t))
+                    .collect()
+            } else {
+                lrs.iter()
+                    .map(|&lr| s::linear_chain(lr, e, is_initial, a, b, t))
+                    .collect()
+            }
+        }
+        "exponential" => {
+            let g: f64 = param(params, "gamma")?;
+            if closed {
+                base_lrs
+                    .iter()
+                    .map(|&b| s::exponential_closed(b, e, g))
+                    .collect()
+            } else {
+                lrs.iter()
+                    .map(|&lr| s::exponential_chain(lr, is_initial, g))
+                    .collect()
+            }
+        }
+        "polynomial" => {
+            let (t, p): (i64, f64) = (param(params, "total_iters")?, param(params, "power")?);
+            if closed {
+                base_lrs
+                    .iter()
+                    .map(|&b| s::polynomial_closed(b, e, t, p))
+                    .collect()
+            } else {
+                lrs.iter()
+                    .map(|&lr| s::polynomial_chain(lr, e, is_initial, t, p))
+                    .collect()
+            }
+        }
+        "cosine" => {
+            let (t, m): (f64, f64) = (param(params, "T_max")?, param(params, "eta_min")?);
+            if closed {
+                base_lrs
+                    .iter()
+                    .map(|&b| s::cosine_closed(b, e, t, m))
+                    .collect()
+            } else {
+                lrs.iter()
+                    .zip(&base_lrs)
+                    .map(|(&lr, &b)| s::cosine_chain(lr, b, e, is_initial, step_count, t, m))
+                    .collect()
+            }
+        }
+        "warm_restarts" => {
+            let (c, i, m): (f64, f64, f64) = (
+                param(params, "T_cur")?,
+                param(params, "T_i")?,
+                param(params, "eta_min")?,
+            );
+            base_lrs
+                .iter()
+                .map(|&b| s::warm_restarts_lr(b, c, i, m))
+                .collect()
+        }
+        other => return Err(Error::Value(format!("unknown schedule kind {other:?}")).into()),
+    };
+    Ok(out)
+}
+
+/// `lrs[i] * factors[i]` (LambdaLR, MultiplicativeLR, warm-up and factor schedules).
+#[pyfunction]
+pub fn scale_lrs(lrs: Vec<f64>, factors: Vec<f64>) -> PyResult<Vec<f64>> {
+    if lrs.len() != factors.len() {
+        return Err(
+            Error::Value(format!("{} lrs but {} factors", lrs.len(), factors.len())).into(),
+        );
+    }
+    Ok(lrs.iter().zip(&factors).map(|(a, b)| a * b).collect())
+}
+
+/// CosineAnnealingWarmRestarts.step: `(T_cur, T_i, last_epoch, lrs)`.
+#[pyfunction]
+#[pyo3(signature = (t_cur, t_i, last_epoch, epoch, t_0, t_mult, eta_min, base_lrs))]
+#[allow(clippy::too_many_arguments)]
+pub fn warm_restarts_step(
+    t_cur: f64,
+    t_i: f64,
+    last_epoch: i64,
+    epoch: Option<f64>,
+    t_0: i64,
+    t_mult: i64,
+    eta_min: f64,
+    base_lrs: Vec<f64>,
+) -> PyResult<(f64, f64, i64, Vec<f64>)> {
+    let (t_cur, t_i, last_epoch) =
+        s::warm_restarts_advance(t_cur, t_i, last_epoch, epoch, t_0, t_mult)
+            .map_err(Error::Value)?;
+    let lrs = base_lrs
+        .iter()
+        .map(|&b| s::warm_restarts_lr(b, t_cur, t_i, eta_min))
+        .collect();
+    Ok((t_cur, t_i, last_epoch, lrs))
+}
+
+/// CyclicLR.get_lr: `(lrs, momentums)`; `scale_fn` (a Python callable) replaces the
+/// built-in mode when given. `momentums` is empty unless both momentum lists are given.
+#[pyfunction]
+#[pyo3(signature = (last_epoch, total_size, step_ratio, mode, gamma, scale_fn, scale_by_cycle, base_lrs, max_lrs, base_momentums=None, max_momentums=None))]
+#[allow(clippy::too_many_arguments)]
+pub fn cyclic_step(
+    last_epoch: i64,
+    total_size: f64,
+    step_ratio: f64,
+    mode: &str,
+    gamma: f64,
+    scale_fn: Option<Bound<'_, PyAny>>,
+    scale_by_cycle: bool,
+    base_lrs: Vec<f64>,
+    max_lrs: Vec<f64>,
+    base_momentums: Option<Vec<f64>>,
+    max_momentums: Option<Vec<f64>>,
+) -> PyResult<(Vec<f64>, Vec<f64>)> {
+    let (cycle, sf) = s::cyclic_position(last_epoch, total_size, step_ratio);
+    let scale = match scale_fn {
+        Some(f) => {
+            let arg: PyObject = if scale_by_cycle {
+                (cycle as i64).into_pyobject(f.py())?.into_any().unbind()
+            } else {
+                last_epoch.into_pyobject(f.py())?.into_any().unbind()
+            };
+            f.call1((arg,))?.extract::<f64>()?
+        }
+        None => {
+            let m = match mode {
+                "triangular" => s::CyclicMode::Triangular,
+                "triangular2" => s::CyclicMode::Triangular2,
+                "exp_range" => s::CyclicMode::ExpRange { gamma },
+                other => {
+                    return Err(Error::Value(format!(
+                        "mode is invalid and scale_fn is None (got {other:?})"
+                    ))
+                    .into())
+                }
+            };
+            m.scale(cycle, last_epoch)
+        }
+    };
+    let lrs = base_lrs
+        .iter()
+        .zip(&max_lrs)
+        .map(|(&b, &m)| s::cyclic_lr(b, m, sf, scale))
+        .collect();
+    let moms = match (base_momentums, max_momentums) {
+        (Some(b), Some(m)) => b
+            .iter()
+            .zip(&m)
+            .map(|(&b, &m)| s::cyclic_momentum(b, m, sf, scale))
+            .collect(),
+        _ => Vec::new(),
+    };
+    Ok((lrs, moms))
+}
+
+/// OneCycleLR.get_lr: per group, `(lr, momentum)` from its phases
+/// `(end_step, start_lr, end_lr, start_momentum, end_momentum)`.
+#[pyfunction]
+pub fn one_cycle_step(
+    step_num: i64,
+    total_steps: i64,
+    phases: Vec<Vec<(f64, f64, f64, f64, f64)>>,
+    cos: bool,
+) -> PyResult<Vec<(f64, f64)>> {
+    phases
+        .iter()
+        .map(|g| {
+            let ph: Vec<s::Phase> = g
+                .iter()
+                .map(
+                    |&(end_step, start_lr, end_lr, start_momentum, end_momentum)| s::Phase {
+                        end_step,
+                        start_lr,
+                        end_lr,
+                        start_momentum,
+                        end_momentum,
+                    },
+                )
+                .collect();
+            s::one_cycle(step_num, total_steps, &ph, cos).map_err(|e| Error::Value(e).into())
+        })
+        .collect()
+}
+
+/// ReduceLROnPlateau.step bookkeeping: `(best, num_bad_epochs, cooldown_counter, reduce)`.
+#[pyfunction]
+#[pyo3(signature = (mode, threshold_mode, threshold, patience, cooldown, best, num_bad_epochs, cooldown_counter, current))]
+#[allow(clippy::too_many_arguments)]
+pub fn plateau_step(
+    mode: &str,
+    threshold_mode: &str,
+    threshold: f64,
+    patience: i64,
+    cooldown: i64,
+    best: f64,
+    num_bad_epochs: i64,
+    cooldown_counter: i64,
+    current: f64,
+) -> PyResult<(f64, i64, i64, bool)> {
+    let mode_max = match mode {
+        "min" => false,
+        "max" => true,
+        _ => return Err(Error::Value(format!("mode {mode} is unknown!")).into()),
+    };
+    let threshold_abs = match threshold_mode {
+        "rel" => false,
+        "abs" => true,
+        _ => {
+            return Err(Error::Value(format!("threshold mode {threshold_mode} is unknown!")).into())
+        }
+    };
+    let p = s::Plateau {
+        mode_max,
+        threshold_abs,
+        threshold,
+        patience,
+        cooldown,
+    };
+    let (st, reduce) = p.step(
+        s::PlateauState {
+            best,
+            num_bad_epochs,
+            cooldown_counter,
+        },
+        current,
+    );
+    Ok((st.best, st.num_bad_epochs, st.cooldown_counter, reduce))
+}
+
+/// ReduceLROnPlateau._reduce_lr: the new lr per group, None where it stays.
+#[pyfunction]
+pub fn plateau_reduce(
+    lrs: Vec<f64>,
+    factor: f64,
+    min_lrs: Vec<f64>,
+    eps: f64,
+) -> PyResult<Vec<Option<f64>>> {
+    if lrs.len() != min_lrs.len() {
+        return Err(
+            Error::Value(format!("{} lrs but {} min_lrs", lrs.len(), min_lrs.len())).into(),
+        );
+    }
+    Ok(lrs
+        .iter()
+        .zip(&min_lrs)
+        .map(|(&lr, &m)| s::plateau_reduce(lr, factor, m, eps))
+        .collect())
+}
+
+/// pytorch_warmup's factor ω at `step` for `kind` "linear"/"exponential" (params: period)
+/// or "radam" (params: beta2, rho_inf, offset).
+#[pyfunction]
+pub fn warmup_factor(kind: &str, step: i64, params: &Bound<'_, PyDict>) -> PyResult<f64> {
+    Ok(match kind {
+        "linear" => s::linear_warmup(step, param(params, "warmup_period")?),
+        "exponential" => s::exponential_warmup(step, param(params, "warmup_period")?),
+        "radam" => s::radam_warmup(
+            step,
+            param(params, "beta2")?,
+            param(params, "rho_inf")?,
+            param(params, "offset")?,
+        ),
+        other => return Err(Error::Value(format!("unknown warm-up kind {other:?}")).into()),
+    })
+}
+
+/// `(rho_inf, offset)` of RAdamWarmup for `beta2`.
+#[pyfunction]
+pub fn radam_warmup_params(beta2: f64) -> PyResult<(f64, i64)> {
+    let ri = s::rho_inf(beta2);
+    Ok((ri, s::radam_offset(beta2, ri).map_err(Error::Value)?))
+}
+
+/// Untuned warm-up periods: `int(2 / (1 - beta2))` (linear) or `int(1 / (1 - beta2))`.
+#[pyfunction]
+pub fn untuned_warmup_period(kind: &str, beta2: f64) -> PyResult<i64> {
+    match kind {
+        "linear" => Ok(s::untuned_linear_period(beta2)),
+        "exponential" => Ok(s::untuned_exponential_period(beta2)),
+        other => Err(Error::Value(format!("unknown warm-up kind {other:?}")).into()),
+    }
+}
+
+fn shape(params: &Bound<'_, PyDict>, key: &str) -> PyResult<s::Shape> {
+    let name: String = param(params, key)?;
+    s::Shape::parse(&name).ok_or_else(|| {
+        Error::Value(format!(
+            "Unknown {} type: {name}, expected 'linear', 'cosine' or '1-sqrt'",
+            &key[..key.len() - 5]
+        ))
+        .into()
+    })
+}
+
+/// The lr factor of a named schedule at `step` ("noam" or a transformers-style name).
+#[pyfunction]
+pub fn schedule_factor(kind: &str, step: i64, params: &Bound<'_, PyDict>) -> PyResult<f64> {
+    use s::HfSchedule as H;
+    let w = || param::<i64>(params, "num_warmup_steps");
+    let t = || param::<i64>(params, "num_training_steps");
+    let h = match kind {
+        "noam" => {
+            return Ok(s::noam(
+                step,
+                param(params, "d_model")?,
+                param(params, "warmup_steps")?,
+            ))
+        }
+        "warmup_linear" => {
+            return Ok(s::warmup_ramp(
+                step,
+                param(params, "warmup_steps")?,
+                param(params, "start_factor")?,
+            ));
+        }
+        "warmup_exponential" => {
+            return Ok(s::exponential_warmup(step, param(params, "warmup_steps")?))
+        }
+        "constant" => H::Constant { warmup: w()? },
+        "linear" => H::Linear {
+            warmup: w()?,
+            total: t()?,
+        },
+        "cosine" => H::Cosine {
+            warmup: w()?,
+            total: t()?,
+            num_cycles: param(params, "num_cycles")?,
+        },
+        "cosine_with_restarts" => H::CosineHardRestarts {
+            warmup: w()?,
+            total: t()?,
+            num_cycles: param(params, "num_cycles")?,
+        },
+        "polynomial" => H::Polynomial {
+            warmup: w()?,
+            total: t()?,
+            lr_end: param(params, "lr_end")?,
+            power: param(params, "power")?,
+            lr_init: param(params, "lr_init")?,
+        },
+        "inverse_sqrt" => H::InverseSqrt {
+            warmup: w()?,
+            timescale: param(params, "timescale")?,
+        },
+        "cosine_with_min_lr" => H::CosineMinLr {
+            warmup: w()?,
+            total: t()?,
+            num_cycles: param(params, "num_cycles")?,
+            min_lr_rate: param(params, "min_lr_rate")?,
+        },
+        "warmup_stable_decay" => H::Wsd {
+            warmup: w()?,
+            stable: param(params, "num_stable_steps")?,
+            decay: param(params, "num_decay_steps")?,
+            min_lr_ratio: param(params, "min_lr_ratio")?,
+            num_cycles: param(params, "num_cycles")?,
+            warmup_shape: shape(params, "warmup_type")?,
+            decay_shape: shape(params, "decay_type")?,
+        },
+        other => return Err(Error::Value(format!("unknown schedule {other:?}")).into()),
+    };
+    Ok(h.factor(step))
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(schedule_lrs, m)?)?;
+    m.add_function(wrap_pyfunction!(scale_lrs, m)?)?;
+    m.add_function(wrap_pyfunction!(warm_restarts_step, m)?)?;
+    m.add_function(wrap_pyfunction!(cyclic_step, m)?)?;
+    m.add_function(wrap_pyfunction!(one_cycle_step, m)?)?;
+    m.add_function(wrap_pyfunction!(plateau_step, m)?)?;
+    m.add_function(wrap_pyfunction!(plateau_reduce, m)?)?;
+    m.add_function(wrap_pyfunction!(warmup_factor, m)?)?;
+    m.add_function(wrap_pyfunction!(radam_warmup_params, m)?)?;
+    m.add_function(wrap_pyfunction!(untuned_warmup_period, m)?)?;
+    m.add_function(wrap_pyfunction!(schedule_factor, m)?)?;
+    Ok(())
+}
