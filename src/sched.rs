@@ -4,6 +4,7 @@
 //! these per step, and write the returned values back.
 
 use ferrotorch_kernels::schedule as s;
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -22,140 +23,158 @@ fn param<'py, T: FromPyObject<'py>>(params: &Bound<'py, PyDict>, key: &str) -> P
     })
 }
 
+/// Each group's current `lr` as a float (1-element tensors too), read straight from
+/// `optimizer.param_groups`.
+fn group_lrs(groups: &Bound<'_, PyAny>) -> PyResult<Vec<f64>> {
+    let key = intern!(groups.py(), "lr");
+    let mut out = Vec::new();
+    for g in groups.try_iter()? {
+        let g = g?;
+        let lr = g
+            .get_item(key)
+            .map_err(|_| Error::Value("a param_group has no 'lr'".into()))?;
+        out.push(lr.extract::<f64>().map_err(|_| {
+            Error::Type(format!(
+                "param_group['lr'] must be a float or a 1-element tensor, got {}",
+                lr.get_type()
+            ))
+        })?);
+    }
+    Ok(out)
+}
+
 /// The lrs of a StepLR/MultiStepLR/ConstantLR/LinearLR/ExponentialLR/PolynomialLR/
-/// CosineAnnealingLR step: torch's chainable form from the current `lrs`, or the closed form
-/// from `base_lrs` when `closed`.
+/// CosineAnnealingLR/CosineAnnealingWarmRestarts step: torch's chainable form from the
+/// groups' current lrs, or the closed form from `base_lrs` when `closed`.
+///
+/// Hyper-parameters, by kind: step (a=step_size, b=gamma), multistep (a=gamma,
+/// milestones), constant (a=factor, b=total_iters), linear (a=start_factor, b=end_factor,
+/// c=total_iters), exponential (a=gamma), polynomial (a=total_iters, b=power), cosine
+/// (a=T_max, b=eta_min), warm_restarts (a=T_cur, b=T_i, c=eta_min).
 #[pyfunction]
-#[pyo3(signature = (kind, lrs, base_lrs, last_epoch, is_initial, step_count, closed, params))]
+#[pyo3(signature = (kind, groups, base_lrs, last_epoch, is_initial, step_count, closed, a=0.0, b=0.0, c=0.0, milestones=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn schedule_lrs(
     kind: &str,
-    lrs: Vec<f64>,
+    groups: &Bound<'_, PyAny>,
     base_lrs: Vec<f64>,
     last_epoch: i64,
     is_initial: bool,
     step_count: i64,
     closed: bool,
-    params: &Bound<'_, PyDict>,
+    a: f64,
+    b: f64,
+    c: f64,
+    milestones: Option<Vec<i64>>,
 ) -> PyResult<Vec<f64>> {
+    let lrs = if closed {
+        base_lrs.clone()
+    } else {
+        group_lrs(groups)?
+    };
     if lrs.len() != base_lrs.len() {
         return Err(Error::Value(format!(
-            "{} current lrs but {} base_lrs",
+            "{} param groups but {} base_lrs",
             lrs.len(),
             base_lrs.len()
         ))
         .into());
     }
     let e = last_epoch;
+    let int = |x: f64| x as i64;
     let out: Vec<f64> = match kind {
         "step" => {
-            let (k, g): (i64, f64) = (param(params, "step_size")?, param(params, "gamma")?);
+            let (k, g) = (int(a), b);
             if k == 0 {
                 return Err(Error::Value("StepLR: step_size must not be 0".into()).into());
             }
             if closed {
                 base_lrs
                     .iter()
-                    .map(|&b| s::step_closed(b, e, k, g))
+                    .map(|&x| s::step_closed(x, e, k, g))
                     .collect()
             } else {
                 lrs.iter().map(|&lr| s::step_chain(lr, e, k, g)).collect()
             }
         }
         "multistep" => {
-            let (m, g): (Vec<i64>, f64) = (param(params, "milestones")?, param(params, "gamma")?);
+            let m = milestones.unwrap_or_default();
             if closed {
                 base_lrs
                     .iter()
-                    .map(|&b| s::multistep_closed(b, e, &m, g))
+                    .map(|&x| s::multistep_closed(x, e, &m, a))
                     .collect()
             } else {
                 lrs.iter()
-                    .map(|&lr| s::multistep_chain(lr, e, &m, g))
+                    .map(|&lr| s::multistep_chain(lr, e, &m, a))
                     .collect()
             }
         }
         "constant" => {
-            let (f, t): (f64, i64) = (param(params, "factor")?, param(params, "total_iters")?);
             if closed {
                 base_lrs
                     .iter()
-                    .map(|&b| s::constant_closed(b, e, f, t))
+                    .map(|&x| s::constant_closed(x, e, a, int(b)))
                     .collect()
             } else {
                 lrs.iter()
-                    .map(|&lr| s::constant_chain(lr, e, f, t))
+                    .map(|&lr| s::constant_chain(lr, e, a, int(b)))
                     .collect()
             }
         }
         "linear" => {
-            let (a, b, t): (f64, f64, i64) = (
-                param(params, "start_factor")?,
-                param(params, "end_factor")?,
-                param(params, "total_iters")?,
-            );
             if closed {
                 base_lrs
                     .iter()
-                    .map(|&x| s::linear_closed(x, e, a, b, t))
+                    .map(|&x| s::linear_closed(x, e, a, b, int(c)))
                     .collect()
             } else {
                 lrs.iter()
-                    .map(|&lr| s::linear_chain(lr, e, is_initial, a, b, t))
+                    .map(|&lr| s::linear_chain(lr, e, is_initial, a, b, int(c)))
                     .collect()
             }
         }
         "exponential" => {
-            let g: f64 = param(params, "gamma")?;
             if closed {
                 base_lrs
                     .iter()
-                    .map(|&b| s::exponential_closed(b, e, g))
+                    .map(|&x| s::exponential_closed(x, e, a))
                     .collect()
             } else {
                 lrs.iter()
-                    .map(|&lr| s::exponential_chain(lr, is_initial, g))
+                    .map(|&lr| s::exponential_chain(lr, is_initial, a))
                     .collect()
             }
         }
         "polynomial" => {
-            let (t, p): (i64, f64) = (param(params, "total_iters")?, param(params, "power")?);
             if closed {
                 base_lrs
                     .iter()
-                    .map(|&b| s::polynomial_closed(b, e, t, p))
+                    .map(|&x| s::polynomial_closed(x, e, int(a), b))
                     .collect()
             } else {
                 lrs.iter()
-                    .map(|&lr| s::polynomial_chain(lr, e, is_initial, t, p))
+                    .map(|&lr| s::polynomial_chain(lr, e, is_initial, int(a), b))
                     .collect()
             }
         }
         "cosine" => {
-            let (t, m): (f64, f64) = (param(params, "T_max")?, param(params, "eta_min")?);
             if closed {
                 base_lrs
                     .iter()
-                    .map(|&b| s::cosine_closed(b, e, t, m))
+                    .map(|&x| s::cosine_closed(x, e, a, b))
                     .collect()
             } else {
                 lrs.iter()
                     .zip(&base_lrs)
-                    .map(|(&lr, &b)| s::cosine_chain(lr, b, e, is_initial, step_count, t, m))
+                    .map(|(&lr, &x)| s::cosine_chain(lr, x, e, is_initial, step_count, a, b))
                     .collect()
             }
         }
-        "warm_restarts" => {
-            let (c, i, m): (f64, f64, f64) = (
-                param(params, "T_cur")?,
-                param(params, "T_i")?,
-                param(params, "eta_min")?,
-            );
-            base_lrs
-                .iter()
-                .map(|&b| s::warm_restarts_lr(b, c, i, m))
-                .collect()
-        }
+        "warm_restarts" => base_lrs
+            .iter()
+            .map(|&x| s::warm_restarts_lr(x, a, b, c))
+            .collect(),
         other => return Err(Error::Value(format!("unknown schedule kind {other:?}")).into()),
     };
     Ok(out)
@@ -255,33 +274,46 @@ pub fn cyclic_step(
     Ok((lrs, moms))
 }
 
-/// OneCycleLR.get_lr: per group, `(lr, momentum)` from its phases
-/// `(end_step, start_lr, end_lr, start_momentum, end_momentum)`.
+/// OneCycleLR.get_lr: per group, `(lr, momentum)`. Reads each phase's start/end values
+/// from the group by the key names in `phases` (torch's `_schedule_phases`).
 #[pyfunction]
 pub fn one_cycle_step(
     step_num: i64,
     total_steps: i64,
-    phases: Vec<Vec<(f64, f64, f64, f64, f64)>>,
+    groups: &Bound<'_, PyAny>,
+    phases: &Bound<'_, PyAny>,
     cos: bool,
+    momentum: bool,
 ) -> PyResult<Vec<(f64, f64)>> {
-    phases
-        .iter()
-        .map(|g| {
-            let ph: Vec<s::Phase> = g
-                .iter()
-                .map(
-                    |&(end_step, start_lr, end_lr, start_momentum, end_momentum)| s::Phase {
-                        end_step,
-                        start_lr,
-                        end_lr,
-                        start_momentum,
-                        end_momentum,
-                    },
-                )
-                .collect();
-            s::one_cycle(step_num, total_steps, &ph, cos).map_err(|e| Error::Value(e).into())
-        })
-        .collect()
+    let py = groups.py();
+    let phases: Vec<Bound<'_, PyAny>> = phases.try_iter()?.collect::<PyResult<_>>()?;
+    let mut out = Vec::new();
+    for g in groups.try_iter()? {
+        let g = g?;
+        let value = |ph: &Bound<'_, PyAny>,
+                     key: &Bound<'_, pyo3::types::PyString>|
+         -> PyResult<f64> { g.get_item(ph.get_item(key)?)?.extract::<f64>() };
+        let mut ph = Vec::with_capacity(phases.len());
+        for p in &phases {
+            ph.push(s::Phase {
+                end_step: p.get_item(intern!(py, "end_step"))?.extract()?,
+                start_lr: value(p, intern!(py, "start_lr"))?,
+                end_lr: value(p, intern!(py, "end_lr"))?,
+                start_momentum: if momentum {
+                    value(p, intern!(py, "start_momentum"))?
+                } else {
+                    0.0
+                },
+                end_momentum: if momentum {
+                    value(p, intern!(py, "end_momentum"))?
+                } else {
+                    0.0
+                },
+            });
+        }
+        out.push(s::one_cycle(step_num, total_steps, &ph, cos).map_err(Error::Value)?);
+    }
+    Ok(out)
 }
 
 /// ReduceLROnPlateau.step bookkeeping: `(best, num_bad_epochs, cooldown_counter, reduce)`.

@@ -1,6 +1,6 @@
 """Type stub of the compiled extension ``ferrotorch._native`` (kept in step by tests/test_stubs.py)."""
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -29,3 +29,67 @@ class GroupPlan:
     ) -> GroupPlan: ...
     def __len__(self) -> int: ...
     def step(self, group: dict[str, object], grad_scale: float | None = None) -> tuple[bool, list[tuple[int, bool]]]: ...
+
+# ---- schedule math (ferrotorch.optim.lr_scheduler / warmup call these) ----------------
+
+def schedule_lrs(
+    kind: str,
+    groups: Sequence[dict[str, object]],
+    base_lrs: Sequence[float],
+    last_epoch: int,
+    is_initial: bool,
+    step_count: int,
+    closed: bool,
+    a: float = 0.0,
+    b: float = 0.0,
+    c: float = 0.0,
+    milestones: Sequence[int] | None = None,
+) -> list[float]: ...
+def scale_lrs(lrs: Sequence[float], factors: Sequence[float]) -> list[float]: ...
+def warm_restarts_step(
+    t_cur: float,
+    t_i: float,
+    last_epoch: int,
+    epoch: float | None,
+    t_0: int,
+    t_mult: int,
+    eta_min: float,
+    base_lrs: Sequence[float],
+) -> tuple[float, float, int, list[float]]: ...
+def cyclic_step(
+    last_epoch: int,
+    total_size: float,
+    step_ratio: float,
+    mode: str,
+    gamma: float,
+    scale_fn: Callable[[float], float] | None,
+    scale_by_cycle: bool,
+    base_lrs: Sequence[float],
+    max_lrs: Sequence[float],
+    base_momentums: Sequence[float] | None = None,
+    max_momentums: Sequence[float] | None = None,
+) -> tuple[list[float], list[float]]: ...
+def one_cycle_step(
+    step_num: int,
+    total_steps: int,
+    groups: Sequence[dict[str, object]],
+    phases: Sequence[dict[str, object]],
+    cos: bool,
+    momentum: bool,
+) -> list[tuple[float, float]]: ...
+def plateau_step(
+    mode: str,
+    threshold_mode: str,
+    threshold: float,
+    patience: int,
+    cooldown: int,
+    best: float,
+    num_bad_epochs: int,
+    cooldown_counter: int,
+    current: float,
+) -> tuple[float, int, int, bool]: ...
+def plateau_reduce(lrs: Sequence[float], factor: float, min_lrs: Sequence[float], eps: float) -> list[float | None]: ...
+def warmup_factor(kind: str, step: int, params: dict[str, object]) -> float: ...
+def radam_warmup_params(beta2: float) -> tuple[float, int]: ...
+def untuned_warmup_period(kind: str, beta2: float) -> int: ...
+def schedule_factor(kind: str, step: int, params: dict[str, object]) -> float: ...

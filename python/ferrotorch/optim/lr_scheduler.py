@@ -154,16 +154,10 @@ class _Ferro:
         return lr_curve(self, steps, key, metrics)
 
 
-def _chain(sched: Any, kind: str, closed: bool = False, **params: Any) -> list[float]:
+def _chain(sched: Any, kind: str, closed: bool = False, a: float = 0.0, b: float = 0.0, c: float = 0.0, milestones: list[int] | None = None) -> list[float]:
+    # The Rust side reads the groups' lrs itself; hyper-parameters go positionally.
     return _native.schedule_lrs(
-        kind,
-        _lrs(sched),
-        _floats(sched.base_lrs),
-        sched.last_epoch,
-        bool(sched._is_initial),
-        sched._step_count,
-        closed,
-        params,
+        kind, sched.optimizer.param_groups, sched.base_lrs, sched.last_epoch, sched._is_initial, sched._step_count, closed, a, b, c, milestones
     )
 
 
@@ -208,10 +202,10 @@ class StepLR(_Ferro, _tls.StepLR):
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
         _warn_get_lr_called_within_step(self)
-        return _chain(self, "step", step_size=self.step_size, gamma=self.gamma)
+        return _chain(self, "step", False, self.step_size, self.gamma)
 
     def _get_closed_form_lr(self) -> list[float]:
-        return _chain(self, "step", True, step_size=self.step_size, gamma=self.gamma)
+        return _chain(self, "step", True, self.step_size, self.gamma)
 
 
 class MultiStepLR(_Ferro, _tls.MultiStepLR):
@@ -228,10 +222,10 @@ class MultiStepLR(_Ferro, _tls.MultiStepLR):
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
         _warn_get_lr_called_within_step(self)
-        return _chain(self, "multistep", milestones=self._milestones(), gamma=self.gamma)
+        return _chain(self, "multistep", False, self.gamma, milestones=[self.last_epoch] * self.milestones.get(self.last_epoch, 0))
 
     def _get_closed_form_lr(self) -> list[float]:
-        return _chain(self, "multistep", True, milestones=self._milestones(), gamma=self.gamma)
+        return _chain(self, "multistep", True, self.gamma, milestones=self._milestones())
 
 
 class ConstantLR(_Ferro, _tls.ConstantLR):
@@ -245,10 +239,10 @@ class ConstantLR(_Ferro, _tls.ConstantLR):
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
         _warn_get_lr_called_within_step(self)
-        return _chain(self, "constant", factor=self.factor, total_iters=self.total_iters)
+        return _chain(self, "constant", False, self.factor, self.total_iters)
 
     def _get_closed_form_lr(self) -> list[float]:
-        return _chain(self, "constant", True, factor=self.factor, total_iters=self.total_iters)
+        return _chain(self, "constant", True, self.factor, self.total_iters)
 
 
 class LinearLR(_Ferro, _tls.LinearLR):
@@ -260,15 +254,15 @@ class LinearLR(_Ferro, _tls.LinearLR):
 
     _ft_required = ("last_epoch", "_last_lr", "base_lrs", "start_factor", "end_factor", "total_iters")
 
-    def _params(self) -> dict[str, Any]:
-        return dict(start_factor=self.start_factor, end_factor=self.end_factor, total_iters=self.total_iters)
+    def _params(self) -> tuple[float, float, int]:
+        return (self.start_factor, self.end_factor, self.total_iters)
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
         _warn_get_lr_called_within_step(self)
-        return _chain(self, "linear", **self._params())
+        return _chain(self, "linear", False, *self._params())
 
     def _get_closed_form_lr(self) -> list[float]:
-        return _chain(self, "linear", True, **self._params())
+        return _chain(self, "linear", True, *self._params())
 
 
 class ExponentialLR(_Ferro, _tls.ExponentialLR):
@@ -282,10 +276,10 @@ class ExponentialLR(_Ferro, _tls.ExponentialLR):
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
         _warn_get_lr_called_within_step(self)
-        return _chain(self, "exponential", gamma=self.gamma)
+        return _chain(self, "exponential", False, self.gamma)
 
     def _get_closed_form_lr(self) -> list[float]:
-        return _chain(self, "exponential", True, gamma=self.gamma)
+        return _chain(self, "exponential", True, self.gamma)
 
 
 class PolynomialLR(_Ferro, _tls.PolynomialLR):
@@ -299,10 +293,10 @@ class PolynomialLR(_Ferro, _tls.PolynomialLR):
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
         _warn_get_lr_called_within_step(self)
-        return _chain(self, "polynomial", total_iters=self.total_iters, power=self.power)
+        return _chain(self, "polynomial", False, self.total_iters, self.power)
 
     def _get_closed_form_lr(self) -> list[float]:
-        return _chain(self, "polynomial", True, total_iters=self.total_iters, power=self.power)
+        return _chain(self, "polynomial", True, self.total_iters, self.power)
 
 
 class CosineAnnealingLR(_Ferro, _tls.CosineAnnealingLR):
@@ -316,10 +310,10 @@ class CosineAnnealingLR(_Ferro, _tls.CosineAnnealingLR):
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
         _warn_get_lr_called_within_step(self)
-        return _chain(self, "cosine", T_max=float(self.T_max), eta_min=float(self.eta_min))
+        return _chain(self, "cosine", False, self.T_max, self.eta_min)
 
     def _get_closed_form_lr(self) -> list[float]:
-        return _chain(self, "cosine", True, T_max=float(self.T_max), eta_min=float(self.eta_min))
+        return _chain(self, "cosine", True, self.T_max, self.eta_min)
 
 
 class CosineAnnealingWarmRestarts(_Ferro, _tls.CosineAnnealingWarmRestarts):
@@ -334,10 +328,7 @@ class CosineAnnealingWarmRestarts(_Ferro, _tls.CosineAnnealingWarmRestarts):
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
         _warn_get_lr_called_within_step(self)
-        params = dict(T_cur=float(self.T_cur), T_i=float(self.T_i), eta_min=float(self.eta_min))
-        return _native.schedule_lrs(
-            "warm_restarts", _lrs(self), _floats(self.base_lrs), self.last_epoch, False, self._step_count, True, params
-        )
+        return _chain(self, "warm_restarts", True, self.T_cur, self.T_i, self.eta_min)
 
     def step(self, epoch: float | None = None) -> None:  # type: ignore[override]
         """Advances one epoch, or jumps to ``epoch`` (which may be fractional)."""
@@ -411,22 +402,10 @@ class OneCycleLR(_Ferro, _tls.OneCycleLR):
     def get_lr(self) -> list[float]:  # type: ignore[override]
         _warn_get_lr_called_within_step(self)
         momentum = self.cycle_momentum
-        phases = []
-        for group in self.optimizer.param_groups:
-            row = []
-            for ph in self._schedule_phases:
-                row.append(
-                    (
-                        float(ph["end_step"]),
-                        float(group[ph["start_lr"]]),
-                        float(group[ph["end_lr"]]),
-                        float(group[ph["start_momentum"]]) if momentum else 0.0,
-                        float(group[ph["end_momentum"]]) if momentum else 0.0,
-                    )
-                )
-            phases.append(row)
         cos = getattr(self, "_anneal_func_type", "cos") == "cos"
-        values = _native.one_cycle_step(self.last_epoch, self.total_steps, phases, cos)
+        values = _native.one_cycle_step(
+            self.last_epoch, self.total_steps, self.optimizer.param_groups, self._schedule_phases, cos, momentum
+        )
         if momentum:
             for group, (_, m) in zip(self.optimizer.param_groups, values, strict=True):
                 if self.use_beta1:
@@ -458,15 +437,8 @@ class ReduceLROnPlateau(_Ferro, _tls.ReduceLROnPlateau):
             warnings.warn(_tls.EPOCH_DEPRECATION_WARNING, UserWarning, stacklevel=2)
         self.last_epoch = epoch
         self.best, self.num_bad_epochs, self.cooldown_counter, reduce = _native.plateau_step(
-            self.mode,
-            self.threshold_mode,
-            float(self.threshold),
-            int(self.patience),
-            int(self.cooldown),
-            float(self.best),
-            int(self.num_bad_epochs),
-            int(self.cooldown_counter),
-            current,
+            self.mode, self.threshold_mode, self.threshold, self.patience, self.cooldown,
+            self.best, self.num_bad_epochs, self.cooldown_counter, current,
         )
         if reduce:
             self._reduce_lr(epoch)
@@ -553,6 +525,11 @@ class SequentialLR(_Ferro, _tls.SequentialLR):
                 raise FerrotorchTypeError(
                     "SequentialLR.step() is in its ReduceLROnPlateau phase: pass the metric, e.g. step(val_loss)"
                 )
+            if idx > 0 and self._milestones[idx - 1] == self.last_epoch:
+                # Entering the plateau phase starts from the base lrs, as any other phase
+                # restarts at its epoch 0 (a warm-up before it ends at full lr).
+                for group in self.optimizer.param_groups:
+                    _update_param_group_val(group, "lr", group["initial_lr"])
             scheduler.step(metrics)
         elif idx > 0 and self._milestones[idx - 1] == self.last_epoch:
             scheduler._update_lr(0)
