@@ -200,6 +200,9 @@ RESUMABLE = {
     "SequentialLR": lambda m, o: m.SequentialLR(o, [m.ConstantLR(o, 0.25, 80), m.LinearLR(o, 0.5, total_iters=90), m.CosineAnnealingLR(o, 400)], [100, 200]),
     "ChainedScheduler": lambda m, o: m.ChainedScheduler([m.ConstantLR(o, 0.5, 60), m.ExponentialLR(o, 0.999)]),
     "NoamLR": lambda m, o: fls.NoamLR(o, 64, 100),
+    "LambdaLR": lambda m, o: m.LambdaLR(o, lambda e: 0.999**e),
+    "MultiplicativeLR": lambda m, o: m.MultiplicativeLR(o, lambda e: 0.999),
+    "WarmupThenCosine": lambda m, o: fls.SequentialLR(o, [fls.WarmupLR(o, 50, 0.1), m.CosineAnnealingLR(o, 900)], [50]),
     "WarmupLR": lambda m, o: fls.WarmupLR(o, 120, start_factor=0.1),
 }
 
@@ -370,3 +373,29 @@ def test_state_dict_of_another_class_is_rejected():
         bad = fls.StepLR(opt, 3).state_dict()
         bad["_last_lr"] = [0.1, 0.2]
         fls.StepLR(opt, 3).load_state_dict(bad)
+
+
+def test_plateau_resume_is_exact():
+    rng = random.Random(11)
+    metrics = [1.0 + rng.gauss(0, 0.05) + (0.01 * (i % 40)) for i in range(600)]
+    opt = make_optimizer("ferro-sgd", 2, 3)
+    sched = fls.ReduceLROnPlateau(opt, patience=2, cooldown=1, factor=0.7)
+    full = []
+    for i, m in enumerate(metrics):
+        if i == 250:
+            ckpt = save_load({"opt": opt.state_dict(), "sched": sched.state_dict()})
+        sched.step(m)
+        full.append(group_values(opt))
+    opt2 = make_optimizer("ferro-sgd", 2, 3)
+    sched2 = fls.ReduceLROnPlateau(opt2, patience=2, cooldown=1, factor=0.7)
+    opt2.load_state_dict(ckpt["opt"])
+    sched2.load_state_dict(ckpt["sched"])
+    for i in range(250, 600):
+        sched2.step(metrics[i])
+        assert group_values(opt2) == full[i]
+
+
+def test_sequential_milestones_must_increase():
+    opt = make_optimizer("torch-sgd", 1, 0)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        fls.SequentialLR(opt, [fls.ConstantLR(opt), fls.ExponentialLR(opt, 0.9), fls.StepLR(opt, 3)], milestones=[10, 5])

@@ -479,6 +479,8 @@ class SequentialLR(_Ferro, _tls.SequentialLR):
     def __init__(
         self, optimizer: Optimizer, schedulers: list[Any], milestones: list[int], last_epoch: int = -1
     ) -> None:
+        if any(b <= a for a, b in zip(milestones, milestones[1:])) or any(m < 0 for m in milestones):
+            raise FerrotorchValueError(f"SequentialLR: milestones must be non-negative and strictly increasing, got {list(milestones)}")
         plateaus = [i for i, s in enumerate(schedulers) if _is_plateau(s)]
         if not plateaus:
             super().__init__(optimizer, schedulers, milestones, last_epoch)
