@@ -81,10 +81,20 @@ pub fn schedule_lrs(
         .into());
     }
     let e = last_epoch;
-    let int = |x: f64| x as i64;
+    // Step counts must be whole numbers; anything else would silently differ from torch.
+    let int = |x: f64| -> PyResult<i64> {
+        if x.is_finite() && x.fract() == 0.0 {
+            Ok(x as i64)
+        } else {
+            Err(Error::Value(format!(
+                "{kind} schedule: step counts (step_size, total_iters) must be integers, got {x}"
+            ))
+            .into())
+        }
+    };
     let out: Vec<f64> = match kind {
         "step" => {
-            let (k, g) = (int(a), b);
+            let (k, g) = (int(a)?, b);
             if k == 0 {
                 return Err(Error::Value("StepLR: step_size must not be 0".into()).into());
             }
@@ -111,26 +121,28 @@ pub fn schedule_lrs(
             }
         }
         "constant" => {
+            let t = int(b)?;
             if closed {
                 base_lrs
                     .iter()
-                    .map(|&x| s::constant_closed(x, e, a, int(b)))
+                    .map(|&x| s::constant_closed(x, e, a, t))
                     .collect()
             } else {
                 lrs.iter()
-                    .map(|&lr| s::constant_chain(lr, e, a, int(b)))
+                    .map(|&lr| s::constant_chain(lr, e, a, t))
                     .collect()
             }
         }
         "linear" => {
+            let t = int(c)?;
             if closed {
                 base_lrs
                     .iter()
-                    .map(|&x| s::linear_closed(x, e, a, b, int(c)))
+                    .map(|&x| s::linear_closed(x, e, a, b, t))
                     .collect()
             } else {
                 lrs.iter()
-                    .map(|&lr| s::linear_chain(lr, e, is_initial, a, b, int(c)))
+                    .map(|&lr| s::linear_chain(lr, e, is_initial, a, b, t))
                     .collect()
             }
         }
@@ -147,14 +159,15 @@ pub fn schedule_lrs(
             }
         }
         "polynomial" => {
+            let t = int(a)?;
             if closed {
                 base_lrs
                     .iter()
-                    .map(|&x| s::polynomial_closed(x, e, int(a), b))
+                    .map(|&x| s::polynomial_closed(x, e, t, b))
                     .collect()
             } else {
                 lrs.iter()
-                    .map(|&lr| s::polynomial_chain(lr, e, is_initial, int(a), b))
+                    .map(|&lr| s::polynomial_chain(lr, e, is_initial, t, b))
                     .collect()
             }
         }

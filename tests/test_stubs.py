@@ -44,3 +44,18 @@ def test_stub_methods_exist_on_classes():
 
 def test_package_is_typed():
     assert Path(ferrotorch.__file__).with_name("py.typed").exists()
+
+
+def test_mypy_stubtest_agrees_with_the_extension():
+    """mypy's stubtest imports the extension and checks every name and signature."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    pytest.importorskip("mypy")
+    out = subprocess.run(
+        [sys.executable, "-m", "mypy.stubtest", "--ignore-disjoint-bases", "ferrotorch._native"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr

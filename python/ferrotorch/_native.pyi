@@ -1,8 +1,30 @@
 """Type stub of the compiled extension ``ferrotorch._native`` (kept in step by tests/test_stubs.py)."""
 
 from collections.abc import Callable, Sequence
+from typing import final
 
 import torch
+
+__all__ = [
+    "__version__",
+    "TORCH_VERSION",
+    "GroupPlan",
+    "uses_torch_threads",
+    "schedule_lrs",
+    "scale_lrs",
+    "warm_restarts_step",
+    "cyclic_step",
+    "one_cycle_step",
+    "plateau_step",
+    "plateau_reduce",
+    "warmup_factor",
+    "radam_warmup_params",
+    "untuned_warmup_period",
+    "schedule_factor",
+    "FerrotorchValueError",
+    "FerrotorchTypeError",
+    "FerrotorchRuntimeError",
+]
 
 __version__: str
 TORCH_VERSION: str
@@ -14,6 +36,7 @@ class FerrotorchValueError(ValueError): ...
 class FerrotorchTypeError(TypeError): ...
 class FerrotorchRuntimeError(RuntimeError): ...
 
+@final
 class GroupPlan:
     """One param group resolved into the tensors the fused kernel updates."""
 
