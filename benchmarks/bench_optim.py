@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
+import sys
 import time
 
 import torch
@@ -82,6 +83,8 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--optimizers", default=",".join(CONFIGS))
+    ap.add_argument("--png", help="also write a bar chart of the ratios to this PNG file (needs matplotlib)")
+    ap.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     args = ap.parse_args()
     repeats = 3 if args.quick else 7
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -89,19 +92,67 @@ def main() -> None:
     head = f"{'optimizer':<14} {'lay':>3} {'thr':>3} {'dtype':>5} | {'loop':>8} {'foreach':>8} {'fused':>8} {'ferro':>8} | {'x loop':>6} {'x fe':>6} {'x fused':>7}"
     print(head)
     print("-" * len(head))
-    for layout in args.layouts.split(","):
-        for threads in map(int, args.threads.split(",")):
-            for dname in args.dtypes.split(","):
-                for name in args.optimizers.split(","):
-                    r = bench(name, layout, dtypes[dname], threads, repeats)
-                    notes = " ".join(f"[{k[:-5]}: {v}]" for k, v in r.items() if k.endswith("note"))
-                    ours = r["ferrotorch"]
-                    print(
-                        f"{name:<14} {layout:>3} {threads:>3} {dname:>5} | {r['torch loop']:8.2f} {r['torch foreach']:8.2f} "
-                        f"{r['torch fused']:8.2f} {ours:8.2f} | {r['torch loop'] / ours:6.2f} {r['torch foreach'] / ours:6.2f} "
-                        f"{r['torch fused'] / ours:7.2f} {notes}",
-                        flush=True,
-                    )
+    cells = [
+        (layout, threads, dname, name)
+        for layout in args.layouts.split(",")
+        for threads in map(int, args.threads.split(","))
+        for dname in args.dtypes.split(",")
+        for name in args.optimizers.split(",")
+    ]
+    progress = _progress(len(cells), args.no_progress)
+    rows = []
+    for layout, threads, dname, name in cells:
+        r = bench(name, layout, dtypes[dname], threads, repeats)
+        progress.update(1)
+        rows.append((f"{name} {layout}/{threads}t/{dname}", r["torch fused"] / r["ferrotorch"]))
+        notes = " ".join(f"[{k[:-5]}: {v}]" for k, v in r.items() if k.endswith("note"))
+        ours = r["ferrotorch"]
+        print(
+            f"{name:<14} {layout:>3} {threads:>3} {dname:>5} | {r['torch loop']:8.2f} {r['torch foreach']:8.2f} "
+            f"{r['torch fused']:8.2f} {ours:8.2f} | {r['torch loop'] / ours:6.2f} {r['torch foreach'] / ours:6.2f} "
+            f"{r['torch fused'] / ours:7.2f} {notes}",
+            flush=True,
+        )
+    progress.close()
+    if args.png:
+        _chart(rows, args.png)
+
+
+class _NoProgress:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, disabled: bool):
+    """A tqdm bar on stderr (the table stays clean on stdout)."""
+    if disabled:
+        return _NoProgress()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoProgress()
+    return tqdm(total=total, desc="benchmarking", unit="cell", leave=False, file=sys.stderr)
+
+
+def _chart(rows: list[tuple[str, float]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 0.3 * len(rows) + 1.5))
+    labels = [r[0] for r in rows]
+    ratios = [r[1] for r in rows]
+    ax.barh(labels, ratios, color=["tab:green" if x >= 1 else "tab:red" for x in ratios])
+    ax.axvline(1.0, color="black", lw=1)
+    ax.set_xlabel("speed-up vs torch fused (higher is better)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"chart written to {path}")
 
 
 if __name__ == "__main__":
