@@ -509,7 +509,43 @@ pub fn schedule_factor(kind: &str, step: i64, params: &Bound<'_, PyDict>) -> PyR
     Ok(h.factor(step))
 }
 
+/// LR range test: the lr of iteration `i` (`mode` "exp" or "linear").
+#[pyfunction]
+pub fn range_test_lr(mode: &str, start: f64, end: f64, i: i64, num_iter: i64) -> PyResult<f64> {
+    let exponential = match mode.to_ascii_lowercase().as_str() {
+        "exp" => true,
+        "linear" => false,
+        _ => return Err(Error::Value(format!("expected one of (exp, linear), got {mode}")).into()),
+    };
+    if num_iter <= 1 {
+        return Err(Error::Value("`num_iter` must be larger than 1".into()).into());
+    }
+    Ok(s::range_test_lr(exponential, start, end, i, num_iter))
+}
+
+/// LR range test bookkeeping: `(recorded loss, best loss, diverged)`.
+#[pyfunction]
+pub fn range_test_update(
+    first: bool,
+    loss: f64,
+    prev: f64,
+    best: f64,
+    smooth_f: f64,
+    diverge_th: f64,
+) -> (f64, f64, bool) {
+    s::range_test_update(first, loss, prev, best, smooth_f, diverge_th)
+}
+
+/// Index of the steepest descent of a loss curve (numpy.gradient's argmin), or None.
+#[pyfunction]
+pub fn steepest_descent(losses: Vec<f64>) -> Option<usize> {
+    s::steepest_descent(&losses)
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(range_test_lr, m)?)?;
+    m.add_function(wrap_pyfunction!(range_test_update, m)?)?;
+    m.add_function(wrap_pyfunction!(steepest_descent, m)?)?;
     m.add_function(wrap_pyfunction!(schedule_lrs, m)?)?;
     m.add_function(wrap_pyfunction!(scale_lrs, m)?)?;
     m.add_function(wrap_pyfunction!(warm_restarts_step, m)?)?;

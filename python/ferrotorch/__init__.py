@@ -23,7 +23,7 @@ if _found != REQUIRED_TORCH:
 
 from . import _native  # noqa: E402
 from .errors import FerrotorchRuntimeError, FerrotorchTypeError, FerrotorchValueError  # noqa: E402
-from . import optim  # noqa: E402
+from . import optim, train  # noqa: E402
 
 __all__ = [
     "REQUIRED_TORCH",
@@ -31,4 +31,5 @@ __all__ = [
     "FerrotorchTypeError",
     "FerrotorchValueError",
     "optim",
+    "train",
 ]

@@ -43,6 +43,7 @@ def _train(lib: str, args: argparse.Namespace, data) -> dict:
     gen = torch.Generator().manual_seed(args.seed)
     step_time = 0.0
     history = []
+    bar = _bar(args.epochs, lib, args.verbose)
     for epoch in range(args.epochs):
         model.train()
         perm = torch.randperm(len(X_train), generator=gen)
@@ -61,9 +62,37 @@ def _train(lib: str, args: argparse.Namespace, data) -> dict:
         with torch.no_grad():
             acc = (model(X_test).argmax(1) == y_test).float().mean().item()
         history.append((total / len(X_train), acc, sched.get_last_lr()[0]))
+        bar.update(1)
+        bar.set_postfix(loss=f"{history[-1][0]:.4f}", acc=f"{acc:.2%}")
         if args.verbose:
-            print(f"  [{lib:>10}] epoch {epoch + 1:2d}  loss {history[-1][0]:.4f}  test acc {acc:6.2%}  lr {history[-1][2]:.2e}")
+            bar.write(f"  [{lib:>10}] epoch {epoch + 1:2d}  loss {history[-1][0]:.4f}  test acc {acc:6.2%}  lr {history[-1][2]:.2e}")
+    bar.close()
     return {"history": history, "step_time": step_time, "steps": args.epochs * steps_per_epoch}
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def set_postfix(self, **kw: object) -> None:
+        pass
+
+    def write(self, s: str) -> None:
+        print(s)
+
+    def close(self) -> None:
+        pass
+
+
+def _bar(total: int, lib: str, enabled: bool):
+    """A tqdm progress bar over epochs (plain prints when tqdm is missing or quiet)."""
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, desc=f"{lib:>10}", unit="epoch", leave=False)
 
 
 def demo(argv: list[str]) -> int:

@@ -406,6 +406,67 @@ pub fn warmup_ramp(step: i64, warmup: i64, start: f64) -> f64 {
     }
 }
 
+// ---- LR range test (torch-lr-finder) -----------------------------------------------
+
+/// The lr of iteration `i` of an `num_iter`-step range test from `start` to `end`.
+pub fn range_test_lr(exponential: bool, start: f64, end: f64, i: i64, num_iter: i64) -> f64 {
+    let r = i as f64 / (num_iter - 1) as f64;
+    if exponential {
+        start * (end / start).powf(r)
+    } else {
+        start + r * (end - start)
+    }
+}
+
+/// One range-test observation: `(recorded loss, best loss, diverged)`. The first loss is
+/// kept raw; later ones are exponentially smoothed with the previous recorded value.
+pub fn range_test_update(
+    first: bool,
+    loss: f64,
+    prev: f64,
+    best: f64,
+    smooth_f: f64,
+    diverge_th: f64,
+) -> (f64, f64, bool) {
+    if first {
+        return (loss, loss, loss > diverge_th * loss);
+    }
+    let loss = if smooth_f > 0.0 {
+        smooth_f * loss + (1.0 - smooth_f) * prev
+    } else {
+        loss
+    };
+    let best = if loss < best { loss } else { best };
+    (loss, best, loss > diverge_th * best)
+}
+
+/// Index of the steepest descent of `losses`: argmin of numpy.gradient (unit spacing,
+/// central differences inside, one-sided at the ends); None for fewer than 2 points.
+pub fn steepest_descent(losses: &[f64]) -> Option<usize> {
+    let n = losses.len();
+    if n < 2 {
+        return None;
+    }
+    let grad = |i: usize| -> f64 {
+        if i == 0 {
+            losses[1] - losses[0]
+        } else if i == n - 1 {
+            losses[n - 1] - losses[n - 2]
+        } else {
+            (losses[i + 1] - losses[i - 1]) / 2.0
+        }
+    };
+    let mut best = 0;
+    for i in 1..n {
+        // numpy's argmin: the first minimum wins; NaN wins over numbers.
+        let (g, b) = (grad(i), grad(best));
+        if (g < b && !b.is_nan()) || (g.is_nan() && !b.is_nan()) {
+            best = i;
+        }
+    }
+    Some(best)
+}
+
 // ---- Transformer / transformers-style schedules (factors of the base lr) -------------
 
 /// Vaswani et al.'s schedule, `d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)` with
@@ -717,6 +778,18 @@ mod tests {
         let off = radam_offset(0.999, ri).unwrap();
         assert!(rho(off as f64, 0.999, ri) > 4.0 && rho((off - 1) as f64, 0.999, ri) <= 4.0);
         assert!(radam_offset(0.5, rho_inf(0.5)).is_err());
+    }
+
+    #[test]
+    fn range_test_ramp_smoothing_and_suggestion() {
+        assert_eq!(range_test_lr(true, 1e-5, 1.0, 0, 11), 1e-5);
+        assert!((range_test_lr(true, 1e-5, 1.0, 10, 11) - 1.0).abs() < 1e-12);
+        assert_eq!(range_test_lr(false, 0.0, 1.0, 5, 11), 0.5);
+        let (l, b, d) = range_test_update(false, 2.0, 1.0, 1.0, 0.5, 5.0);
+        assert_eq!((l, b, d), (1.5, 1.0, false));
+        assert!(range_test_update(false, 100.0, 1.0, 1.0, 0.0, 5.0).2);
+        assert_eq!(steepest_descent(&[3.0, 2.9, 2.0, 1.0, 1.1, 5.0]), Some(2));
+        assert_eq!(steepest_descent(&[1.0]), None);
     }
 
     #[test]
