@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
-import sys
 import time
 
 import torch
 
 import ferrotorch.optim as fopt
+from _common import chart as _chart
+from _common import progress as _progress
 
 LAYOUTS = {"a": (64, 262_144), "b": (2000, 1000)}
 CONFIGS = {
@@ -116,43 +117,6 @@ def main() -> None:
     progress.close()
     if args.png:
         _chart(rows, args.png)
-
-
-class _NoProgress:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, disabled: bool):
-    """A tqdm bar on stderr (the table stays clean on stdout)."""
-    if disabled:
-        return _NoProgress()
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _NoProgress()
-    return tqdm(total=total, desc="benchmarking", unit="cell", leave=False, file=sys.stderr)
-
-
-def _chart(rows: list[tuple[str, float]], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 0.3 * len(rows) + 1.5))
-    labels = [r[0] for r in rows]
-    ratios = [r[1] for r in rows]
-    ax.barh(labels, ratios, color=["tab:green" if x >= 1 else "tab:red" for x in ratios])
-    ax.axvline(1.0, color="black", lw=1)
-    ax.set_xlabel("speed-up vs torch fused (higher is better)")
-    ax.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    print(f"chart written to {path}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import torch
 from torch.optim import lr_scheduler as tls
 
 from ferrotorch.optim import lr_scheduler as fls
+from _common import chart, progress
 
 CASES = {
     "StepLR": lambda m, o: m.StepLR(o, step_size=30, gamma=0.5),
@@ -47,14 +48,27 @@ def bench(mod, name: str, groups: int, steps: int = 2000, repeats: int = 7) -> f
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--png", help="also write a bar chart of the ratios to this PNG file (needs matplotlib)")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args()
     warnings.simplefilter("ignore")
     print(f"torch {torch.__version__}: µs per scheduler.step() (median of 7 x 2000 steps); ratio = torch / ferrotorch")
     print(f"{'scheduler':<28} {'groups':>6} | {'torch':>8} {'ferro':>8} | {'ratio':>6}")
     print("-" * 66)
+    bar = progress(2 * len(CASES), args.no_progress)
+    rows = []
     for name in CASES:
         for groups in (1, 100):
             t, f = bench(tls, name, groups), bench(fls, name, groups)
+            bar.update(1)
+            rows.append((f"{name} x{groups}", t / f))
             print(f"{name:<28} {groups:>6} | {t:8.2f} {f:8.2f} | {t / f:6.2f}", flush=True)
+    bar.close()
+    if args.png:
+        chart(rows, args.png, "speed-up vs torch (higher is better)")
 
 
 if __name__ == "__main__":

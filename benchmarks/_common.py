@@ -1,0 +1,42 @@
+"""Shared by the benchmark scripts: a tqdm progress bar and a PNG bar chart."""
+
+from __future__ import annotations
+
+import sys
+
+
+class NoProgress:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress(total: int, disabled: bool):
+    """A tqdm bar on stderr (the table stays clean on stdout)."""
+    if disabled:
+        return NoProgress()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return NoProgress()
+    return tqdm(total=total, desc="benchmarking", unit="cell", leave=False, file=sys.stderr)
+
+
+def chart(rows: list[tuple[str, float]], path: str, xlabel: str = "speed-up vs torch fused (higher is better)") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 0.3 * len(rows) + 1.5))
+    labels = [r[0] for r in rows]
+    ratios = [r[1] for r in rows]
+    ax.barh(labels, ratios, color=["tab:green" if x >= 1 else "tab:red" for x in ratios])
+    ax.axvline(1.0, color="black", lw=1)
+    ax.set_xlabel(xlabel)
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"chart written to {path}")
