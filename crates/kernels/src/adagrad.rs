@@ -3,7 +3,7 @@
 //! Follows torch's `_single_tensor_adagrad`: `clr = lr / (1 + (step - 1) * lr_decay)`,
 //! `sum.addcmul_(grad, grad, value=1)`, `param.addcdiv_(grad, sum.sqrt() + eps, value=-clr)`.
 
-use crate::adam::load_grad;
+use crate::common::l2_grad;
 use crate::driver::{Algorithm, MAX_STATES};
 use crate::elem::{Elem, OpFloat};
 
@@ -53,14 +53,15 @@ impl Algorithm for Adagrad {
         let (g, sum) = (&mut g[..n], &mut sum[..n]);
         let o = <E::Op as OpFloat>::of;
         let scale = self.grad_scale.map(o);
-        let (wd, eps, neg_clr, one) = (o(self.weight_decay), o(self.eps), o(-s.clr), o(1.0));
-        let has_wd = self.weight_decay != 0.0;
+        let (wd, eps, neg_clr, one) = (
+            (self.weight_decay != 0.0).then_some(o(self.weight_decay)),
+            o(self.eps),
+            o(-s.clr),
+            o(1.0),
+        );
         for i in 0..n {
             let param = p[i].load();
-            let mut grad = load_grad(&mut g[i], scale, self.maximize);
-            if has_wd {
-                grad = param.mul_add(wd, grad);
-            }
+            let grad = l2_grad(&mut g[i], param, scale, self.maximize, wd);
             let acc = (one * grad).mul_add(grad, sum[i].load());
             sum[i] = E::store(acc);
             p[i] = E::store(param + neg_clr * grad / (acc.sqrt() + eps));

@@ -8,6 +8,7 @@
 //! `fmadd(value * t1, t2, self)`), so do these, so fp32 results agree to the last bit but for
 //! torch's `sqrt`, which on AVX-512 CPUs is off by one ulp for ~17% of inputs.
 
+use crate::common::{l2_grad, lerp};
 use crate::driver::{Algorithm, MAX_STATES};
 use crate::elem::{Elem, OpFloat};
 
@@ -45,33 +46,6 @@ impl Adam {
     }
 }
 
-/// torch's `lerp(self, end, weight)` for a scalar weight, in its vectorized (fmadd) form.
-#[inline(always)]
-pub(crate) fn lerp<O: OpFloat>(start: O, end: O, weight: O) -> O {
-    let half = O::of(0.5);
-    if weight.abs() < half {
-        weight.mul_add(end - start, start)
-    } else {
-        (weight - O::of(1.0)).mul_add(end - start, end)
-    }
-}
-
-/// The gradient as every algorithm first sees it: unscaled (stored back, as torch's fused
-/// kernels do) and negated for `maximize`.
-#[inline(always)]
-pub(crate) fn load_grad<E: Elem>(g: &mut E, inv_scale: Option<E::Op>, maximize: bool) -> E::Op {
-    let mut v = g.load();
-    if let Some(s) = inv_scale {
-        v = v / s;
-        *g = E::store(v);
-    }
-    if maximize {
-        -v
-    } else {
-        v
-    }
-}
-
 impl Adam {
     #[inline(always)]
     fn body<E: Elem, const AMSGRAD: bool>(
@@ -91,16 +65,14 @@ impl Adam {
         let (wd, decay) = (o(self.weight_decay), o(1.0 - self.lr * self.weight_decay));
         let (bc2_sqrt, eps, neg_step) = (o(s.bias_correction2_sqrt), o(self.eps), o(-s.step_size));
         let has_wd = self.weight_decay != 0.0;
+        let decoupled = has_wd && self.decoupled_weight_decay;
+        let l2 = (has_wd && !self.decoupled_weight_decay).then_some(wd);
         for i in 0..n {
-            let mut grad = load_grad(&mut g[i], scale, self.maximize);
             let mut param = p[i].load();
-            if has_wd {
-                if self.decoupled_weight_decay {
-                    param = param * decay;
-                } else {
-                    grad = param.mul_add(wd, grad);
-                }
+            if decoupled {
+                param = param * decay;
             }
+            let grad = l2_grad(&mut g[i], param, scale, self.maximize, l2);
             let exp_avg = lerp(m[i].load(), grad, w1);
             let exp_avg_sq = (c2 * grad).mul_add(grad, v[i].load() * beta2);
             m[i] = E::store(exp_avg);

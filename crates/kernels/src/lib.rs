@@ -8,6 +8,7 @@
 
 pub mod adagrad;
 pub mod adam;
+pub mod common;
 mod driver;
 pub mod elem;
 pub mod pool;

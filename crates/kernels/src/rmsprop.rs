@@ -3,7 +3,7 @@
 //! State order: `square_avg`, then `momentum_buffer` when `momentum > 0`, then `grad_avg`
 //! when `centered`. Operation order follows torch's `_single_tensor_rmsprop`.
 
-use crate::adam::{lerp, load_grad};
+use crate::common::{l2_grad, lerp};
 use crate::driver::{Algorithm, MAX_STATES};
 use crate::elem::{Elem, OpFloat};
 
@@ -57,19 +57,15 @@ impl RmsProp {
         let o = <E::Op as OpFloat>::of;
         let scale = self.grad_scale.map(o);
         let (wd, alpha, c, eps) = (
-            o(self.weight_decay),
+            (self.weight_decay != 0.0).then_some(o(self.weight_decay)),
             o(self.alpha),
             o(1.0 - self.alpha),
             o(self.eps),
         );
         let (mom, neg_lr, one) = (o(self.momentum), o(-self.lr), o(1.0));
-        let has_wd = self.weight_decay != 0.0;
         for i in 0..n {
             let param = p[i].load();
-            let mut grad = load_grad(&mut g[i], scale, self.maximize);
-            if has_wd {
-                grad = param.mul_add(wd, grad);
-            }
+            let grad = l2_grad(&mut g[i], param, scale, self.maximize, wd);
             let square_avg = (c * grad).mul_add(grad, sq[i].load() * alpha);
             sq[i] = E::store(square_avg);
             let avg = if CENTERED {

@@ -5,7 +5,7 @@
 //! do `buf.mul_(momentum).add_(grad, alpha=1-dampening)`. `add_(x, alpha)` is an fmadd in
 //! torch's vectorized CPU kernels, so it is one here too.
 
-use crate::adam::load_grad;
+use crate::common::l2_grad;
 use crate::driver::{Algorithm, MAX_STATES};
 use crate::elem::{Elem, OpFloat};
 
@@ -65,15 +65,14 @@ impl Sgd {
         let buf: &mut [E] = if MOMENTUM { &mut buf[..n] } else { buf };
         let o = <E::Op as OpFloat>::of;
         let scale = self.grad_scale.map(o);
-        let (wd, neg_lr) = (o(self.weight_decay), o(-self.lr));
+        let (wd, neg_lr) = (
+            (self.weight_decay != 0.0).then_some(o(self.weight_decay)),
+            o(-self.lr),
+        );
         let (mom, keep) = (o(self.momentum), o(1.0 - self.dampening));
-        let has_wd = self.weight_decay != 0.0;
         for i in 0..n {
             let param = p[i].load();
-            let mut grad = load_grad(&mut g[i], scale, self.maximize);
-            if has_wd {
-                grad = param.mul_add(wd, grad);
-            }
+            let mut grad = l2_grad(&mut g[i], param, scale, self.maximize, wd);
             if MOMENTUM {
                 let b = if FIRST {
                     grad

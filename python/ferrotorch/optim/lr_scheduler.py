@@ -161,6 +161,23 @@ def _chain(sched: Any, kind: str, closed: bool = False, a: float = 0.0, b: float
     )
 
 
+class _Chainable(_Ferro):
+    """A scheduler whose chainable and closed forms are one Rust schedule ``_ft_kind``."""
+
+    _ft_kind: ClassVar[str]
+
+    def _ft_args(self, closed: bool) -> tuple[Any, ...]:
+        """The schedule's hyper-parameters, in ``schedule_lrs``' a, b, c order."""
+        raise NotImplementedError
+
+    def get_lr(self) -> list[float]:  # type: ignore[override]
+        _warn_get_lr_called_within_step(self)
+        return _chain(self, self._ft_kind, False, *self._ft_args(False))
+
+    def _get_closed_form_lr(self) -> list[float]:
+        return _chain(self, self._ft_kind, True, *self._ft_args(True))
+
+
 class LambdaLR(_Ferro, _tls.LambdaLR):
     """``lr = base_lr * lr_lambda(epoch)``; the lambdas are yours, the product is Rust's.
 
@@ -191,7 +208,7 @@ class MultiplicativeLR(_Ferro, _tls.MultiplicativeLR):
         return _native.scale_lrs(_lrs(self), [float(f(self.last_epoch)) for f in self.lr_lambdas])
 
 
-class StepLR(_Ferro, _tls.StepLR):
+class StepLR(_Chainable, _tls.StepLR):
     """Decays the lr by ``gamma`` every ``step_size`` epochs.
 
         sched = StepLR(opt, step_size=30, gamma=0.1)
@@ -199,16 +216,13 @@ class StepLR(_Ferro, _tls.StepLR):
     """
 
     _ft_required = ("last_epoch", "_last_lr", "base_lrs", "step_size", "gamma")
+    _ft_kind = "step"
 
-    def get_lr(self) -> list[float]:  # type: ignore[override]
-        _warn_get_lr_called_within_step(self)
-        return _chain(self, "step", False, self.step_size, self.gamma)
-
-    def _get_closed_form_lr(self) -> list[float]:
-        return _chain(self, "step", True, self.step_size, self.gamma)
+    def _ft_args(self, closed: bool) -> tuple[Any, ...]:
+        return (self.step_size, self.gamma)
 
 
-class MultiStepLR(_Ferro, _tls.MultiStepLR):
+class MultiStepLR(_Chainable, _tls.MultiStepLR):
     """Decays the lr by ``gamma`` at each milestone.
 
         sched = MultiStepLR(opt, milestones=[30, 80], gamma=0.1)
@@ -216,19 +230,13 @@ class MultiStepLR(_Ferro, _tls.MultiStepLR):
     """
 
     _ft_required = ("last_epoch", "_last_lr", "base_lrs", "milestones", "gamma")
+    _ft_kind = "multistep"
 
-    def _milestones(self) -> list[int]:
-        return sorted(self.milestones.elements())
-
-    def get_lr(self) -> list[float]:  # type: ignore[override]
-        _warn_get_lr_called_within_step(self)
-        return _chain(self, "multistep", False, self.gamma, milestones=[self.last_epoch] * self.milestones.get(self.last_epoch, 0))
-
-    def _get_closed_form_lr(self) -> list[float]:
-        return _chain(self, "multistep", True, self.gamma, milestones=self._milestones())
+    def _ft_args(self, closed: bool) -> tuple[Any, ...]:
+        return (self.gamma, 0.0, 0.0, sorted(self.milestones.elements()) if closed else [self.last_epoch] * self.milestones.get(self.last_epoch, 0))
 
 
-class ConstantLR(_Ferro, _tls.ConstantLR):
+class ConstantLR(_Chainable, _tls.ConstantLR):
     """Multiplies the lr by ``factor`` until ``total_iters`` (resumes exactly, unlike torch's).
 
         sched = ConstantLR(opt, factor=0.5, total_iters=4)
@@ -236,16 +244,13 @@ class ConstantLR(_Ferro, _tls.ConstantLR):
     """
 
     _ft_required = ("last_epoch", "_last_lr", "base_lrs", "factor", "total_iters")
+    _ft_kind = "constant"
 
-    def get_lr(self) -> list[float]:  # type: ignore[override]
-        _warn_get_lr_called_within_step(self)
-        return _chain(self, "constant", False, self.factor, self.total_iters)
-
-    def _get_closed_form_lr(self) -> list[float]:
-        return _chain(self, "constant", True, self.factor, self.total_iters)
+    def _ft_args(self, closed: bool) -> tuple[Any, ...]:
+        return (self.factor, self.total_iters)
 
 
-class LinearLR(_Ferro, _tls.LinearLR):
+class LinearLR(_Chainable, _tls.LinearLR):
     """Ramps the lr factor linearly from ``start_factor`` to ``end_factor`` (a warm-up).
 
         sched = LinearLR(opt, start_factor=0.1, total_iters=500)
@@ -253,19 +258,13 @@ class LinearLR(_Ferro, _tls.LinearLR):
     """
 
     _ft_required = ("last_epoch", "_last_lr", "base_lrs", "start_factor", "end_factor", "total_iters")
+    _ft_kind = "linear"
 
-    def _params(self) -> tuple[float, float, int]:
+    def _ft_args(self, closed: bool) -> tuple[Any, ...]:
         return (self.start_factor, self.end_factor, self.total_iters)
 
-    def get_lr(self) -> list[float]:  # type: ignore[override]
-        _warn_get_lr_called_within_step(self)
-        return _chain(self, "linear", False, *self._params())
 
-    def _get_closed_form_lr(self) -> list[float]:
-        return _chain(self, "linear", True, *self._params())
-
-
-class ExponentialLR(_Ferro, _tls.ExponentialLR):
+class ExponentialLR(_Chainable, _tls.ExponentialLR):
     """Multiplies the lr by ``gamma`` every epoch.
 
         sched = ExponentialLR(opt, gamma=0.9)
@@ -273,16 +272,13 @@ class ExponentialLR(_Ferro, _tls.ExponentialLR):
     """
 
     _ft_required = ("last_epoch", "_last_lr", "base_lrs", "gamma")
+    _ft_kind = "exponential"
 
-    def get_lr(self) -> list[float]:  # type: ignore[override]
-        _warn_get_lr_called_within_step(self)
-        return _chain(self, "exponential", False, self.gamma)
-
-    def _get_closed_form_lr(self) -> list[float]:
-        return _chain(self, "exponential", True, self.gamma)
+    def _ft_args(self, closed: bool) -> tuple[Any, ...]:
+        return (self.gamma,)
 
 
-class PolynomialLR(_Ferro, _tls.PolynomialLR):
+class PolynomialLR(_Chainable, _tls.PolynomialLR):
     """Polynomial decay to zero over ``total_iters``.
 
         sched = PolynomialLR(opt, total_iters=100, power=2.0)
@@ -290,16 +286,13 @@ class PolynomialLR(_Ferro, _tls.PolynomialLR):
     """
 
     _ft_required = ("last_epoch", "_last_lr", "base_lrs", "total_iters", "power")
+    _ft_kind = "polynomial"
 
-    def get_lr(self) -> list[float]:  # type: ignore[override]
-        _warn_get_lr_called_within_step(self)
-        return _chain(self, "polynomial", False, self.total_iters, self.power)
-
-    def _get_closed_form_lr(self) -> list[float]:
-        return _chain(self, "polynomial", True, self.total_iters, self.power)
+    def _ft_args(self, closed: bool) -> tuple[Any, ...]:
+        return (self.total_iters, self.power)
 
 
-class CosineAnnealingLR(_Ferro, _tls.CosineAnnealingLR):
+class CosineAnnealingLR(_Chainable, _tls.CosineAnnealingLR):
     """Cosine annealing from the base lr to ``eta_min`` over ``T_max`` steps.
 
         sched = CosineAnnealingLR(opt, T_max=200)
@@ -307,13 +300,10 @@ class CosineAnnealingLR(_Ferro, _tls.CosineAnnealingLR):
     """
 
     _ft_required = ("last_epoch", "_last_lr", "base_lrs", "T_max", "eta_min")
+    _ft_kind = "cosine"
 
-    def get_lr(self) -> list[float]:  # type: ignore[override]
-        _warn_get_lr_called_within_step(self)
-        return _chain(self, "cosine", False, self.T_max, self.eta_min)
-
-    def _get_closed_form_lr(self) -> list[float]:
-        return _chain(self, "cosine", True, self.T_max, self.eta_min)
+    def _ft_args(self, closed: bool) -> tuple[Any, ...]:
+        return (self.T_max, self.eta_min)
 
 
 class CosineAnnealingWarmRestarts(_Ferro, _tls.CosineAnnealingWarmRestarts):

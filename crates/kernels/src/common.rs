@@ -1,0 +1,47 @@
+//! Element-wise pieces every optimizer kernel shares, in torch's operation order.
+
+use crate::elem::{Elem, OpFloat};
+
+/// torch's `lerp(self, end, weight)` for a scalar weight, in its vectorized (fmadd) form.
+#[inline(always)]
+pub fn lerp<O: OpFloat>(start: O, end: O, weight: O) -> O {
+    let half = O::of(0.5);
+    if weight.abs() < half {
+        weight.mul_add(end - start, start)
+    } else {
+        (weight - O::of(1.0)).mul_add(end - start, end)
+    }
+}
+
+/// The gradient as every algorithm first sees it: unscaled (stored back, as torch's fused
+/// kernels do) and negated for `maximize`.
+#[inline(always)]
+pub fn load_grad<E: Elem>(g: &mut E, inv_scale: Option<E::Op>, maximize: bool) -> E::Op {
+    let mut v = g.load();
+    if let Some(s) = inv_scale {
+        v = v / s;
+        *g = E::store(v);
+    }
+    if maximize {
+        -v
+    } else {
+        v
+    }
+}
+
+/// The gradient with L2 weight decay added (`grad.add(param, alpha=weight_decay)`, an
+/// fmadd in torch's vectorized kernels); `weight_decay` None when it is 0.
+#[inline(always)]
+pub fn l2_grad<E: Elem>(
+    g: &mut E,
+    param: E::Op,
+    inv_scale: Option<E::Op>,
+    maximize: bool,
+    weight_decay: Option<E::Op>,
+) -> E::Op {
+    let grad = load_grad(g, inv_scale, maximize);
+    match weight_decay {
+        Some(wd) => param.mul_add(wd, grad),
+        None => grad,
+    }
+}
