@@ -6,6 +6,7 @@
 
 use pyo3::prelude::*;
 
+pub mod clip;
 pub mod errors;
 pub mod parallel;
 pub mod plan;
@@ -32,6 +33,7 @@ fn _native(py: Python<'_>, m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<plan::GroupPlan>()?;
     m.add_function(wrap_pyfunction!(uses_torch_threads, m)?)?;
     sched::register(m)?;
+    clip::register(m)?;
     m.add(
         "FerrotorchValueError",
         py.get_type::<errors::FerrotorchValueError>(),

@@ -168,7 +168,12 @@ enum Algo {
 }
 
 impl Algo {
-    fn from_group(kind: Kind, g: &Bound<'_, PyDict>, grad_scale: Option<f64>) -> Result<Algo> {
+    fn from_group(
+        kind: Kind,
+        g: &Bound<'_, PyDict>,
+        grad_scale: Option<f64>,
+        clip_coef: Option<f64>,
+    ) -> Result<Algo> {
         Ok(match kind {
             Kind::Adam => {
                 let (beta1, beta2) = betas(g)?;
@@ -182,6 +187,7 @@ impl Algo {
                     maximize: flag(g, "maximize", false)?,
                     decoupled_weight_decay: flag(g, "decoupled_weight_decay", false)?,
                     grad_scale,
+                    clip_coef,
                 })
             }
             Kind::Sgd => Algo::Sgd(Sgd {
@@ -192,6 +198,7 @@ impl Algo {
                 nesterov: flag(g, "nesterov", false)?,
                 maximize: flag(g, "maximize", false)?,
                 grad_scale,
+                clip_coef,
             }),
             Kind::RmsProp => Algo::RmsProp(RmsProp {
                 lr: float(g, "lr")?,
@@ -202,6 +209,7 @@ impl Algo {
                 centered: flag(g, "centered", false)?,
                 maximize: flag(g, "maximize", false)?,
                 grad_scale,
+                clip_coef,
             }),
             Kind::Adagrad => Algo::Adagrad(Adagrad {
                 lr: float(g, "lr")?,
@@ -210,6 +218,7 @@ impl Algo {
                 eps: float(g, "eps")?,
                 maximize: flag(g, "maximize", false)?,
                 grad_scale,
+                clip_coef,
             }),
         })
     }
@@ -562,14 +571,15 @@ impl GroupPlan {
     /// Returns `(rebuild, slow)`: `rebuild` is True when a parameter without state got a grad
     /// (nothing was changed; build a new plan and call again); `slow` lists
     /// `(index, first)` for the parameters Python must step with torch's own functions.
-    #[pyo3(signature = (group, grad_scale=None))]
+    #[pyo3(signature = (group, grad_scale=None, clip_coef=None))]
     fn step(
         &mut self,
         py: Python<'_>,
         group: &Bound<'_, PyDict>,
         grad_scale: Option<f64>,
+        clip_coef: Option<f64>,
     ) -> PyResult<(bool, Vec<(usize, bool)>)> {
-        let algo = Algo::from_group(self.kind, group, grad_scale)?;
+        let algo = Algo::from_group(self.kind, group, grad_scale, clip_coef)?;
         let threads = tch::get_num_threads().max(1) as usize;
         let (kind, t) = (self.kind, &mut self.t);
         // Nothing below touches Python objects: checks and kernel run without the GIL.

@@ -23,13 +23,14 @@ if _found != REQUIRED_TORCH:
 
 from . import _native  # noqa: E402
 from .errors import FerrotorchRuntimeError, FerrotorchTypeError, FerrotorchValueError  # noqa: E402
-from . import optim, train  # noqa: E402
+from . import nn, optim, train  # noqa: E402
 
 __all__ = [
     "REQUIRED_TORCH",
     "FerrotorchRuntimeError",
     "FerrotorchTypeError",
     "FerrotorchValueError",
+    "nn",
     "optim",
     "train",
 ]

@@ -36,6 +36,7 @@ fn main() {
         maximize: false,
         decoupled_weight_decay: false,
         grad_scale: None,
+        clip_coef: None,
     };
     let sgd = Sgd {
         lr: 1e-2,
@@ -45,6 +46,7 @@ fn main() {
         nesterov: false,
         maximize: false,
         grad_scale: None,
+        clip_coef: None,
     };
     let mut jobs_a = Vec::new();
     let mut jobs_s = Vec::new();

@@ -15,6 +15,9 @@ pub struct Adagrad {
     pub eps: f64,
     pub maximize: bool,
     pub grad_scale: Option<f64>,
+    /// `clip_grad_norm_`'s coefficient: grads are multiplied by it (and rounded to their
+    /// dtype) as they are read; the stored grads are left as they are.
+    pub clip_coef: Option<f64>,
 }
 
 /// Per tensor: the decayed learning rate for this tensor's step.
@@ -53,6 +56,7 @@ impl Algorithm for Adagrad {
         let (g, sum) = (&mut g[..n], &mut sum[..n]);
         let o = <E::Op as OpFloat>::of;
         let scale = self.grad_scale.map(o);
+        let clip = self.clip_coef.map(o);
         let (wd, eps, neg_clr, one) = (
             (self.weight_decay != 0.0).then_some(o(self.weight_decay)),
             o(self.eps),
@@ -61,7 +65,7 @@ impl Algorithm for Adagrad {
         );
         for i in 0..n {
             let param = p[i].load();
-            let grad = l2_grad(&mut g[i], param, scale, self.maximize, wd);
+            let grad = l2_grad(&mut g[i], param, scale, clip, self.maximize, wd);
             let acc = (one * grad).mul_add(grad, sum[i].load());
             sum[i] = E::store(acc);
             p[i] = E::store(param + neg_clr * grad / (acc.sqrt() + eps));
@@ -83,6 +87,7 @@ mod tests {
             eps: 1e-10,
             maximize: false,
             grad_scale: None,
+            clip_coef: None,
         };
         let mut t = [Buffers {
             param: vec![1.0f64],

@@ -25,6 +25,9 @@ pub struct Adam {
     pub decoupled_weight_decay: bool,
     /// GradScaler's scale: grads are divided by it (and stored back unscaled) first.
     pub grad_scale: Option<f64>,
+    /// `clip_grad_norm_`'s coefficient: grads are multiplied by it (and rounded to their
+    /// dtype) as they are read; the stored grads are left as they are.
+    pub clip_coef: Option<f64>,
 }
 
 /// Per-tensor values derived (in f64, like torch) from the tensor's step count.
@@ -61,6 +64,7 @@ impl Adam {
         let vmax: &mut [E] = if AMSGRAD { &mut vmax[..n] } else { vmax };
         let o = <E::Op as OpFloat>::of;
         let scale = self.grad_scale.map(o);
+        let clip = self.clip_coef.map(o);
         let (w1, beta2, c2) = (o(1.0 - self.beta1), o(self.beta2), o(1.0 - self.beta2));
         let (wd, decay) = (o(self.weight_decay), o(1.0 - self.lr * self.weight_decay));
         let (bc2_sqrt, eps, neg_step) = (o(s.bias_correction2_sqrt), o(self.eps), o(-s.step_size));
@@ -72,7 +76,7 @@ impl Adam {
             if decoupled {
                 param = param * decay;
             }
-            let grad = l2_grad(&mut g[i], param, scale, self.maximize, l2);
+            let grad = l2_grad(&mut g[i], param, scale, clip, self.maximize, l2);
             let exp_avg = lerp(m[i].load(), grad, w1);
             let exp_avg_sq = (c2 * grad).mul_add(grad, v[i].load() * beta2);
             m[i] = E::store(exp_avg);
@@ -134,6 +138,7 @@ mod tests {
             maximize: false,
             decoupled_weight_decay: false,
             grad_scale: None,
+            clip_coef: None,
         }
     }
 
@@ -272,6 +277,7 @@ mod tests {
     fn grad_scale_unscales_and_stores_back() {
         let a = Adam {
             grad_scale: Some(4.0),
+            clip_coef: None,
             ..adam()
         };
         let mut t = [Buffers {

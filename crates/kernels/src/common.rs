@@ -16,11 +16,20 @@ pub fn lerp<O: OpFloat>(start: O, end: O, weight: O) -> O {
 /// The gradient as every algorithm first sees it: unscaled (stored back, as torch's fused
 /// kernels do) and negated for `maximize`.
 #[inline(always)]
-pub fn load_grad<E: Elem>(g: &mut E, inv_scale: Option<E::Op>, maximize: bool) -> E::Op {
+pub fn load_grad<E: Elem>(
+    g: &mut E,
+    inv_scale: Option<E::Op>,
+    clip: Option<E::Op>,
+    maximize: bool,
+) -> E::Op {
     let mut v = g.load();
     if let Some(s) = inv_scale {
         v = v / s;
         *g = E::store(v);
+    }
+    if let Some(c) = clip {
+        // `grad.mul_(clip_coef)` rounds to the grad's dtype before the optimizer reads it.
+        v = E::store(v * c).load();
     }
     if maximize {
         -v
@@ -36,10 +45,11 @@ pub fn l2_grad<E: Elem>(
     g: &mut E,
     param: E::Op,
     inv_scale: Option<E::Op>,
+    clip: Option<E::Op>,
     maximize: bool,
     weight_decay: Option<E::Op>,
 ) -> E::Op {
-    let grad = load_grad(g, inv_scale, maximize);
+    let grad = load_grad(g, inv_scale, clip, maximize);
     match weight_decay {
         Some(wd) => param.mul_add(wd, grad),
         None => grad,

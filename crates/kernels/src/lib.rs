@@ -8,6 +8,7 @@
 
 pub mod adagrad;
 pub mod adam;
+pub mod clip;
 pub mod common;
 mod driver;
 pub mod elem;

@@ -17,6 +17,9 @@ pub struct RmsProp {
     pub centered: bool,
     pub maximize: bool,
     pub grad_scale: Option<f64>,
+    /// `clip_grad_norm_`'s coefficient: grads are multiplied by it (and rounded to their
+    /// dtype) as they are read; the stored grads are left as they are.
+    pub clip_coef: Option<f64>,
 }
 
 impl Algorithm for RmsProp {
@@ -56,6 +59,7 @@ impl RmsProp {
         let gavg: &mut [E] = if CENTERED { &mut gavg[..n] } else { gavg };
         let o = <E::Op as OpFloat>::of;
         let scale = self.grad_scale.map(o);
+        let clip = self.clip_coef.map(o);
         let (wd, alpha, c, eps) = (
             (self.weight_decay != 0.0).then_some(o(self.weight_decay)),
             o(self.alpha),
@@ -65,7 +69,7 @@ impl RmsProp {
         let (mom, neg_lr, one) = (o(self.momentum), o(-self.lr), o(1.0));
         for i in 0..n {
             let param = p[i].load();
-            let grad = l2_grad(&mut g[i], param, scale, self.maximize, wd);
+            let grad = l2_grad(&mut g[i], param, scale, clip, self.maximize, wd);
             let square_avg = (c * grad).mul_add(grad, sq[i].load() * alpha);
             sq[i] = E::store(square_avg);
             let avg = if CENTERED {
@@ -102,6 +106,7 @@ mod tests {
             centered: true,
             maximize: false,
             grad_scale: None,
+            clip_coef: None,
         };
         let mut t = [Buffers {
             param: vec![1.0f64],
@@ -136,6 +141,7 @@ mod tests {
             centered: true,
             maximize: false,
             grad_scale: None,
+            clip_coef: None,
         };
         let mut t = [Buffers {
             param: vec![1.0f64],

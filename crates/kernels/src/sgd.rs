@@ -18,6 +18,9 @@ pub struct Sgd {
     pub nesterov: bool,
     pub maximize: bool,
     pub grad_scale: Option<f64>,
+    /// `clip_grad_norm_`'s coefficient: grads are multiplied by it (and rounded to their
+    /// dtype) as they are read; the stored grads are left as they are.
+    pub clip_coef: Option<f64>,
 }
 
 /// Per tensor: whether its momentum buffer is being created by this step.
@@ -65,6 +68,7 @@ impl Sgd {
         let buf: &mut [E] = if MOMENTUM { &mut buf[..n] } else { buf };
         let o = <E::Op as OpFloat>::of;
         let scale = self.grad_scale.map(o);
+        let clip = self.clip_coef.map(o);
         let (wd, neg_lr) = (
             (self.weight_decay != 0.0).then_some(o(self.weight_decay)),
             o(-self.lr),
@@ -72,7 +76,7 @@ impl Sgd {
         let (mom, keep) = (o(self.momentum), o(1.0 - self.dampening));
         for i in 0..n {
             let param = p[i].load();
-            let mut grad = l2_grad(&mut g[i], param, scale, self.maximize, wd);
+            let mut grad = l2_grad(&mut g[i], param, scale, clip, self.maximize, wd);
             if MOMENTUM {
                 let b = if FIRST {
                     grad
@@ -105,6 +109,7 @@ mod tests {
             nesterov: false,
             maximize: false,
             grad_scale: None,
+            clip_coef: None,
         }
     }
 

@@ -133,6 +133,12 @@ class _FusedOptimizer:
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Performs a single optimization step; returns the closure's loss if one is given."""
         if any(g.get("differentiable") or g.get("capturable") for g in self.param_groups):
+            clip = self.__dict__.pop("_ft_clip_coef", None)
+            if clip is not None:
+                for g in self.param_groups:
+                    for p in g["params"]:
+                        if p.grad is not None:
+                            p.grad.mul_(clip)
             return self._torch_step(closure)
         loss = None
         if closure is not None:
@@ -144,23 +150,61 @@ class _FusedOptimizer:
             return loss
         grad_scale = getattr(self, "grad_scale", None)
         scale = float(grad_scale) if grad_scale is not None else None
+        clip = self.__dict__.pop("_ft_clip_coef", None)
         with torch.no_grad():
             for index, group in enumerate(self.param_groups):
                 plan = self._plan(index, group)
-                rebuild, slow = plan.step(group, scale)
+                rebuild, slow = plan.step(group, scale, clip)
                 if rebuild:
                     self._plans_cache().pop(index, None)
                     plan = self._plan(index, group)
-                    rebuild, slow = plan.step(group, scale)
+                    rebuild, slow = plan.step(group, scale, clip)
                 if slow:
-                    self._run_slow(index, group, slow, scale)
+                    self._run_slow(index, group, slow, scale, clip)
         return loss
 
-    def _run_slow(self, index: int, group: dict[str, Any], slow: list[tuple[int, bool]], scale: float | None) -> None:
+    def clip_grad_norm_and_step(
+        self,
+        max_norm: float,
+        norm_type: float = 2.0,
+        error_if_nonfinite: bool = False,
+        closure: Callable[[], Any] | None = None,
+    ) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_(params, max_norm)`` followed by ``step()``, fused:
+        one read of the grads for the norm, the clip coefficient applied inside the step
+        kernel. Parameters and state end exactly as with clip-then-step; the stored grads
+        are left unclipped. Returns the total norm before clipping.
+
+            opt.zero_grad(); loss.backward()
+            norm = opt.clip_grad_norm_and_step(max_norm=1.0)
+        """
+        from ..nn.utils import clip_coefficient, get_total_norm
+
+        if closure is not None:
+            with torch.enable_grad():
+                closure()
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        total_norm = get_total_norm(grads, norm_type, error_if_nonfinite)
+        if grads:
+            coef = float(clip_coefficient(max_norm, total_norm))
+            if coef != 1.0:
+                self.__dict__["_ft_clip_coef"] = coef
+        try:
+            self.step()
+        finally:
+            self.__dict__.pop("_ft_clip_coef", None)
+        return total_norm
+
+    def _run_slow(
+        self, index: int, group: dict[str, Any], slow: list[tuple[int, bool]], scale: float | None, clip: float | None = None
+    ) -> None:
         params = [group["params"][i] for i, _ in slow]
         if scale is not None:
             for p in params:
                 p.grad.div_(scale)
+        if clip is not None:  # torch's path reads the grads, so clip them in place here
+            for p in params:
+                p.grad.mul_(clip)
         first = [f for _, f in slow]
         self._fallback(group, params, first)
         if any(first):
