@@ -12,6 +12,7 @@ pub mod parallel;
 pub mod plan;
 pub mod sched;
 pub mod tensor;
+pub mod train;
 
 /// Version of torch this extension was compiled against; the Python package refuses to
 /// load the extension under any other.
@@ -34,6 +35,7 @@ fn _native(py: Python<'_>, m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(uses_torch_threads, m)?)?;
     sched::register(m)?;
     clip::register(m)?;
+    train::register(m)?;
     m.add(
         "FerrotorchValueError",
         py.get_type::<errors::FerrotorchValueError>(),

@@ -3,8 +3,7 @@ Lightning, AMP, torch.compile. Each test runs the real library."""
 
 from __future__ import annotations
 
-import os
-import tempfile
+import time
 import warnings
 
 import pytest
@@ -30,8 +29,11 @@ def _ddp_worker(rank: int, world: int, init_file: str, lib: str, out: str) -> No
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    from datetime import timedelta
+
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # A bounded timeout turns a lost peer into an error instead of a hang.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=120))
     try:
         model = DDP(_model())
         if lib == "ferrotorch":
@@ -53,7 +55,10 @@ def _ddp_worker(rank: int, world: int, init_file: str, lib: str, out: str) -> No
             opt.consolidate_state_dict(to=0)
         if rank == 0:
             state = opt.state_dict()
-            torch.save({"params": [p.detach() for p in model.parameters()], "opt": state}, out)
+            torch.save({"params": [p.detach().clone() for p in model.parameters()], "opt": state}, out)
+        dist.barrier()
+        # Release DDP, ZeRO and their process-group handles before the group goes away.
+        del model, opt, sched
     finally:
         dist.destroy_process_group()
 
@@ -63,7 +68,13 @@ def _run_ddp(lib: str, tmp_path) -> dict:
 
     init = tmp_path / f"init_{lib}"
     out = tmp_path / f"out_{lib}.pt"
-    mp.spawn(_ddp_worker, args=(2, str(init), lib, str(out)), nprocs=2, join=True)
+    ctx = mp.spawn(_ddp_worker, args=(2, str(init), lib, str(out)), nprocs=2, join=False)
+    deadline = time.monotonic() + 240
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"DDP run '{lib}' did not finish in 240 s")
     return torch.load(out, weights_only=True)
 
 

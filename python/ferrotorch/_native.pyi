@@ -27,6 +27,8 @@ __all__ = [
     "grad_norms",
     "scale_grads",
     "clamp_grads",
+    "ema_update",
+    "ema_decay",
     "FerrotorchValueError",
     "FerrotorchTypeError",
     "FerrotorchRuntimeError",
@@ -133,3 +135,16 @@ def steepest_descent(losses: Sequence[float]) -> int | None: ...
 def grad_norms(grads: Sequence[torch.Tensor], norm_type: float) -> list[float]: ...
 def scale_grads(grads: Sequence[torch.Tensor], coef: float) -> None: ...
 def clamp_grads(grads: Sequence[torch.Tensor], clip_value: float) -> None: ...
+
+# ---- training helpers (ferrotorch.train) ---------------------------------------------
+
+def ema_update(ema_tensors: Sequence[torch.Tensor], model_tensors: Sequence[torch.Tensor], weight: float) -> None: ...
+def ema_decay(
+    step: int | None,
+    decay: float,
+    min_decay: float,
+    update_after_step: int,
+    use_warmup: bool,
+    warmup_gamma: float,
+    warmup_power: float,
+) -> float: ...

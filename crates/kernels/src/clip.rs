@@ -2,12 +2,9 @@
 //! scaling/clamping. Partial results are combined in a fixed order, so the norm does not
 //! depend on the number of threads.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
-
 use half::{bf16, f16};
 
-use crate::driver::{DType, Executor};
+use crate::driver::{map_pieces, DType, Executor};
 use crate::elem::Elem;
 
 /// One gradient buffer: `numel` dense elements of `dtype` at `ptr`.
@@ -95,8 +92,6 @@ fn nan_min(a: f64, b: f64) -> f64 {
     }
 }
 
-const CHUNK: usize = 1 << 15;
-
 unsafe fn partial<E: Elem>(norm: Norm, ptr: *mut u8, b: usize, e: usize) -> f64
 where
     E::Op: Into<f64>,
@@ -135,38 +130,12 @@ unsafe fn partial_any(norm: Norm, buf: &Buf, b: usize, e: usize) -> f64 {
 /// Every buffer must be valid for reads of `numel` elements of its dtype.
 pub unsafe fn tensor_norms(bufs: &[Buf], p: f64, threads: usize, exec: &dyn Executor) -> Vec<f64> {
     let norm = Norm::of(p);
-    let mut pieces = Vec::new();
-    for (j, buf) in bufs.iter().enumerate() {
-        let mut b = 0;
-        while b < buf.numel {
-            let e = (b + CHUNK).min(buf.numel);
-            pieces.push((j, b, e));
-            b = e;
-        }
-    }
-    let results: Mutex<Vec<f64>> = Mutex::new(vec![norm.identity(); pieces.len()]);
-    let next = AtomicUsize::new(0);
-    let task = || {
-        let mut local = Vec::new();
-        loop {
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            let Some(&(j, b, e)) = pieces.get(i) else {
-                break;
-            };
-            local.push((i, unsafe { partial_any(norm, &bufs[j], b, e) }));
-        }
-        let mut r = results.lock().unwrap_or_else(|p| p.into_inner());
-        for (i, v) in local {
-            r[i] = v;
-        }
-    };
-    if threads > 1 && pieces.len() > 1 {
-        exec.broadcast(threads.min(pieces.len()), &task);
-    } else {
-        task();
-    }
+    let pieces = crate::driver::pieces(bufs.iter().map(|b| b.numel));
+    // SAFETY: forwarded from the caller.
+    let r = map_pieces(&pieces, threads, exec, norm.identity(), &|j, b, e| unsafe {
+        partial_any(norm, &bufs[j], b, e)
+    });
     // Combine each tensor's pieces in order, so the result does not depend on threads.
-    let r = results.into_inner().unwrap_or_else(|p| p.into_inner());
     let mut acc = vec![norm.identity(); bufs.len()];
     for (&(j, _, _), v) in pieces.iter().zip(r) {
         acc[j] = norm.combine(acc[j], v);

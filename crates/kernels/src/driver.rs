@@ -98,6 +98,54 @@ impl Executor for RayonPool {
     }
 }
 
+/// Splits buffers of the given lengths into `(buffer, begin, end)` pieces of at most
+/// `CHUNK` elements.
+pub fn pieces(numels: impl IntoIterator<Item = usize>) -> Vec<(usize, usize, usize)> {
+    let mut out = Vec::new();
+    for (j, n) in numels.into_iter().enumerate() {
+        let mut b = 0;
+        while b < n {
+            let e = (b + CHUNK).min(n);
+            out.push((j, b, e));
+            b = e;
+        }
+    }
+    out
+}
+
+/// Calls `f(index, piece)` for every piece, spread over up to `threads` workers; returns the
+/// results in piece order (so reductions over them do not depend on the thread count).
+pub fn map_pieces<T: Send + Clone>(
+    pieces: &[(usize, usize, usize)],
+    threads: usize,
+    exec: &dyn Executor,
+    init: T,
+    f: &(dyn Fn(usize, usize, usize) -> T + Sync),
+) -> Vec<T> {
+    let results = std::sync::Mutex::new(vec![init; pieces.len()]);
+    let next = AtomicUsize::new(0);
+    let task = || {
+        let mut local = Vec::new();
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(&(j, b, e)) = pieces.get(i) else {
+                break;
+            };
+            local.push((i, f(j, b, e)));
+        }
+        let mut r = results.lock().unwrap_or_else(|p| p.into_inner());
+        for (i, v) in local {
+            r[i] = v;
+        }
+    };
+    if threads > 1 && pieces.len() > 1 {
+        exec.broadcast(threads.min(pieces.len()), &task);
+    } else {
+        task();
+    }
+    results.into_inner().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Applies `alg` to every job, chunked over up to `threads` workers of `exec`.
 ///
 /// # Safety

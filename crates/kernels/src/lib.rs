@@ -12,12 +12,15 @@ pub mod clip;
 pub mod common;
 mod driver;
 pub mod elem;
+pub mod ema;
 pub mod pool;
 pub mod rmsprop;
 pub mod schedule;
 pub mod sgd;
 
-pub use driver::{run, Algorithm, DType, Executor, Job, RayonPool, Serial, MAX_STATES};
+pub use driver::{
+    map_pieces, pieces, run, Algorithm, DType, Executor, Job, RayonPool, Serial, MAX_STATES,
+};
 pub use elem::{Elem, OpFloat};
 
 /// Errors a kernel call can report; the bindings map them to Python exceptions.

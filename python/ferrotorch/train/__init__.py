@@ -1,10 +1,10 @@
-"""Training helpers from the seeds: the LR range test (more to come: EMA, early stopping,
-checkpointing).
+"""Training helpers from the seeds: the LR range test and a model EMA.
 
     finder = ferrotorch.train.LRFinder(model, optimizer, criterion)
-    lrs, losses = finder.range_test(train_loader, end_lr=10, num_iter=100)
+    ema = ferrotorch.train.ModelEMA(model, decay=0.999)
 """
 
+from .ema import ModelEMA
 from .lr_finder import LRFinder
 
-__all__ = ["LRFinder"]
+__all__ = ["LRFinder", "ModelEMA"]
