@@ -1,10 +1,11 @@
-"""Training helpers from the seeds: the LR range test and a model EMA.
+"""Training helpers from the seeds: LR range test, model EMA, checkpoints, early stopping.
 
     finder = ferrotorch.train.LRFinder(model, optimizer, criterion)
     ema = ferrotorch.train.ModelEMA(model, decay=0.999)
 """
 
+from .checkpoint import CheckpointManager, EarlyStopping, load_checkpoint, save_checkpoint
 from .ema import ModelEMA
 from .lr_finder import LRFinder
 
-__all__ = ["LRFinder", "ModelEMA"]
+__all__ = ["LRFinder", "ModelEMA", "CheckpointManager", "EarlyStopping", "save_checkpoint", "load_checkpoint"]
