@@ -59,3 +59,38 @@ def test_update_every_and_evaluate_with_average():
         ModelEMA(net, update_every=0)
     with pytest.raises(ValueError, match="decay"):
         ModelEMA(net, decay=1.5)
+
+
+def test_toolkit_with_accumulation_frozen_params_and_amp():
+    """Gradient accumulation, a frozen layer, autocast(bf16) + GradScaler, clipping and EMA
+    together: ferrotorch's pipeline equals the torch/timm one."""
+    from ferrotorch.nn.utils import clip_grad_norm_
+    import ferrotorch.optim as fopt
+
+    results = []
+    for lib in ("ferrotorch", "reference"):
+        net = model()
+        for p in net[0].parameters():
+            p.requires_grad_(False)
+        trainable = [p for p in net.parameters() if p.requires_grad]
+        opt = fopt.AdamW(net.parameters(), lr=1e-2) if lib == "ferrotorch" else torch.optim.AdamW(net.parameters(), lr=1e-2, foreach=False)
+        ema = ModelEMA(net, decay=0.9) if lib == "ferrotorch" else timm_ema.ModelEmaV3(net, decay=0.9)
+        clip = clip_grad_norm_ if lib == "ferrotorch" else torch.nn.utils.clip_grad_norm_
+        scaler = torch.amp.GradScaler("cpu", init_scale=128.0)
+        g = torch.Generator().manual_seed(1)
+        for step in range(12):
+            opt.zero_grad()
+            for micro in range(2):
+                x = torch.randn(16, 6, generator=g)
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = net(x).float().pow(2).mean() / 2
+                scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            clip(trainable, 0.5)
+            scaler.step(opt)
+            scaler.update()
+            ema.update(net, step=step)
+        results.append(([p.detach().clone() for p in net.parameters()], [p.detach().clone() for p in ema.module.parameters()]))
+    (pa, ea), (pb, eb) = results
+    for a, b in zip(pa + ea, pb + eb):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
