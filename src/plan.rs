@@ -8,8 +8,8 @@
 //! single-tensor functions.
 
 use ferrotorch_kernels::{
-    adagrad::Adagrad, adam::Adam, rmsprop::RmsProp, sgd::Sgd, sgd::SgdScalars, Algorithm, DType,
-    Job, MAX_STATES,
+    adagrad::Adagrad, adam::Adam, common::GradIn, rmsprop::RmsProp, sgd::Sgd, sgd::SgdScalars,
+    Algorithm, DType, Job, MAX_STATES,
 };
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -186,8 +186,10 @@ impl Algo {
                     amsgrad: flag(g, "amsgrad", false)?,
                     maximize: flag(g, "maximize", false)?,
                     decoupled_weight_decay: flag(g, "decoupled_weight_decay", false)?,
-                    grad_scale,
-                    clip_coef,
+                    grad: GradIn {
+                        grad_scale,
+                        clip_coef,
+                    },
                 })
             }
             Kind::Sgd => Algo::Sgd(Sgd {
@@ -197,8 +199,10 @@ impl Algo {
                 weight_decay: float(g, "weight_decay")?,
                 nesterov: flag(g, "nesterov", false)?,
                 maximize: flag(g, "maximize", false)?,
-                grad_scale,
-                clip_coef,
+                grad: GradIn {
+                    grad_scale,
+                    clip_coef,
+                },
             }),
             Kind::RmsProp => Algo::RmsProp(RmsProp {
                 lr: float(g, "lr")?,
@@ -208,8 +212,10 @@ impl Algo {
                 momentum: float(g, "momentum")?,
                 centered: flag(g, "centered", false)?,
                 maximize: flag(g, "maximize", false)?,
-                grad_scale,
-                clip_coef,
+                grad: GradIn {
+                    grad_scale,
+                    clip_coef,
+                },
             }),
             Kind::Adagrad => Algo::Adagrad(Adagrad {
                 lr: float(g, "lr")?,
@@ -217,8 +223,10 @@ impl Algo {
                 weight_decay: float(g, "weight_decay")?,
                 eps: float(g, "eps")?,
                 maximize: flag(g, "maximize", false)?,
-                grad_scale,
-                clip_coef,
+                grad: GradIn {
+                    grad_scale,
+                    clip_coef,
+                },
             }),
         })
     }

@@ -1,5 +1,7 @@
 //! Raw kernel throughput, without Python or libtorch: `cargo run --release --example kernel_bench`.
-use ferrotorch_kernels::{adam::Adam, run, sgd::Sgd, sgd::SgdScalars, DType, Job, RayonPool};
+use ferrotorch_kernels::{
+    adam::Adam, common::GradIn, run, sgd::Sgd, sgd::SgdScalars, DType, Job, RayonPool,
+};
 use std::time::Instant;
 
 fn main() {
@@ -35,8 +37,10 @@ fn main() {
         amsgrad: false,
         maximize: false,
         decoupled_weight_decay: false,
-        grad_scale: None,
-        clip_coef: None,
+        grad: GradIn {
+            grad_scale: None,
+            clip_coef: None,
+        },
     };
     let sgd = Sgd {
         lr: 1e-2,
@@ -45,8 +49,10 @@ fn main() {
         weight_decay: 0.0,
         nesterov: false,
         maximize: false,
-        grad_scale: None,
-        clip_coef: None,
+        grad: GradIn {
+            grad_scale: None,
+            clip_coef: None,
+        },
     };
     let mut jobs_a = Vec::new();
     let mut jobs_s = Vec::new();

@@ -3,7 +3,7 @@
 //! Follows torch's `_single_tensor_adagrad`: `clr = lr / (1 + (step - 1) * lr_decay)`,
 //! `sum.addcmul_(grad, grad, value=1)`, `param.addcdiv_(grad, sum.sqrt() + eps, value=-clr)`.
 
-use crate::common::l2_grad;
+use crate::common::{l2_grad, GradIn};
 use crate::driver::{Algorithm, MAX_STATES};
 use crate::elem::{Elem, OpFloat};
 
@@ -14,10 +14,8 @@ pub struct Adagrad {
     pub weight_decay: f64,
     pub eps: f64,
     pub maximize: bool,
-    pub grad_scale: Option<f64>,
-    /// `clip_grad_norm_`'s coefficient: grads are multiplied by it (and rounded to their
-    /// dtype) as they are read; the stored grads are left as they are.
-    pub clip_coef: Option<f64>,
+    /// How grads are unscaled/clipped as they are read.
+    pub grad: GradIn,
 }
 
 /// Per tensor: the decayed learning rate for this tensor's step.
@@ -55,8 +53,8 @@ impl Algorithm for Adagrad {
         let n = p.len();
         let (g, sum) = (&mut g[..n], &mut sum[..n]);
         let o = <E::Op as OpFloat>::of;
-        let scale = self.grad_scale.map(o);
-        let clip = self.clip_coef.map(o);
+        let scale = self.grad.grad_scale.map(o);
+        let clip = self.grad.clip_coef.map(o);
         let (wd, eps, neg_clr, one) = (
             (self.weight_decay != 0.0).then_some(o(self.weight_decay)),
             o(self.eps),
@@ -86,8 +84,10 @@ mod tests {
             weight_decay: 0.0,
             eps: 1e-10,
             maximize: false,
-            grad_scale: None,
-            clip_coef: None,
+            grad: GradIn {
+                grad_scale: None,
+                clip_coef: None,
+            },
         };
         let mut t = [Buffers {
             param: vec![1.0f64],

@@ -8,7 +8,7 @@
 //! `fmadd(value * t1, t2, self)`), so do these, so fp32 results agree to the last bit but for
 //! torch's `sqrt`, which on AVX-512 CPUs is off by one ulp for ~17% of inputs.
 
-use crate::common::{l2_grad, lerp};
+use crate::common::{l2_grad, lerp, GradIn};
 use crate::driver::{Algorithm, MAX_STATES};
 use crate::elem::{Elem, OpFloat};
 
@@ -23,11 +23,8 @@ pub struct Adam {
     pub maximize: bool,
     /// AdamW: decay the parameter by `1 - lr * weight_decay` instead of adding to the grad.
     pub decoupled_weight_decay: bool,
-    /// GradScaler's scale: grads are divided by it (and stored back unscaled) first.
-    pub grad_scale: Option<f64>,
-    /// `clip_grad_norm_`'s coefficient: grads are multiplied by it (and rounded to their
-    /// dtype) as they are read; the stored grads are left as they are.
-    pub clip_coef: Option<f64>,
+    /// How grads are unscaled/clipped as they are read.
+    pub grad: GradIn,
 }
 
 /// Per-tensor values derived (in f64, like torch) from the tensor's step count.
@@ -63,8 +60,8 @@ impl Adam {
         let (g, m, v) = (&mut g[..n], &mut m[..n], &mut v[..n]);
         let vmax: &mut [E] = if AMSGRAD { &mut vmax[..n] } else { vmax };
         let o = <E::Op as OpFloat>::of;
-        let scale = self.grad_scale.map(o);
-        let clip = self.clip_coef.map(o);
+        let scale = self.grad.grad_scale.map(o);
+        let clip = self.grad.clip_coef.map(o);
         let (w1, beta2, c2) = (o(1.0 - self.beta1), o(self.beta2), o(1.0 - self.beta2));
         let (wd, decay) = (o(self.weight_decay), o(1.0 - self.lr * self.weight_decay));
         let (bc2_sqrt, eps, neg_step) = (o(s.bias_correction2_sqrt), o(self.eps), o(-s.step_size));
@@ -137,8 +134,10 @@ mod tests {
             amsgrad: false,
             maximize: false,
             decoupled_weight_decay: false,
-            grad_scale: None,
-            clip_coef: None,
+            grad: GradIn {
+                grad_scale: None,
+                clip_coef: None,
+            },
         }
     }
 
@@ -276,8 +275,10 @@ mod tests {
     #[test]
     fn grad_scale_unscales_and_stores_back() {
         let a = Adam {
-            grad_scale: Some(4.0),
-            clip_coef: None,
+            grad: GradIn {
+                grad_scale: Some(4.0),
+                clip_coef: None,
+            },
             ..adam()
         };
         let mut t = [Buffers {

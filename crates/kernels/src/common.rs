@@ -2,6 +2,16 @@
 
 use crate::elem::{Elem, OpFloat};
 
+/// How every algorithm prepares a gradient as it reads it.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct GradIn {
+    /// GradScaler's scale: grads are divided by it and stored back unscaled.
+    pub grad_scale: Option<f64>,
+    /// `clip_grad_norm_`'s coefficient: grads are multiplied by it (and rounded to their
+    /// dtype) as they are read; the stored grads are left as they are.
+    pub clip_coef: Option<f64>,
+}
+
 /// torch's `lerp(self, end, weight)` for a scalar weight, in its vectorized (fmadd) form.
 #[inline(always)]
 pub fn lerp<O: OpFloat>(start: O, end: O, weight: O) -> O {

@@ -3,7 +3,7 @@
 //! State order: `square_avg`, then `momentum_buffer` when `momentum > 0`, then `grad_avg`
 //! when `centered`. Operation order follows torch's `_single_tensor_rmsprop`.
 
-use crate::common::{l2_grad, lerp};
+use crate::common::{l2_grad, lerp, GradIn};
 use crate::driver::{Algorithm, MAX_STATES};
 use crate::elem::{Elem, OpFloat};
 
@@ -16,10 +16,8 @@ pub struct RmsProp {
     pub momentum: f64,
     pub centered: bool,
     pub maximize: bool,
-    pub grad_scale: Option<f64>,
-    /// `clip_grad_norm_`'s coefficient: grads are multiplied by it (and rounded to their
-    /// dtype) as they are read; the stored grads are left as they are.
-    pub clip_coef: Option<f64>,
+    /// How grads are unscaled/clipped as they are read.
+    pub grad: GradIn,
 }
 
 impl Algorithm for RmsProp {
@@ -58,8 +56,8 @@ impl RmsProp {
         let buf: &mut [E] = if MOMENTUM { &mut buf[..n] } else { buf };
         let gavg: &mut [E] = if CENTERED { &mut gavg[..n] } else { gavg };
         let o = <E::Op as OpFloat>::of;
-        let scale = self.grad_scale.map(o);
-        let clip = self.clip_coef.map(o);
+        let scale = self.grad.grad_scale.map(o);
+        let clip = self.grad.clip_coef.map(o);
         let (wd, alpha, c, eps) = (
             (self.weight_decay != 0.0).then_some(o(self.weight_decay)),
             o(self.alpha),
@@ -105,8 +103,10 @@ mod tests {
             momentum: 0.5,
             centered: true,
             maximize: false,
-            grad_scale: None,
-            clip_coef: None,
+            grad: GradIn {
+                grad_scale: None,
+                clip_coef: None,
+            },
         };
         let mut t = [Buffers {
             param: vec![1.0f64],
@@ -140,8 +140,10 @@ mod tests {
             momentum: 0.0,
             centered: true,
             maximize: false,
-            grad_scale: None,
-            clip_coef: None,
+            grad: GradIn {
+                grad_scale: None,
+                clip_coef: None,
+            },
         };
         let mut t = [Buffers {
             param: vec![1.0f64],

@@ -5,7 +5,7 @@
 //! do `buf.mul_(momentum).add_(grad, alpha=1-dampening)`. `add_(x, alpha)` is an fmadd in
 //! torch's vectorized CPU kernels, so it is one here too.
 
-use crate::common::l2_grad;
+use crate::common::{l2_grad, GradIn};
 use crate::driver::{Algorithm, MAX_STATES};
 use crate::elem::{Elem, OpFloat};
 
@@ -17,10 +17,8 @@ pub struct Sgd {
     pub weight_decay: f64,
     pub nesterov: bool,
     pub maximize: bool,
-    pub grad_scale: Option<f64>,
-    /// `clip_grad_norm_`'s coefficient: grads are multiplied by it (and rounded to their
-    /// dtype) as they are read; the stored grads are left as they are.
-    pub clip_coef: Option<f64>,
+    /// How grads are unscaled/clipped as they are read.
+    pub grad: GradIn,
 }
 
 /// Per tensor: whether its momentum buffer is being created by this step.
@@ -67,8 +65,8 @@ impl Sgd {
         let g = &mut g[..n];
         let buf: &mut [E] = if MOMENTUM { &mut buf[..n] } else { buf };
         let o = <E::Op as OpFloat>::of;
-        let scale = self.grad_scale.map(o);
-        let clip = self.clip_coef.map(o);
+        let scale = self.grad.grad_scale.map(o);
+        let clip = self.grad.clip_coef.map(o);
         let (wd, neg_lr) = (
             (self.weight_decay != 0.0).then_some(o(self.weight_decay)),
             o(-self.lr),
@@ -108,8 +106,10 @@ mod tests {
             weight_decay: 0.0,
             nesterov: false,
             maximize: false,
-            grad_scale: None,
-            clip_coef: None,
+            grad: GradIn {
+                grad_scale: None,
+                clip_coef: None,
+            },
         }
     }
 
