@@ -13,6 +13,7 @@ pub mod plan;
 pub mod sched;
 pub mod tensor;
 pub mod train;
+pub mod vit;
 
 /// Version of torch this extension was compiled against; the Python package refuses to
 /// load the extension under any other.
@@ -36,6 +37,7 @@ fn _native(py: Python<'_>, m: &Bound<'_, PyModule>) -> PyResult<()> {
     sched::register(m)?;
     clip::register(m)?;
     train::register(m)?;
+    vit::register(m)?;
     m.add(
         "FerrotorchValueError",
         py.get_type::<errors::FerrotorchValueError>(),

@@ -29,6 +29,8 @@ __all__ = [
     "clamp_grads",
     "ema_update",
     "ema_decay",
+    "VitTape",
+    "vit_forward",
     "FerrotorchValueError",
     "FerrotorchTypeError",
     "FerrotorchRuntimeError",
@@ -148,3 +150,28 @@ def ema_decay(
     warmup_gamma: float,
     warmup_power: float,
 ) -> float: ...
+
+# ---- Vision Transformer (ferrotorch.nn.ViT) -------------------------------------------
+
+@final
+class VitTape:
+    """Activations saved by ``vit_forward`` for the backward pass."""
+
+    def backward(self, grad_logits: torch.Tensor) -> list[torch.Tensor]: ...
+    def free(self) -> None: ...
+
+def vit_forward(
+    x: torch.Tensor,
+    params: Sequence[torch.Tensor],
+    patch: tuple[int, int],
+    channels: int,
+    dim: int,
+    depth: int,
+    heads: int,
+    dim_head: int,
+    pool_cls: bool,
+    project_out: bool,
+    dropout: float,
+    emb_dropout: float,
+    train: bool,
+) -> tuple[torch.Tensor, VitTape]: ...

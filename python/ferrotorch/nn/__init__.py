@@ -1,5 +1,7 @@
-"""Neural-network utilities (``ferrotorch.nn.utils``: gradient clipping in Rust)."""
+"""Neural-network pieces: a Rust Vision Transformer (``ferrotorch.nn.ViT``) and
+``ferrotorch.nn.utils`` (gradient clipping in Rust)."""
 
 from . import utils
+from .vit import ViT
 
-__all__ = ["utils"]
+__all__ = ["ViT", "utils"]
