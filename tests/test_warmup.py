@@ -3,7 +3,6 @@ against Hugging Face transformers' own get_*_schedule functions."""
 
 from __future__ import annotations
 
-import random
 
 import pytest
 import torch

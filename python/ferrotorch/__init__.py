@@ -21,7 +21,7 @@ if _found != REQUIRED_TORCH:
         f"Install the matching version: pip install torch=={REQUIRED_TORCH}"
     )
 
-from . import _native  # noqa: E402
+from . import _native  # noqa: E402,F401  (loads the extension, after torch)
 from .errors import FerrotorchRuntimeError, FerrotorchTypeError, FerrotorchValueError  # noqa: E402
 from . import nn, optim, train  # noqa: E402
 

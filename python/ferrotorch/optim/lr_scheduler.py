@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 from bisect import bisect_right
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -445,10 +445,6 @@ class ReduceLROnPlateau(_Ferro, _tls.ReduceLROnPlateau):
             if lr is not None:
                 _update_param_group_val(group, "lr", lr)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self._init_is_better(mode=self.mode, threshold=self.threshold, threshold_mode=self.threshold_mode)
-
 
 def _is_plateau(s: Any) -> bool:
     return isinstance(s, _tls.ReduceLROnPlateau)
@@ -481,7 +477,6 @@ class SequentialLR(_Ferro, _tls.SequentialLR):
                 "SequentialLR: ReduceLROnPlateau cannot be the first phase (it has no initial step); "
                 "put a warm-up such as LinearLR before it"
             )
-        others = [s for s in schedulers if not _is_plateau(s)]
         for i, s in enumerate(schedulers):
             if s.optimizer is not optimizer:
                 raise ValueError(
@@ -495,7 +490,6 @@ class SequentialLR(_Ferro, _tls.SequentialLR):
                 f"than the number of milestone points, but got number of schedulers {len(schedulers)} and the "
                 f"number of milestones to be equal to {len(milestones)}"
             )
-        del others
         self._schedulers = schedulers
         self._milestones = milestones
         self.last_epoch = last_epoch + 1
@@ -567,9 +561,6 @@ class ChainedScheduler(_Ferro, _tls.ChainedScheduler):
             else:
                 scheduler.step()
         self._last_lr = _param_groups_val_list(self._schedulers[-1].optimizer, "lr")
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
 
 
 class _FactorLR(_Ferro, LRScheduler):
