@@ -173,10 +173,8 @@ class LRFinder:
     def plot(self, skip_start: int = 10, skip_end: int = 5, log_lr: bool = True, suggest_lr: bool = True, ax: Any = None, path: str | None = None) -> Any:
         """Plots loss against lr with matplotlib (and marks the suggestion); returns the axes.
         ``path`` saves the figure as an image."""
-        import matplotlib
-
-        if path is not None and ax is None:
-            matplotlib.use("Agg")
+        # No matplotlib.use(): switching the backend would turn off a notebook's inline plots;
+        # savefig works under any backend (headless machines fall back to Agg by themselves).
         import matplotlib.pyplot as plt
 
         lrs, losses = self._trimmed(skip_start, skip_end)
