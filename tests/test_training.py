@@ -308,16 +308,3 @@ def test_grad_with_wrong_dtype_is_a_type_error():
         opt.step()
     assert not p.any()
 
-
-def test_demo_main_job_runs():
-    """The README's first command: `python -m ferrotorch demo` (shortened)."""
-    import subprocess
-
-    out = subprocess.run(
-        [sys.executable, "-m", "ferrotorch", "demo", "--epochs", "2", "--width", "32", "-q"],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert out.returncode == 0, out.stderr
-    assert "final test accuracy" in out.stdout and "optimizer.step()" in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "ferrotorch", "demo", "--epochs", "0"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode != 0 and "must be positive" in bad.stderr
