@@ -46,15 +46,25 @@ def test_logits_and_every_gradient_match_vit_pytorch(kw, batch):
     assert float((x.grad - x2.grad).abs().max() / x2.grad.abs().max()) < 1e-4
 
 
-def test_gradcheck_fp64():
+@pytest.mark.parametrize("fused", [True, False], ids=["rust-kernels", "tch-ops"])
+@pytest.mark.parametrize("variant", ["vit-pytorch", "dropout", "timm-avg"])
+def test_gradcheck_fp64(variant, fused):
+    """torch.autograd.gradcheck (finite differences of our forward against our backward), for
+    the fused CPU kernels and for the tch-op path that CUDA tensors take. With dropout the
+    seed is fixed in the config, so the masks are the same on every call."""
     torch.manual_seed(1)
     kw = dict(image_size=4, patch_size=2, num_classes=3, dim=6, depth=1, heads=2, mlp_dim=8, dim_head=3, channels=1)
+    if variant == "dropout":
+        kw.update(dropout=0.3, emb_dropout=0.2)
+    if variant == "timm-avg":
+        kw.update(pool="mean", qkv_bias=True, layer_norm_eps=1e-6, patch_norm=False, class_token=True, fc_norm=True)
     model = ViT(**kw).double()
     x = torch.randn(2, 1, 4, 4, dtype=torch.float64, requires_grad=True)
     params = model._ordered_params()
     from ferrotorch.nn.vit import _ViTFunction
 
-    cfg = dict(patch=(2, 2), channels=1, dim=6, depth=1, heads=2, dim_head=3, pool_cls=True, project_out=True, dropout=0.0, emb_dropout=0.0, train=False)
+    cfg = model._config(train=variant == "dropout")
+    cfg["fused"] = fused
     assert torch.autograd.gradcheck(lambda x, *p: _ViTFunction.apply(cfg, x, *p), (x, *params), eps=1e-6, atol=1e-6)
 
 
