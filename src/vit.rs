@@ -201,60 +201,70 @@ impl Ops {
         }
     }
 
-    /// `softmax(dots * scale)` over the last dim (in place on CPU) and its dropped version.
-    fn softmax(&self, dots: Tensor, scale: f64, drop: Dropout) -> Result<(Tensor, Tensor)> {
-        let n = last(&dots);
+    /// Multi-head attention on the qkv Linear's output `(B, N, 3 * inner)`: returns the
+    /// heads' outputs merged, `(B, N, inner)`.
+    fn attention(&self, qkv: &Tensor, cfg: &Cfg, r: &Run, drop: Dropout) -> Result<Tensor> {
+        let (b, seq, nh, dh) = (r.b, r.seq, cfg.heads, cfg.dim_head);
+        let scale = (dh as f64).powf(-0.5);
         match *self {
             Ops::Fused { dtype, threads } => {
-                let dropped = if drop.active() { dots.f_empty_like()? } else { Tensor::new() };
-                let op = k::SoftmaxFwd {
-                    x: ptr(&dots),
-                    dropped: if drop.active() { ptr(&dropped) } else { Ptr::NULL },
-                    n: n as usize,
-                    scale,
-                    dropout: drop,
-                };
-                let rows = dots.numel() / n.max(1) as usize;
-                // SAFETY: `dots` is a fresh contiguous CPU tensor, `dropped` its twin.
-                unsafe { k::softmax(&op, dtype, rows, threads, self.exec()) };
-                let dropped = if drop.active() { dropped } else { dots.shallow_clone() };
-                Ok((dots, dropped))
+                let o = Tensor::f_empty([b, seq, nh * dh], (qkv.kind(), Device::Cpu))?;
+                let a = attn_desc(qkv, cfg, r, drop);
+                // SAFETY: `qkv` is contiguous (B, N, 3, H, dh); `o` fresh (B, N, H * dh).
+                unsafe { k::attention(&a, ptr(&o), dtype, threads, self.exec()) };
+                Ok(o)
             }
             Ops::Torch => {
-                let attn = dots.f_mul_scalar(scale)?.f_softmax(-1, None::<Kind>)?;
-                let dropped = if drop.active() {
-                    attn.f_mul(&torch_mask(drop, &attn)?)?
-                } else {
-                    attn.shallow_clone()
-                };
-                Ok((attn, dropped))
+                let (q, kk, v) = split_heads(qkv, cfg, r)?;
+                let attn = q.f_bmm(&kk.f_transpose(1, 2)?)?.f_mul_scalar(scale)?.f_softmax(-1, None::<Kind>)?;
+                let attn_d = if drop.active() { attn.f_mul(&torch_mask(drop, &attn)?)? } else { attn };
+                merge_heads(&attn_d.f_bmm(&v)?, cfg, r)
             }
         }
     }
 
-    /// Gradient of `dots` from that of the dropped attention `g` (consumed).
-    fn softmax_bwd(&self, g: Tensor, attn: &Tensor, scale: f64, drop: Dropout) -> Result<Tensor> {
-        let n = last(attn);
+    /// Gradient of `qkv` from that of the merged output; the attention matrix is recomputed.
+    fn attention_bwd(&self, qkv: &Tensor, g_o: &Tensor, cfg: &Cfg, r: &Run, drop: Dropout) -> Result<Tensor> {
+        let (b, seq, nh, dh) = (r.b, r.seq, cfg.heads, cfg.dim_head);
+        let scale = (dh as f64).powf(-0.5);
         match *self {
             Ops::Fused { dtype, threads } => {
-                let op = k::SoftmaxBwd {
-                    g: ptr(&g),
-                    attn: ptr(attn),
-                    n: n as usize,
-                    scale,
-                    dropout: drop,
-                };
-                let rows = attn.numel() / n.max(1) as usize;
-                // SAFETY: `g` is a fresh contiguous tensor shaped like `attn`.
-                unsafe { k::softmax_backward(&op, dtype, rows, threads, self.exec()) };
-                Ok(g)
+                let g_o = g_o.f_contiguous()?;
+                let g_qkv = qkv.f_empty_like()?;
+                let a = attn_desc(qkv, cfg, r, drop);
+                // SAFETY: as in `attention`; `g_qkv` is fresh and shaped like `qkv`.
+                unsafe { k::attention_backward(&a, ptr(&g_o), ptr(&g_qkv), dtype, threads, self.exec()) };
+                Ok(g_qkv)
             }
             Ops::Torch => {
-                let g = if drop.active() { g.f_mul(&torch_mask(drop, attn)?)? } else { g };
-                let s = g
-                    .f_mul(attn)?
-                    .f_sum_dim_intlist([-1i64].as_slice(), true, None::<Kind>)?;
-                Ok(attn.f_mul(&g.f_sub(&s)?)?.f_mul_scalar(scale)?)
+                let (q, kk, v) = split_heads(qkv, cfg, r)?;
+                let attn = q.f_bmm(&kk.f_transpose(1, 2)?)?.f_mul_scalar(scale)?.f_softmax(-1, None::<Kind>)?;
+                let mask = if drop.active() { Some(torch_mask(drop, &attn)?) } else { None };
+                let g_o = g_o
+                    .f_reshape([b, seq, nh, dh])?
+                    .f_permute([0, 2, 1, 3])?
+                    .f_reshape([b * nh, seq, dh])?;
+                let attn_d = match &mask {
+                    Some(m) => attn.f_mul(m)?,
+                    None => attn.shallow_clone(),
+                };
+                let g_v = attn_d.f_transpose(1, 2)?.f_bmm(&g_o)?;
+                let mut g_attn = g_o.f_bmm(&v.f_transpose(1, 2)?)?;
+                if let Some(m) = &mask {
+                    g_attn = g_attn.f_mul(m)?;
+                }
+                let s = g_attn.f_mul(&attn)?.f_sum_dim_intlist([-1i64].as_slice(), true, None::<Kind>)?;
+                let g_dots = attn.f_mul(&g_attn.f_sub(&s)?)?.f_mul_scalar(scale)?;
+                let g_q = g_dots.f_bmm(&kk)?;
+                let g_k = g_dots.f_transpose(1, 2)?.f_bmm(&q)?;
+                let parts: Vec<Tensor> = [g_q, g_k, g_v]
+                    .iter()
+                    .map(|t| t.f_reshape([b, nh, seq, dh]))
+                    .collect::<std::result::Result<_, _>>()?;
+                Ok(Tensor::f_stack(&parts, 2)?
+                    .f_permute([0, 3, 2, 1, 4])?
+                    .f_contiguous()?
+                    .f_reshape([b, seq, 3 * nh * dh])?)
             }
         }
     }
@@ -357,6 +367,35 @@ impl Ops {
             Ok(g.shallow_clone())
         }
     }
+}
+
+fn attn_desc(qkv: &Tensor, cfg: &Cfg, r: &Run, drop: Dropout) -> k::Attention {
+    k::Attention {
+        qkv: ptr(qkv),
+        b: r.b as usize,
+        n: r.seq as usize,
+        heads: cfg.heads as usize,
+        dh: cfg.dim_head as usize,
+        scale: (cfg.dim_head as f64).powf(-0.5),
+        dropout: drop,
+    }
+}
+
+/// `(B, N, 3 * H * dh)` -> q, k, v as `(B * H, N, dh)`.
+fn split_heads(qkv: &Tensor, cfg: &Cfg, r: &Run) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, seq, nh, dh) = (r.b, r.seq, cfg.heads, cfg.dim_head);
+    let t = qkv.f_reshape([b, seq, 3, nh, dh])?.f_permute([2, 0, 3, 1, 4])?;
+    let part = |i: i64| -> Result<Tensor> { Ok(t.f_get(i)?.f_reshape([b * nh, seq, dh])?) };
+    Ok((part(0)?, part(1)?, part(2)?))
+}
+
+/// `(B * H, N, dh)` -> `(B, N, H * dh)`.
+fn merge_heads(o: &Tensor, cfg: &Cfg, r: &Run) -> Result<Tensor> {
+    let (b, seq, nh, dh) = (r.b, r.seq, cfg.heads, cfg.dim_head);
+    Ok(o.f_reshape([b, nh, seq, dh])?
+        .f_permute([0, 2, 1, 3])?
+        .f_contiguous()?
+        .f_reshape([b, seq, nh * dh])?)
 }
 
 /// `x @ w.T + b` over the last dim.
@@ -558,9 +597,6 @@ fn forward(ops: Ops, cfg: &Cfg, x: &Tensor, params: &[Tensor], r: &mut Run) -> R
     r.seq = tok.size()[1];
     let h0 = tok.f_add(&pos.f_narrow(0, 0, r.seq)?)?;
     let mut h = ops.add_dropout(&h0, None, r.drop(cfg.emb_dropout, 0))?;
-    let (b, seq, nh, dh) = (r.b, r.seq, cfg.heads, cfg.dim_head);
-    let inner = nh * dh;
-    let scale = (dh as f64).powf(-0.5);
     for l in 0..cfg.depth as u64 {
         let (aw, ab, qkv_w) = (p.next()?, p.next()?, p.next()?);
         let qkv_b = p.opt(cfg.qkv_bias)?;
@@ -568,26 +604,9 @@ fn forward(ops: Ops, cfg: &Cfg, x: &Tensor, params: &[Tensor], r: &mut Run) -> R
         let (fw, fb, w1, b1, w2, b2) = (p.next()?, p.next()?, p.next()?, p.next()?, p.next()?, p.next()?);
         // Attention: h = h + dropout(to_out(attend(LN(h))))
         let (a_in, m1, r1) = ops.ln(&h, aw, ab, cfg.eps)?;
-        let qkvh = linear(&a_in, qkv_w, qkv_b)?
-            .f_reshape([b, seq, 3, nh, dh])?
-            .f_permute([2, 0, 3, 1, 4])?
-            .f_contiguous()?;
+        let qkv = linear(&a_in, qkv_w, qkv_b)?;
         drop(a_in);
-        let (q, kk, v) = (
-            qkvh.f_get(0)?.f_reshape([b * nh, seq, dh])?,
-            qkvh.f_get(1)?.f_reshape([b * nh, seq, dh])?,
-            qkvh.f_get(2)?.f_reshape([b * nh, seq, dh])?,
-        );
-        let dots = q.f_bmm(&kk.f_transpose(1, 2)?)?;
-        let drop_attn = r.drop(cfg.dropout, 1 + 4 * l);
-        let (attn, attn_d) = ops.softmax(dots, scale, drop_attn)?;
-        let o = attn_d.f_bmm(&v)?;
-        drop(attn_d);
-        let o_merged = o
-            .f_reshape([b, nh, seq, dh])?
-            .f_permute([0, 2, 1, 3])?
-            .f_contiguous()?
-            .f_reshape([b, seq, inner])?;
+        let o_merged = ops.attention(&qkv, cfg, r, r.drop(cfg.dropout, 1 + 4 * l))?;
         let h_in = h.shallow_clone();
         h = match out {
             Some((ow, ob)) => {
@@ -596,7 +615,7 @@ fn forward(ops: Ops, cfg: &Cfg, x: &Tensor, params: &[Tensor], r: &mut Run) -> R
             }
             None => ops.add_dropout(&h, Some(&o_merged), Dropout::OFF)?,
         };
-        s.extend([h_in, m1, r1, qkvh, attn, o_merged]);
+        s.extend([h_in, m1, r1, qkv, o_merged]);
         // Feed-forward: h = h + dropout(W2 dropout(gelu(W1 LN(h))))
         let (f_in, m2, r2) = ops.ln(&h, fw, fb, cfg.eps)?;
         let h1 = linear(&f_in, w1, Some(b1))?;
@@ -692,8 +711,8 @@ fn backward(ops: Ops, cfg: &Cfg, r: &Run, g_logits: &Tensor, params: &[Tensor], 
     };
     let mut acts = Vec::with_capacity(cfg.depth);
     for _ in 0..cfg.depth {
-        let mut a: Vec<Tensor> = Vec::with_capacity(10);
-        for _ in 0..10 {
+        let mut a: Vec<Tensor> = Vec::with_capacity(9);
+        for _ in 0..9 {
             a.push(sv.take()?);
         }
         acts.push(a);
@@ -715,12 +734,10 @@ fn backward(ops: Ops, cfg: &Cfg, r: &Run, g_logits: &Tensor, params: &[Tensor], 
         grads[i_fb] = Some(gb);
         g
     };
-    let (b, seq, nh, dh) = (r.b, r.seq, cfg.heads, cfg.dim_head);
-    let inner = nh * dh;
-    let scale = (dh as f64).powf(-0.5);
+    let seq = r.seq;
     for (l, (ix, a)) in layers.iter().zip(acts).enumerate().rev() {
         let l = l as u64;
-        let [h_in, m1, r1, qkvh, attn, o_merged, h_mid, m2, r2, h1] = <[Tensor; 10]>::try_from(a)
+        let [h_in, m1, r1, qkv, o_merged, h_mid, m2, r2, h1] = <[Tensor; 9]>::try_from(a)
             .map_err(|_| Error::Runtime("ViT backward: bad saved layer".into()))?;
         // Feed-forward block: h = h_mid + drop(W2 drop(gelu(W1 LN(h_mid))))
         let f = ix.f;
@@ -751,30 +768,8 @@ fn backward(ops: Ops, cfg: &Cfg, r: &Run, g_logits: &Tensor, params: &[Tensor], 
             }
             None => gh.shallow_clone(),
         };
-        let g_o = g_om
-            .f_reshape([b, seq, nh, dh])?
-            .f_permute([0, 2, 1, 3])?
-            .f_contiguous()?
-            .f_reshape([b * nh, seq, dh])?;
-        let heads = |i: i64| -> Result<Tensor> { Ok(qkvh.f_get(i)?.f_reshape([b * nh, seq, dh])?) };
-        let (q, kk, v) = (heads(0)?, heads(1)?, heads(2)?);
-        let g_attn_d = g_o.f_bmm(&v.f_transpose(1, 2)?)?;
-        let g_qkvh = qkvh.f_empty_like()?;
-        let gslot = |i: i64| -> Result<Tensor> { Ok(g_qkvh.f_get(i)?.f_reshape([b * nh, seq, dh])?) };
-        let drop_attn = r.drop(cfg.dropout, 1 + 4 * l);
-        // g_v = dropped_attn^T @ g_o (the dropped attention is recomputed from the mask)
-        let attn_d = ops.dropout_grad(&attn, drop_attn)?;
-        let _ = attn_d.f_transpose(1, 2)?.f_bmm_out(&gslot(2)?, &g_o)?;
-        drop(attn_d);
-        let g_dots = ops.softmax_bwd(g_attn_d, &attn, scale, drop_attn)?;
-        let _ = g_dots.f_bmm_out(&gslot(0)?, &kk)?;
-        let _ = g_dots.f_transpose(1, 2)?.f_bmm_out(&gslot(1)?, &q)?;
-        drop((g_dots, q, kk, v, g_o));
-        let g_qkv = g_qkvh
-            .f_permute([1, 3, 0, 2, 4])?
-            .f_contiguous()?
-            .f_reshape([b, seq, 3 * inner])?;
-        drop(g_qkvh);
+        let g_qkv = ops.attention_bwd(&qkv, &g_om, cfg, r, r.drop(cfg.dropout, 1 + 4 * l))?;
+        drop((g_om, qkv));
         let (a_in, _, _) = ops.ln(&h_in, &pr[ix.aw], &pr[ix.ab], cfg.eps)?;
         let (g_ain, g_qkv_w, g_qkv_b) = linear_bwd(&g_qkv, &a_in, &pr[ix.qkv_w], ix.qkv_b.is_some())?;
         drop((a_in, g_qkv));

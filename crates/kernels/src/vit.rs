@@ -39,7 +39,9 @@ impl Act for f32 {
         p = p.mul_add(r, 1.666_666_5e-1);
         p = p.mul_add(r, 5.000_000_1e-1);
         let y = p.mul_add(r * r, r + 1.0);
-        let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+        // 2^n from the bits of n + 1.5 * 2^23 (integer-only, so it vectorizes)
+        let ni = (n + 12_582_912.0).to_bits().wrapping_sub(0x4b40_0000);
+        let scale = f32::from_bits(ni.wrapping_add(127) << 23);
         // NaN in, NaN out (the clamp keeps NaN; the cast does not).
         if self.is_nan() {
             self
@@ -57,7 +59,7 @@ impl Act for f32 {
         r = r.mul_add(t, 1.421_413_8);
         r = r.mul_add(t, -0.284_496_74);
         r = r.mul_add(t, 0.254_829_6);
-        let e = (-(a * a)).exp();
+        let e = Act::exp(-(a * a));
         let y = (-e * t).mul_add(r, 1.0);
         y.copysign(self)
     }
@@ -101,6 +103,94 @@ impl Act for f64 {
 /// An element type whose arithmetic type has [`Act`].
 pub trait VElem: Elem<Op: Act> {}
 impl<E: Elem<Op: Act>> VElem for E {}
+
+/// Independent accumulators per reduction, so strict-order float sums still vectorize.
+const LANES: usize = 16;
+
+#[inline(always)]
+fn hsum<T: Act>(a: [T; LANES]) -> T {
+    let mut w = LANES;
+    let mut a = a;
+    while w > 1 {
+        w /= 2;
+        for i in 0..w {
+            a[i] = a[i] + a[i + w];
+        }
+    }
+    a[0]
+}
+
+/// `sum(f(i))` over `0..n` in lanes.
+#[inline(always)]
+fn lane_sum<T: Act>(n: usize, f: impl Fn(usize) -> T) -> T {
+    let mut acc = [T::of(0.0); LANES];
+    let full = n / LANES * LANES;
+    let mut i = 0;
+    while i < full {
+        for (l, a) in acc.iter_mut().enumerate() {
+            *a = *a + f(i + l);
+        }
+        i += LANES;
+    }
+    let mut s = hsum(acc);
+    for j in full..n {
+        s = s + f(j);
+    }
+    s
+}
+
+/// `max(x)` over a slice in lanes.
+#[inline(always)]
+fn slice_max<T: Act>(x: &[T]) -> T {
+    let mut acc = [T::of(f64::NEG_INFINITY); LANES];
+    let mut it = x.chunks_exact(LANES);
+    for c in &mut it {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a = a.fmax(*v);
+        }
+    }
+    let mut m = acc[0];
+    for a in &acc[1..] {
+        m = m.fmax(*a);
+    }
+    for v in it.remainder() {
+        m = m.fmax(*v);
+    }
+    m
+}
+
+/// In-place softmax of a row: a max pass, then exp and sum in one pass, then the scaling.
+#[inline(always)]
+fn softmax_row<T: Act>(row: &mut [T]) {
+    let m = slice_max(row);
+    let mut acc = [T::of(0.0); LANES];
+    let mut it = row.chunks_exact_mut(LANES);
+    for c in &mut it {
+        for (a, x) in acc.iter_mut().zip(c.iter_mut()) {
+            *x = (*x - m).exp();
+            *a = *a + *x;
+        }
+    }
+    let mut s = hsum(acc);
+    for x in it.into_remainder() {
+        *x = (*x - m).exp();
+        s = s + *x;
+    }
+    let inv = T::of(1.0) / s;
+    for x in row.iter_mut() {
+        *x = *x * inv;
+    }
+}
+
+/// `dst (cols × ld_dst) = src (rows × cols, row stride ld_src)` transposed.
+#[inline(always)]
+fn transpose<T: Copy>(src: &[T], rows: usize, cols: usize, ld_src: usize, dst: &mut [T], ld_dst: usize) {
+    for (c, drow) in dst.chunks_exact_mut(ld_dst).take(cols).enumerate() {
+        for (r, x) in drow[..rows].iter_mut().enumerate() {
+            *x = src[r * ld_src + c];
+        }
+    }
+}
 
 /// Inverted dropout with probability `p`: element `i` of a tensor is kept when the hash of
 /// `(seed, i)` falls under the threshold, and then scaled by `1 / (1 - p)`.
@@ -305,17 +395,13 @@ impl RowOp for LnFwd {
         let (w, b) = unsafe { (self.w.all::<E>(d), self.b.all::<E>(d)) };
         let inv_d = E::Op::of(1.0 / d as f64);
         for (k, (xr, yr)) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)).enumerate() {
-            let mut s = E::Op::of(0.0);
-            for v in xr {
-                s = s + v.load();
-            }
-            let mean = s * inv_d;
-            let mut ss = E::Op::of(0.0);
-            for v in xr {
-                let c = v.load() - mean;
-                ss = c.mul_add(c, ss);
-            }
-            let rstd = E::Op::of(1.0) / (ss * inv_d + E::Op::of(self.eps)).sqrt();
+            let xr = &xr[..d];
+            let mean = lane_sum(d, |j| xr[j].load()) * inv_d;
+            let var = lane_sum(d, |j| {
+                let c = xr[j].load() - mean;
+                c * c
+            }) * inv_d;
+            let rstd = E::Op::of(1.0) / (var + E::Op::of(self.eps)).sqrt();
             for (((o, v), wi), bi) in yr.iter_mut().zip(xr).zip(w).zip(b) {
                 *o = E::store(((v.load() - mean) * rstd).mul_add(wi.load(), bi.load()));
             }
@@ -375,112 +461,35 @@ impl RowOp for LnBwd {
                     *(self.rstd.0 as *const E::Op).add(r0 + k),
                 )
             };
-            let (mut m1, mut m2) = (E::Op::of(0.0), E::Op::of(0.0));
-            for j in 0..d {
-                let g = gyr[j].load();
-                let xh = (xr[j].load() - mean) * rstd;
-                gw[j] = g.mul_add(xh, gw[j]);
-                gb[j] = gb[j] + g;
-                let gh = g * w[j].load();
-                xhat[j] = xh;
-                gxhat[j] = gh;
-                m1 = m1 + gh;
-                m2 = gh.mul_add(xh, m2);
+            let (gyr, xr) = (&gyr[..d], &xr[..d]);
+            for (((((gwj, gbj), xhj), ghj), g), (xv, wv)) in gw
+                .iter_mut()
+                .zip(gb.iter_mut())
+                .zip(xhat.iter_mut())
+                .zip(gxhat.iter_mut())
+                .zip(gyr)
+                .zip(xr.iter().zip(w))
+            {
+                let g = g.load();
+                let xh = (xv.load() - mean) * rstd;
+                *gwj = g.mul_add(xh, *gwj);
+                *gbj = *gbj + g;
+                *xhj = xh;
+                *ghj = g * wv.load();
             }
-            let (m1, m2) = (m1 * inv_d, m2 * inv_d);
-            for j in 0..d {
-                let v = (gxhat[j] - m1 - xhat[j] * m2) * rstd;
-                gxr[j] = E::store(if self.accumulate { gxr[j].load() + v } else { v });
+            let m1 = lane_sum(d, |j| gxhat[j]) * inv_d;
+            let m2 = lane_sum(d, |j| gxhat[j] * xhat[j]) * inv_d;
+            if self.accumulate {
+                for ((o, gh), xh) in gxr.iter_mut().zip(&gxhat).zip(&xhat) {
+                    *o = E::store(o.load() + (*gh - m1 - *xh * m2) * rstd);
+                }
+            } else {
+                for ((o, gh), xh) in gxr.iter_mut().zip(&gxhat).zip(&xhat) {
+                    *o = E::store((*gh - m1 - *xh * m2) * rstd);
+                }
             }
         }
         gw.iter().chain(&gb).map(|v| v.to_f64()).collect()
-    }
-}
-
-/// Attention's `softmax(dots * scale)` over rows of `n`, in place. With dropout, `dropped`
-/// receives `softmax * mask` (the operand of `attn @ v`).
-pub struct SoftmaxFwd {
-    pub x: Ptr,
-    pub dropped: Ptr,
-    pub n: usize,
-    pub scale: f64,
-    pub dropout: Dropout,
-}
-
-impl RowOp for SoftmaxFwd {
-    #[inline(always)]
-    fn rows<E: VElem>(&self, r0: usize, r1: usize) -> Vec<f64> {
-        let n = self.n;
-        // SAFETY: `softmax`'s contract.
-        let x = unsafe { self.x.rows::<E>(r0, r1, n) };
-        let scale = E::Op::of(self.scale);
-        let mask = Mask::<E::Op>::of(self.dropout);
-        let mut tmp = vec![E::Op::of(0.0); n];
-        for (k, row) in x.chunks_exact_mut(n).enumerate() {
-            let mut m = E::Op::of(f64::NEG_INFINITY);
-            for (t, v) in tmp.iter_mut().zip(row.iter()) {
-                *t = v.load() * scale;
-                m = m.fmax(*t);
-            }
-            let mut s = E::Op::of(0.0);
-            for t in tmp.iter_mut() {
-                *t = (*t - m).exp();
-                s = s + *t;
-            }
-            let inv = E::Op::of(1.0) / s;
-            for (o, t) in row.iter_mut().zip(&tmp) {
-                *o = E::store(*t * inv);
-            }
-            if mask.on {
-                // SAFETY: same shape as `x`.
-                let dr = unsafe { self.dropped.rows::<E>(r0 + k, r0 + k + 1, n) };
-                let base = (r0 + k) * n;
-                for (j, (o, v)) in dr.iter_mut().zip(row.iter()).enumerate() {
-                    *o = E::store(v.load() * mask.at(base + j));
-                }
-            }
-        }
-        Vec::new()
-    }
-}
-
-/// Softmax backward, in place on `g` (the gradient of the dropped attention):
-/// `g = scale * attn * (gm - sum(gm * attn))` with `gm = g * mask`.
-pub struct SoftmaxBwd {
-    pub g: Ptr,
-    pub attn: Ptr,
-    pub n: usize,
-    pub scale: f64,
-    pub dropout: Dropout,
-}
-
-impl RowOp for SoftmaxBwd {
-    #[inline(always)]
-    fn rows<E: VElem>(&self, r0: usize, r1: usize) -> Vec<f64> {
-        let n = self.n;
-        // SAFETY: `softmax_backward`'s contract.
-        let (g, a) = unsafe { (self.g.rows::<E>(r0, r1, n), self.attn.rows::<E>(r0, r1, n)) };
-        let scale = E::Op::of(self.scale);
-        let mask = Mask::<E::Op>::of(self.dropout);
-        for (k, (gr, ar)) in g.chunks_exact_mut(n).zip(a.chunks_exact(n)).enumerate() {
-            let base = (r0 + k) * n;
-            let mut s = E::Op::of(0.0);
-            if mask.on {
-                for (j, (gv, av)) in gr.iter_mut().zip(ar).enumerate() {
-                    let gm = gv.load() * mask.at(base + j);
-                    *gv = E::store(gm);
-                    s = gm.mul_add(av.load(), s);
-                }
-            } else {
-                for (gv, av) in gr.iter().zip(ar) {
-                    s = gv.load().mul_add(av.load(), s);
-                }
-            }
-            for (gv, av) in gr.iter_mut().zip(ar) {
-                *gv = E::store(av.load() * (gv.load() - s) * scale);
-            }
-        }
-        Vec::new()
     }
 }
 
@@ -540,15 +549,35 @@ impl RowOp for GeluBwd {
             // SAFETY: same length as `x`.
             unsafe { self.y.rows::<E>(r0, r1, 1) }
         };
-        let write_y = !y.is_empty();
-        for j in 0..x.len() {
-            let v = x[j].load();
-            let m = if mask.on { mask.at(r0 + j) } else { one };
+        // A plain inline(always) fn, not a closure: a closure LLVM declines to inline would
+        // be compiled without the caller's AVX/FMA features (and `mul_add` becomes a call).
+        #[inline(always)]
+        fn grad<T: Act>(v: T, gv: T, m: T, half: T, one: T, k: T, kp: T) -> (T, T) {
             let cdf = half * (one + (v * k).erf());
             let pdf = (-half * v * v).exp() * kp;
-            g[j] = E::store(g[j].load() * m * (cdf + v * pdf));
-            if write_y {
-                y[j] = E::store(v * cdf * m);
+            (gv * m * (cdf + v * pdf), v * cdf * m)
+        }
+        match (y.is_empty(), mask.on) {
+            (false, false) => {
+                for ((gv, yv), xv) in g.iter_mut().zip(y.iter_mut()).zip(x.iter()) {
+                    let (gg, yy) = grad(xv.load(), gv.load(), one, half, one, k, kp);
+                    *gv = E::store(gg);
+                    *yv = E::store(yy);
+                }
+            }
+            (true, false) => {
+                for (gv, xv) in g.iter_mut().zip(x.iter()) {
+                    *gv = E::store(grad(xv.load(), gv.load(), one, half, one, k, kp).0);
+                }
+            }
+            (_, true) => {
+                for (j, (gv, xv)) in g.iter_mut().zip(x.iter()).enumerate() {
+                    let (gg, yy) = grad(xv.load(), gv.load(), mask.at(r0 + j), half, one, k, kp);
+                    *gv = E::store(gg);
+                    if let Some(yv) = y.get_mut(j) {
+                        *yv = E::store(yy);
+                    }
+                }
             }
         }
         Vec::new()
@@ -591,6 +620,361 @@ impl RowOp for AddDropout {
     }
 }
 
+/// Multi-head self-attention on one `qkv` activation, one (batch, head) pair at a time with
+/// everything in cache: `o = dropout(softmax(scale * q k^T)) v`. `qkv` is the qkv Linear's
+/// output as it comes, `(B, N, 3, H, dh)`; `o` is written merged, `(B, N, H * dh)`, ready
+/// for the output projection, so no permute copies are needed. The attention matrix is
+/// never stored: the backward pass recomputes it from `q` and `k`. Dropout element
+/// `((b * H + h) * N + i) * N + j` matches a mask over the `(B, H, N, N)` attention.
+#[derive(Clone, Copy)]
+pub struct Attention {
+    pub qkv: Ptr,
+    pub b: usize,
+    pub n: usize,
+    pub heads: usize,
+    pub dh: usize,
+    pub scale: f64,
+    pub dropout: Dropout,
+}
+
+/// Register-blocked small matmul: `c (m × np) = a (m × kd) · b (kd × np)`. `b` and `c` are
+/// row-major with strides `ldb`, `ldc`; `a` is row-major with stride `lda`, or with `AT`
+/// its transpose (element `(i, k)` at `a[k * lda + i]`). `np` must be a multiple of 16
+/// (callers zero-pad). Blocks of 4 rows × 32 (or 16) columns stay in registers across the
+/// whole `k` loop.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn gemm<T: Act, const AT: bool>(m: usize, np: usize, kd: usize, a: &[T], lda: usize, b: &[T], ldb: usize, c: &mut [T], ldc: usize) {
+    let mut i = 0;
+    while i + 4 <= m {
+        gemm_rows::<T, AT, 4>(i, np, kd, a, lda, b, ldb, c, ldc);
+        i += 4;
+    }
+    while i < m {
+        gemm_rows::<T, AT, 1>(i, np, kd, a, lda, b, ldb, c, ldc);
+        i += 1;
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn gemm_rows<T: Act, const AT: bool, const MR: usize>(
+    i0: usize,
+    np: usize,
+    kd: usize,
+    a: &[T],
+    lda: usize,
+    b: &[T],
+    ldb: usize,
+    c: &mut [T],
+    ldc: usize,
+) {
+    let mut j0 = 0;
+    while j0 < np {
+        gemm_block::<T, AT, MR, 16>(i0, j0, kd, a, lda, b, ldb, c, ldc);
+        j0 += 16;
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn gemm_block<T: Act, const AT: bool, const MR: usize, const NR: usize>(
+    i0: usize,
+    j0: usize,
+    kd: usize,
+    a: &[T],
+    lda: usize,
+    b: &[T],
+    ldb: usize,
+    c: &mut [T],
+    ldc: usize,
+) {
+    let mut acc = [[T::of(0.0); NR]; MR];
+    if kd == 0 {
+        for (r, accr) in acc.iter().enumerate() {
+            c[(i0 + r) * ldc + j0..][..NR].copy_from_slice(accr);
+        }
+        return;
+    }
+    // Bounds are checked once here, so the k loop runs without per-element checks.
+    let b_last = (kd - 1) * ldb + j0 + NR;
+    let a_last = if AT { (kd - 1) * lda + i0 + MR } else { (i0 + MR - 1) * lda + kd };
+    assert!(b_last <= b.len() && a_last <= a.len(), "gemm: operand too short");
+    let (ap, bp) = (a.as_ptr(), b.as_ptr());
+    for k in 0..kd {
+        // SAFETY: k < kd, r < MR and the asserts above bound every index.
+        unsafe {
+            let brow = &*(bp.add(k * ldb + j0) as *const [T; NR]);
+            for (r, accr) in acc.iter_mut().enumerate() {
+                let av = if AT { *ap.add(k * lda + i0 + r) } else { *ap.add((i0 + r) * lda + k) };
+                for (x, &bv) in accr.iter_mut().zip(brow) {
+                    *x = av.mul_add(bv, *x);
+                }
+            }
+        }
+    }
+    for (r, accr) in acc.iter().enumerate() {
+        c[(i0 + r) * ldc + j0..][..NR].copy_from_slice(accr);
+    }
+}
+
+fn pad16(x: usize) -> usize {
+    x.div_ceil(16) * 16
+}
+
+/// Per-(batch, head) buffers in the arithmetic type; rows padded to `np` (tokens) or `dp`
+/// (head dim) columns, both multiples of 16, with zeros in the padding.
+struct Head<T> {
+    np: usize,
+    dp: usize,
+    /// q, k, v as rows `(N, dp)`.
+    q: Vec<T>,
+    k: Vec<T>,
+    v: Vec<T>,
+    /// k and v transposed, `(dh, np)`.
+    kt: Vec<T>,
+    vt: Vec<T>,
+    /// `(N, np)` scratch: probabilities, dropped probabilities, their gradients.
+    p: Vec<T>,
+    pd: Vec<T>,
+    dp_: Vec<T>,
+    /// `(N, dp)` scratch: output / output gradient and the q, k, v gradients.
+    o: Vec<T>,
+    dq: Vec<T>,
+    dk: Vec<T>,
+    dv: Vec<T>,
+}
+
+impl Attention {
+    fn at(&self, b: usize, i: usize, part: usize, h: usize) -> usize {
+        ((b * self.n + i) * 3 + part) * self.heads * self.dh + h * self.dh
+    }
+
+    fn head_buffers<T: Act>(&self) -> Head<T> {
+        let (np, dp) = (pad16(self.n), pad16(self.dh));
+        let z = T::of(0.0);
+        Head {
+            np,
+            dp,
+            q: vec![z; self.n * dp],
+            k: vec![z; self.n * dp],
+            v: vec![z; self.n * dp],
+            kt: vec![z; self.dh * np],
+            vt: vec![z; self.dh * np],
+            p: vec![z; self.n * np],
+            pd: vec![z; self.n * np],
+            dp_: vec![z; self.n * np],
+            o: vec![z; self.n * dp],
+            dq: vec![z; self.n * dp],
+            dk: vec![z; self.n * dp],
+            dv: vec![z; self.n * dp],
+        }
+    }
+
+    /// Loads one head: q (pre-multiplied by the scale, so `q k^T` is already scaled), k, v as
+    /// rows, and k (and v) transposed.
+    #[inline(always)]
+    fn load_head<E: VElem>(&self, qkv: &[E], b: usize, h: usize, hd: &mut Head<E::Op>, need_vt: bool) {
+        let (n, dh, np, dp) = (self.n, self.dh, hd.np, hd.dp);
+        let scale = E::Op::of(self.scale);
+        let tok = 3 * self.heads * dh;
+        let base = &qkv[b * n * tok + h * dh..];
+        for (i, ((qr, kr), vr)) in hd
+            .q
+            .chunks_exact_mut(dp)
+            .zip(hd.k.chunks_exact_mut(dp))
+            .zip(hd.v.chunks_exact_mut(dp))
+            .enumerate()
+            .take(n)
+        {
+            let src = &base[i * tok..];
+            let stride = self.heads * dh;
+            for (x, e) in qr[..dh].iter_mut().zip(&src[..dh]) {
+                *x = e.load() * scale;
+            }
+            for (x, e) in kr[..dh].iter_mut().zip(&src[stride..stride + dh]) {
+                *x = e.load();
+            }
+            for (x, e) in vr[..dh].iter_mut().zip(&src[2 * stride..2 * stride + dh]) {
+                *x = e.load();
+            }
+        }
+        transpose(&hd.k, n, dh, dp, &mut hd.kt, np);
+        if need_vt {
+            transpose(&hd.v, n, dh, dp, &mut hd.vt, np);
+        }
+    }
+
+    /// `p = softmax(scale * q k^T)` row by row (padding columns 0), and `pd = p * mask`
+    /// when dropout is on.
+    #[inline(always)]
+    fn probs<T: Act>(&self, hd: &mut Head<T>, u: usize, mask: &Mask<T>) {
+        let (n, dh, np, dp) = (self.n, self.dh, hd.np, hd.dp);
+        gemm::<T, false>(n, np, dh, &hd.q, dp, &hd.kt, np, &mut hd.p, np);
+        let ninf = T::of(f64::NEG_INFINITY);
+        for (i, row) in hd.p.chunks_exact_mut(np).enumerate() {
+            // Whole padded rows (multiples of 16): padding is -inf before the max and 0 after.
+            row[n..].iter_mut().for_each(|x| *x = ninf);
+            softmax_row(row);
+            row[n..].iter_mut().for_each(|x| *x = T::of(0.0));
+            let row = &row[..n];
+            if mask.on {
+                let base = (u * n + i) * n;
+                let drow = &mut hd.pd[i * np..][..n];
+                for (j, (d, x)) in drow.iter_mut().zip(row.iter()).enumerate() {
+                    *d = *x * mask.at(base + j);
+                }
+            }
+        }
+    }
+}
+
+/// The forward pass over heads `u0..u1` (u = b * H + h).
+struct AttnFwd {
+    a: Attention,
+    o: Ptr,
+}
+
+impl RowOp for AttnFwd {
+    #[inline(always)]
+    fn rows<E: VElem>(&self, u0: usize, u1: usize) -> Vec<f64> {
+        let a = &self.a;
+        let (n, dh, heads) = (a.n, a.dh, a.heads);
+        // SAFETY: `attention`'s contract; heads write disjoint column blocks of `o`.
+        let qkv = unsafe { a.qkv.all::<E>(a.b * n * 3 * heads * dh) };
+        let o_all = unsafe { a.o_all::<E>(self.o) };
+        let mask = Mask::<E::Op>::of(a.dropout);
+        let mut hd = a.head_buffers::<E::Op>();
+        let (np, dp) = (hd.np, hd.dp);
+        for u in u0..u1 {
+            let (b, h) = (u / heads, u % heads);
+            a.load_head::<E>(qkv, b, h, &mut hd, false);
+            a.probs(&mut hd, u, &mask);
+            let p = if mask.on { &hd.pd } else { &hd.p };
+            gemm::<E::Op, false>(n, dp, n, p, np, &hd.v, dp, &mut hd.o, dp);
+            for i in 0..n {
+                let out = &mut o_all[(b * n + i) * heads * dh + h * dh..][..dh];
+                for (o, x) in out.iter_mut().zip(&hd.o[i * dp..][..dh]) {
+                    *o = E::store(*x);
+                }
+            }
+        }
+        Vec::new()
+    }
+}
+
+impl Attention {
+    /// `(B, N, H * dh)` output or output-gradient buffer.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn o_all<'a, E>(&self, o: Ptr) -> &'a mut [E] {
+        std::slice::from_raw_parts_mut(o.0 as *mut E, self.b * self.n * self.heads * self.dh)
+    }
+}
+
+/// The backward pass over heads `u0..u1`: reads `g_o`, writes `g_qkv` (same layout as qkv).
+struct AttnBwd {
+    a: Attention,
+    g_o: Ptr,
+    g_qkv: Ptr,
+}
+
+impl RowOp for AttnBwd {
+    #[inline(always)]
+    fn rows<E: VElem>(&self, u0: usize, u1: usize) -> Vec<f64> {
+        let a = &self.a;
+        let (n, dh, heads) = (a.n, a.dh, a.heads);
+        // SAFETY: `attention_backward`'s contract; heads write disjoint blocks of `g_qkv`.
+        let qkv = unsafe { a.qkv.all::<E>(a.b * n * 3 * heads * dh) };
+        let g_o = unsafe { a.o_all::<E>(self.g_o) };
+        let g_qkv = unsafe { std::slice::from_raw_parts_mut(self.g_qkv.0 as *mut E, a.b * n * 3 * heads * dh) };
+        let mask = Mask::<E::Op>::of(a.dropout);
+        let scale = E::Op::of(a.scale);
+        let mut hd = a.head_buffers::<E::Op>();
+        let (np, dp) = (hd.np, hd.dp);
+        for u in u0..u1 {
+            let (b, h) = (u / heads, u % heads);
+            a.load_head::<E>(qkv, b, h, &mut hd, true);
+            a.probs(&mut hd, u, &mask);
+            // dO into hd.o (rows of dp)
+            for i in 0..n {
+                let src = &g_o[(b * n + i) * heads * dh + h * dh..][..dh];
+                for (x, g) in hd.o[i * dp..][..dh].iter_mut().zip(src) {
+                    *x = g.load();
+                }
+            }
+            // d(dropped p) = dO v^T ; dV = (dropped p)^T dO
+            gemm::<E::Op, false>(n, np, dh, &hd.o, dp, &hd.vt, np, &mut hd.dp_, np);
+            let pd = if mask.on { &hd.pd } else { &hd.p };
+            gemm::<E::Op, true>(n, dp, n, pd, np, &hd.o, dp, &mut hd.dv, dp);
+            // dS = scale * p * (dp - sum(dp * p)), dp = d(dropped p) * mask
+            for (i, (drow, prow)) in hd.dp_.chunks_exact_mut(np).zip(hd.p.chunks_exact(np)).enumerate() {
+                let (drow, prow) = (&mut drow[..n], &prow[..n]);
+                if mask.on {
+                    let base = (u * n + i) * n;
+                    for (j, x) in drow.iter_mut().enumerate() {
+                        *x = *x * mask.at(base + j);
+                    }
+                }
+                let mut s = E::Op::of(0.0);
+                let mut acc = [E::Op::of(0.0); LANES];
+                let (mut dc, mut pc) = (drow.chunks_exact(LANES), prow.chunks_exact(LANES));
+                for (d16, p16) in (&mut dc).zip(&mut pc) {
+                    for ((a, dv), pv) in acc.iter_mut().zip(d16).zip(p16) {
+                        *a = dv.mul_add(*pv, *a);
+                    }
+                }
+                for (dv, pv) in dc.remainder().iter().zip(pc.remainder()) {
+                    s = dv.mul_add(*pv, s);
+                }
+                let s = s + hsum(acc);
+                // (the scale sits in q: dK = dS^T (scale q), dQ = scale dS k)
+                for (x, &pj) in drow.iter_mut().zip(prow) {
+                    *x = pj * (*x - s);
+                }
+            }
+            // dQ = dS k ; dK = dS^T q
+            gemm::<E::Op, false>(n, dp, n, &hd.dp_, np, &hd.k, dp, &mut hd.dq, dp);
+            gemm::<E::Op, true>(n, dp, n, &hd.dp_, np, &hd.q, dp, &mut hd.dk, dp);
+            for i in 0..n {
+                for (o, x) in g_qkv[a.at(b, i, 0, h)..][..dh].iter_mut().zip(&hd.dq[i * dp..][..dh]) {
+                    *o = E::store(*x * scale);
+                }
+                for (part, src) in [(1, &hd.dk), (2, &hd.dv)] {
+                    for (o, x) in g_qkv[a.at(b, i, part, h)..][..dh].iter_mut().zip(&src[i * dp..][..dh]) {
+                        *o = E::store(*x);
+                    }
+                }
+            }
+        }
+        Vec::new()
+    }
+}
+
+/// Attention forward: writes `o` (`B * N * H * dh` elements).
+///
+/// # Safety
+/// `a.qkv`: `B * N * 3 * H * dh` elements of `dtype`; `o` as said; no overlap.
+pub unsafe fn attention(a: &Attention, o: Ptr, dtype: DType, threads: usize, exec: &dyn Executor) {
+    let op = AttnFwd { a: *a, o };
+    par_units(&op, dtype, a.b * a.heads, threads, exec);
+}
+
+/// Attention backward: writes `g_qkv` (shaped like qkv) from `g_o` (shaped like `o`).
+///
+/// # Safety
+/// As [`attention`]; `g_o` shaped like `o`, `g_qkv` like `qkv`; no overlap.
+pub unsafe fn attention_backward(a: &Attention, g_o: Ptr, g_qkv: Ptr, dtype: DType, threads: usize, exec: &dyn Executor) {
+    let op = AttnBwd { a: *a, g_o, g_qkv };
+    par_units(&op, dtype, a.b * a.heads, threads, exec);
+}
+
+/// Like [`par_rows`] for (batch, head) units: about 8 pieces per thread, so the per-piece
+/// scratch buffers (a few KB per head) are allocated a few times per call, not per head.
+fn par_units<O: RowOp>(op: &O, dtype: DType, units: usize, threads: usize, exec: &dyn Executor) {
+    let per = (units / (threads.max(1) * 8)).max(1);
+    par_rows(op, dtype, units, CHUNK / per.min(CHUNK), threads, exec);
+}
+
 /// LayerNorm forward over `rows` rows of `d`.
 ///
 /// # Safety
@@ -614,24 +998,6 @@ pub unsafe fn layer_norm_backward(
     let mut r = par_rows(op, dtype, rows, op.d, threads, exec);
     r.resize(2 * op.d, 0.0);
     r
-}
-
-/// # Safety
-/// `x` (and `dropped` when dropout is on): `rows * n` elements of `dtype`, not overlapping.
-pub unsafe fn softmax(op: &SoftmaxFwd, dtype: DType, rows: usize, threads: usize, exec: &dyn Executor) {
-    par_rows(op, dtype, rows, op.n, threads, exec);
-}
-
-/// # Safety
-/// `g`, `attn`: `rows * n` elements of `dtype`, not overlapping.
-pub unsafe fn softmax_backward(
-    op: &SoftmaxBwd,
-    dtype: DType,
-    rows: usize,
-    threads: usize,
-    exec: &dyn Executor,
-) {
-    par_rows(op, dtype, rows, op.n, threads, exec);
 }
 
 /// # Safety
@@ -738,35 +1104,12 @@ mod tests {
     }
 
     #[test]
-    fn softmax_and_gelu_backward_match_finite_differences() {
+    fn gelu_backward_matches_finite_differences() {
         let n = 5usize;
         let x0: Vec<f64> = (0..2 * n).map(|i| ((i * 7 % 5) as f64 - 2.0) * 0.7).collect();
         let go: Vec<f64> = (0..2 * n).map(|i| ((i * 3 % 4) as f64 - 1.5) * 0.4).collect();
         let drop = Dropout { p: 0.25, seed: 7 };
-        // loss = sum(go * dropout(softmax(scale * x)))
-        let loss = |x: &[f64]| -> f64 {
-            let mut a = x.to_vec();
-            let mut dr = vec![0.0; 2 * n];
-            let op = SoftmaxFwd { x: p(&mut a), dropped: p(&mut dr), n, scale: 0.5, dropout: drop };
-            unsafe { softmax(&op, DType::F64, 2, 1, &Serial) };
-            dr.iter().zip(&go).map(|(a, g)| a * g).sum()
-        };
-        let mut a = x0.clone();
-        let mut dr = vec![0.0; 2 * n];
-        let op = SoftmaxFwd { x: p(&mut a), dropped: p(&mut dr), n, scale: 0.5, dropout: drop };
-        unsafe { softmax(&op, DType::F64, 2, 1, &Serial) };
-        assert!((a[..n].iter().sum::<f64>() - 1.0).abs() < 1e-15);
-        let mut g = go.clone();
-        let op = SoftmaxBwd { g: p(&mut g), attn: p(&mut a), n, scale: 0.5, dropout: drop };
-        unsafe { softmax_backward(&op, DType::F64, 2, 1, &Serial) };
         let h = 1e-6;
-        for i in 0..2 * n {
-            let (mut xp, mut xm) = (x0.clone(), x0.clone());
-            xp[i] += h;
-            xm[i] -= h;
-            let num = (loss(&xp) - loss(&xm)) / (2.0 * h);
-            assert!((g[i] - num).abs() < 1e-8, "softmax {i}: {} vs {num}", g[i]);
-        }
         // GELU with dropout
         let gl = |x: &[f64]| -> f64 {
             let mut xs = x.to_vec();
@@ -789,6 +1132,63 @@ mod tests {
             let want = 0.5 * x0[i] * (1.0 + libm::erf(x0[i] / 2f64.sqrt()));
             let m = if keep(drop.seed, i as u64, drop.threshold()) { 1.0 / 0.75 } else { 0.0 };
             assert!((y[i] - want * m).abs() < 1e-15);
+        }
+    }
+
+    #[test]
+    fn attention_matches_naive_and_finite_differences() {
+        let (bsz, n, heads, dh) = (2usize, 5usize, 2usize, 3usize);
+        let len = bsz * n * 3 * heads * dh;
+        let qkv0: Vec<f64> = (0..len).map(|i| ((i * 29 % 17) as f64 - 8.0) * 0.15).collect();
+        let go: Vec<f64> = (0..bsz * n * heads * dh).map(|i| ((i * 11 % 7) as f64 - 3.0) * 0.3).collect();
+        for drop in [Dropout::OFF, Dropout { p: 0.3, seed: 99 }] {
+            let run = |qkv: &[f64]| -> Vec<f64> {
+                let mut q = qkv.to_vec();
+                let mut o = vec![0.0; bsz * n * heads * dh];
+                let a = Attention { qkv: p(&mut q), b: bsz, n, heads, dh, scale: 0.6, dropout: drop };
+                unsafe { attention(&a, p(&mut o), DType::F64, 2, &Serial) };
+                o
+            };
+            let o = run(&qkv0);
+            // naive reference
+            let at = |b: usize, i: usize, part: usize, h: usize, d: usize| qkv0[((b * n + i) * 3 + part) * heads * dh + h * dh + d];
+            let t = drop.threshold();
+            for b in 0..bsz {
+                for h in 0..heads {
+                    for i in 0..n {
+                        let s: Vec<f64> = (0..n).map(|j| 0.6 * (0..dh).map(|d| at(b, i, 0, h, d) * at(b, j, 1, h, d)).sum::<f64>()).collect();
+                        let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                        let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                        let z: f64 = e.iter().sum();
+                        for d in 0..dh {
+                            let want: f64 = (0..n)
+                                .map(|j| {
+                                    let keepj = !drop.active() || keep(drop.seed, (((b * heads + h) * n + i) * n + j) as u64, t);
+                                    let sc = if drop.active() { if keepj { 1.0 / 0.7 } else { 0.0 } } else { 1.0 };
+                                    e[j] / z * sc * at(b, j, 2, h, d)
+                                })
+                                .sum();
+                            let got = o[(b * n + i) * heads * dh + h * dh + d];
+                            assert!((got - want).abs() < 1e-12, "{got} vs {want}");
+                        }
+                    }
+                }
+            }
+            let mut q = qkv0.clone();
+            let mut g = go.clone();
+            let mut gq = vec![0.0; len];
+            let a = Attention { qkv: p(&mut q), b: bsz, n, heads, dh, scale: 0.6, dropout: drop };
+            unsafe { attention_backward(&a, p(&mut g), p(&mut gq), DType::F64, 2, &Serial) };
+            let h = 1e-6;
+            for i in 0..len {
+                let (mut xp, mut xm) = (qkv0.clone(), qkv0.clone());
+                xp[i] += h;
+                xm[i] -= h;
+                let lp: f64 = run(&xp).iter().zip(&go).map(|(a, b)| a * b).sum();
+                let lm: f64 = run(&xm).iter().zip(&go).map(|(a, b)| a * b).sum();
+                let num = (lp - lm) / (2.0 * h);
+                assert!((gq[i] - num).abs() < 1e-8, "qkv {i}: {} vs {num}", gq[i]);
+            }
         }
     }
 }
