@@ -10,7 +10,7 @@
 
 use half::{bf16, f16};
 
-use crate::driver::{map_pieces, DType, Executor};
+use crate::driver::{map_pieces, simd_level, DType, Executor};
 use crate::elem::{Elem, OpFloat};
 
 /// Elements per unit of parallel work.
@@ -288,28 +288,6 @@ impl Ptr {
 /// result (reductions over rows are summed by the caller in row order).
 trait RowOp: Sync {
     fn rows<E: VElem>(&self, r0: usize, r1: usize) -> Vec<f64>;
-}
-
-fn simd_level() -> u8 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::sync::atomic::{AtomicU8, Ordering};
-        static HAS: AtomicU8 = AtomicU8::new(0);
-        let mut has = HAS.load(Ordering::Relaxed);
-        if has == 0 {
-            has = if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
-                3
-            } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                2
-            } else {
-                1
-            };
-            HAS.store(has, Ordering::Relaxed);
-        }
-        has
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    1
 }
 
 #[cfg(target_arch = "x86_64")]
