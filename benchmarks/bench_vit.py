@@ -1,25 +1,76 @@
-"""ViT training step and inference: ferrotorch.nn.ViT vs vit-pytorch (and timm), one run.
+"""ViT training step, inference and peak memory: ferrotorch.nn.ViT vs vit-pytorch, timm and
+torch.compile, measured in one run.
 
-    python benchmarks/bench_vit.py [--batch 64] [--threads 2]
+    python benchmarks/bench_vit.py [--batch 64] [--threads 2] [--no-compile]
 
 Configuration of issue #4: 32x32x3 images, patch 4, dim 256, depth 6, heads 8, dim_head 32,
-mlp 512, 10 classes, fp32. Prints ms per training step (forward + cross-entropy + backward)
-and per inference batch, ratios (vit-pytorch / ferrotorch) and peak RSS growth.
+mlp 512, 10 classes, fp32. A training step is forward + cross-entropy + backward; inference
+is one no-grad forward in eval mode. Times are medians over --repeats runs; "peak MB" is the
+growth of the process's RSS during two training steps over its RSS after a warm-up step,
+each model in a fresh subprocess (so one model's memory cannot hide another's). Ratios are vit-pytorch / other (higher is
+better for the other).
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from ferrotorch.nn import ViT
-
 CFG = dict(image_size=32, patch_size=4, num_classes=10, dim=256, depth=6, heads=8, dim_head=32, mlp_dim=512)
+
+
+def build(name: str):
+    """The model called `name`, all with the same weights where the architectures agree."""
+    torch.manual_seed(0)
+    if name in ("vit-pytorch", "ferrotorch", "torch.compile"):
+        import vit_pytorch
+
+        ref = vit_pytorch.ViT(**CFG)
+        if name == "vit-pytorch":
+            return ref
+        if name == "torch.compile":
+            return torch.compile(ref)
+        from ferrotorch.nn import ViT
+
+        ours = ViT(**CFG)
+        ours.load_state_dict(ref.state_dict())
+        return ours
+    import timm
+
+    tm = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=4, in_chans=3, num_classes=10, embed_dim=256, depth=6, num_heads=8, mlp_ratio=2.0, qkv_bias=False
+    )
+    if name == "timm":
+        return tm
+    from ferrotorch.nn import ViT
+
+    return ViT.from_timm(tm)  # "ferrotorch (timm)"
+
+
+def steps(model, batch: int, infer_batch: int):
+    x = torch.randn(batch, 3, 32, 32)
+    y = torch.randint(0, 10, (batch,))
+    xi = torch.randn(infer_batch, 3, 32, 32)
+
+    def train():
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+
+    def infer():
+        model.eval()
+        with torch.no_grad():
+            model(xi)
+        model.train()
+
+    return train, infer
 
 
 def timed(fn, repeats: int) -> float:
@@ -32,42 +83,95 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(out)
 
 
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+_POLL = """
+import os, sys, time
+pid, best = sys.argv[1], 0
+page = os.sysconf("SC_PAGE_SIZE")
+sys.stdout.write("ready\\n"); sys.stdout.flush()
+try:
+    while True:
+        with open(f"/proc/{pid}/statm") as f:
+            best = max(best, int(f.read().split()[1]) * page)
+        time.sleep(0.0005)
+except (KeyboardInterrupt, FileNotFoundError, ProcessLookupError):
+    pass
+print(best)
+"""
+
+
+def peak_child(name: str, batch: int, threads: int) -> None:
+    """Runs in a subprocess: prints the peak RSS growth of two training steps over the RSS
+    after a warm-up step (so one-time initialisation and compilation are not counted), as
+    seen by a second process polling /proc/<pid>/statm every 0.5 ms."""
+    import signal
+
+    torch.set_num_threads(threads)
+    model = build(name)
+    train, _ = steps(model, batch, 1)
+    train()
+    base = rss_mb()
+    poll = subprocess.Popen([sys.executable, "-c", _POLL, str(os.getpid())], stdout=subprocess.PIPE, text=True)
+    assert poll.stdout is not None
+    poll.stdout.readline()
+    for _ in range(2):
+        train()
+    time.sleep(0.01)
+    poll.send_signal(signal.SIGINT)
+    peak = int(poll.communicate()[0].split()[-1]) / 2**20
+    print(json.dumps({"peak_mb": peak - base}))
+
+
+def measure_peak(name: str, batch: int, threads: int) -> float | None:
+    out = subprocess.run(
+        [sys.executable, __file__, "--peak-child", name, "--batch", str(batch), "--threads", str(threads)],
+        capture_output=True, text=True, timeout=900,
+    )
+    try:
+        return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+    except (IndexError, ValueError, KeyError):
+        print(f"  ({name}: peak memory run failed: {out.stderr.strip().splitlines()[-1:]})", file=sys.stderr)
+        return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--infer-batch", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (it takes minutes to build)")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--peak-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.peak_child:
+        return peak_child(args.peak_child, args.batch, args.threads)
     torch.set_num_threads(args.threads)
-    import vit_pytorch
-
-    torch.manual_seed(0)
-    ref = vit_pytorch.ViT(**CFG)
-    ours = ViT(**CFG)
-    ours.load_state_dict(ref.state_dict())
-    x = torch.randn(args.batch, 3, 32, 32)
-    y = torch.randint(0, 10, (args.batch,))
-    xi = torch.randn(args.infer_batch, 3, 32, 32)
-    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch} (train) / {args.infer_batch} (inference)")
-    print(f"{'model':<12} | {'train ms':>9} {'infer ms':>9}")
-    rows = {}
-    for name, model in (("vit-pytorch", ref), ("ferrotorch", ours)):
-        def train():
-            model.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-
-        def infer():
-            with torch.no_grad():
-                model.eval()
-                model(xi)
-                model.train()
-
-        rows[name] = (timed(train, args.repeats), timed(infer, args.repeats))
-        print(f"{name:<12} | {rows[name][0]:9.1f} {rows[name][1]:9.1f}", flush=True)
-    (rt, ri), (ft, fi) = rows["vit-pytorch"], rows["ferrotorch"]
-    print(f"ratio (vit-pytorch / ferrotorch): train {rt / ft:.2f}x, inference {ri / fi:.2f}x")
-    print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    names = ["vit-pytorch", "ferrotorch", "timm", "ferrotorch (timm)"] + ([] if args.no_compile else ["torch.compile"])
+    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch} (train) / {args.infer_batch} (inference), fp32")
+    rows: dict[str, tuple[float, float, float | None]] = {}
+    for name in names:
+        try:
+            model = build(name)
+            train, infer = steps(model, args.batch, args.infer_batch)
+            t, i = timed(train, args.repeats), timed(infer, args.repeats)
+        except Exception as e:  # torch.compile may not build on every machine
+            print(f"  ({name} skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]})", file=sys.stderr)
+            continue
+        peak = None if args.no_memory else measure_peak(name, args.batch, args.threads)
+        rows[name] = (t, i, peak)
+        print(f"  measured {name}", file=sys.stderr, flush=True)
+    rt, ri, rp = rows["vit-pytorch"]
+    print(f"{'model':<18} | {'train ms':>9} {'x':>6} | {'infer ms':>9} {'x':>6} | {'peak MB':>8} {'ours/ref':>8}")
+    for name, (t, i, p) in rows.items():
+        mem = f"{p:8.0f} {p / rp:8.2f}" if p is not None and rp else f"{'-':>8} {'-':>8}"
+        print(f"{name:<18} | {t:9.1f} {rt / t:6.2f} | {i:9.1f} {ri / i:6.2f} | {mem}")
+    print("x = vit-pytorch time / this time (higher is faster); ours/ref = peak MB / vit-pytorch's peak MB")
+    print("ferrotorch (timm) runs the timm model's weights; compare its times with timm's row.")
 
 
 if __name__ == "__main__":

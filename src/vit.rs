@@ -1,21 +1,32 @@
-//! Vision Transformer (vit-pytorch's `ViT`) forward and backward, written out by hand.
+//! Vision Transformer (vit-pytorch's `ViT`, or timm's plain `VisionTransformer`) forward
+//! and backward, written out by hand.
 //!
-//! The forward pass records what the backward pass needs on a `VitTape`; the backward pass
-//! returns the gradient of the input and of every parameter. No libtorch autograd is used:
-//! all tensors here are plain values, and the matmuls go through tch (MKL on CPU).
-//! Parameter order (as `ferrotorch.nn.ViT` lists them): patch LayerNorm w/b, patch Linear
-//! w/b, embedding LayerNorm w/b, cls token (pool "cls" only), pos embedding, then per layer
-//! attention LayerNorm w/b, to_qkv w, [to_out w/b], feed-forward LayerNorm w/b, Linear 1
+//! No libtorch autograd is used. The forward pass returns the logits and the activations
+//! the backward pass needs; Python keeps those with `ctx.save_for_backward`, so torch frees
+//! them after `backward()` (or keeps them under `retain_graph=True`) exactly as it does for
+//! its own ops. Matmuls go through tch (MKL on CPU). On CPU everything between the matmuls
+//! is one fused Rust pass from `ferrotorch_kernels::vit` ([`Ops::Fused`]); on other devices
+//! the same math runs as tch ops ([`Ops::Torch`]). Dropout masks come from a counter-based
+//! hash of a seed drawn from torch's generator, so they are recomputed, never stored, and
+//! both paths draw the same masks.
+//!
+//! Parameter order (as `ferrotorch.nn.ViT._ordered_params` lists them): [patch LayerNorm
+//! w/b], patch Linear w/b, [embedding LayerNorm w/b], [cls token], pos embedding; per layer
+//! attention LayerNorm w/b, qkv w, [qkv b], [out w/b], feed-forward LayerNorm w/b, Linear 1
 //! w/b, Linear 2 w/b; then the final LayerNorm w/b and the head w/b.
 
+use ferrotorch_kernels::vit as k;
+use ferrotorch_kernels::vit::{Dropout, Ptr};
+use ferrotorch_kernels::DType;
 use pyo3::prelude::*;
 use pyo3_tch::PyTensor;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::errors::{no_panic, Error, Result};
+use crate::parallel::TorchThreads;
+use crate::tensor::kernel_dtype;
 
-const EPS: f64 = 1e-5;
-
+/// The model's shape and options (fixed by the module's constructor).
 #[derive(Clone, Copy, Debug)]
 struct Cfg {
     patch: (i64, i64),
@@ -24,123 +35,429 @@ struct Cfg {
     depth: usize,
     heads: i64,
     dim_head: i64,
-    cls: bool,
+    /// A cls token is prepended.
+    cls_token: bool,
+    /// Pool by the cls token (else the mean of the non-cls tokens).
+    pool_cls: bool,
     project_out: bool,
+    /// vit-pytorch's LayerNorms before and after the patch Linear (timm has none).
+    patch_norm: bool,
+    qkv_bias: bool,
+    /// The final LayerNorm runs on the pooled vector (timm's `fc_norm`), not on every token.
+    norm_after_pool: bool,
+    eps: f64,
     dropout: f64,
     emb_dropout: f64,
 }
 
-struct Ln {
-    xhat: Tensor,
-    rstd: Tensor,
+/// Where the math between the matmuls runs.
+#[derive(Clone, Copy)]
+enum Ops {
+    /// CPU, dense: the Rust kernels, for this dtype, on `threads` of torch's OpenMP team.
+    Fused { dtype: DType, threads: usize },
+    /// Anything else (CUDA…): tch ops.
+    Torch,
 }
 
-fn ln_fwd(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<(Tensor, Ln)> {
-    let d = *x.size().last().unwrap_or(&1);
-    let (y, mean, rstd) = x.f_native_layer_norm([d], Some(w), Some(b), EPS)?;
-    let xhat = x.f_sub(&mean)?.f_mul(&rstd)?;
-    Ok((y, Ln { xhat, rstd }))
+fn ptr(t: &Tensor) -> Ptr {
+    Ptr(t.data_ptr() as *mut u8)
 }
 
-/// Returns (grad x, grad w, grad b).
-fn ln_bwd(gy: &Tensor, c: &Ln, w: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-    let lead: Vec<i64> = (0..gy.dim() as i64 - 1).collect();
-    let gw = gy
-        .f_mul(&c.xhat)?
-        .f_sum_dim_intlist(lead.as_slice(), false, None::<Kind>)?;
-    let gb = gy.f_sum_dim_intlist(lead.as_slice(), false, None::<Kind>)?;
-    let gxhat = gy.f_mul(w)?;
-    let m1 = gxhat.f_mean_dim(-1, true, None::<Kind>)?;
-    let m2 = gxhat.f_mul(&c.xhat)?.f_mean_dim(-1, true, None::<Kind>)?;
-    let gx = gxhat
-        .f_sub(&m1)?
-        .f_sub(&c.xhat.f_mul(&m2)?)?
-        .f_mul(&c.rstd)?;
-    Ok((gx, gw, gb))
+fn stat_kind(kind: Kind) -> Kind {
+    if kind == Kind::Double {
+        Kind::Double
+    } else {
+        Kind::Float
+    }
 }
 
+fn last(t: &Tensor) -> i64 {
+    *t.size().last().unwrap_or(&1)
+}
+
+/// The dropout mask `keep * 1/(1-p)` as a tensor, computed with tch integer ops from the
+/// same hash as the kernels' `keep` (two 32-bit `lowbias32` rounds).
+fn torch_mask(d: Dropout, like: &Tensor) -> Result<Tensor> {
+    const M: i64 = 0xffff_ffff;
+    let opts = (Kind::Int64, like.device());
+    let idx = Tensor::f_arange(like.numel() as i64, opts)?;
+    let mix = |x: Tensor| -> Result<Tensor> {
+        let x = x.f_bitwise_xor_tensor(&x.f_bitwise_right_shift_tensor_scalar(16)?)?;
+        let x = x.f_mul_scalar(0x7feb_352d_i64)?.f_bitwise_and(M)?;
+        let x = x.f_bitwise_xor_tensor(&x.f_bitwise_right_shift_tensor_scalar(15)?)?;
+        let x = x.f_mul_scalar(0x846c_a68b_i64)?.f_bitwise_and(M)?;
+        Ok(x.f_bitwise_xor_tensor(&x.f_bitwise_right_shift_tensor_scalar(16)?)?)
+    };
+    let lo = idx.f_bitwise_and(M)?.f_bitwise_xor((d.seed & 0xffff_ffff) as i64)?;
+    let hi = idx
+        .f_bitwise_right_shift_tensor_scalar(32)?
+        .f_mul_scalar(0x9e37_79b9_i64)?
+        .f_bitwise_and(M)?;
+    let x = mix(lo)?
+        .f_bitwise_xor((d.seed >> 32) as i64)?
+        .f_bitwise_xor_tensor(&hi)?;
+    let x = mix(x)?;
+    let threshold = ((1.0 - d.p.clamp(0.0, 1.0)) * (1u32 << 24) as f64).round() as i64;
+    let scale = if d.p >= 1.0 { 0.0 } else { 1.0 / (1.0 - d.p) };
+    let keep = x.f_bitwise_right_shift_tensor_scalar(8)?.f_lt(threshold)?;
+    Ok(keep
+        .f_to_kind(like.kind())?
+        .f_mul_scalar(scale)?
+        .f_reshape(like.size())?)
+}
+
+impl Ops {
+    fn exec(&self) -> &'static TorchThreads {
+        &TorchThreads
+    }
+
+    /// LayerNorm over the last dim: `(y, mean, rstd)`, stats one per row.
+    fn ln(&self, x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<(Tensor, Tensor, Tensor)> {
+        let d = last(x);
+        match *self {
+            Ops::Fused { dtype, threads } => {
+                let rows = (x.numel() as i64 / d.max(1)) as usize;
+                let y = x.f_empty_like()?;
+                let stat = (stat_kind(x.kind()), Device::Cpu);
+                let mean = Tensor::f_empty([rows as i64], stat)?;
+                let rstd = Tensor::f_empty([rows as i64], stat)?;
+                let op = k::LnFwd {
+                    x: ptr(x),
+                    w: ptr(w),
+                    b: ptr(b),
+                    y: ptr(&y),
+                    mean: ptr(&mean),
+                    rstd: ptr(&rstd),
+                    d: d as usize,
+                    eps,
+                };
+                // SAFETY: every tensor is contiguous on the CPU with the sizes the op reads.
+                unsafe { k::layer_norm(&op, dtype, rows, threads, self.exec()) };
+                Ok((y, mean, rstd))
+            }
+            Ops::Torch => {
+                let (y, mean, rstd) = x.f_native_layer_norm([d], Some(w), Some(b), eps)?;
+                Ok((y, mean.f_reshape([-1])?, rstd.f_reshape([-1])?))
+            }
+        }
+    }
+
+    /// LayerNorm backward: `(gx, gw, gb)`; with `acc`, `gx` is `acc + dx` (in place on CPU).
+    fn ln_bwd(
+        &self,
+        gy: &Tensor,
+        x: &Tensor,
+        mean: &Tensor,
+        rstd: &Tensor,
+        w: &Tensor,
+        acc: Option<Tensor>,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let d = last(x);
+        match *self {
+            Ops::Fused { dtype, threads } => {
+                let gy = gy.f_contiguous()?;
+                let rows = (x.numel() as i64 / d.max(1)) as usize;
+                let accumulate = acc.is_some();
+                let gx = match acc {
+                    Some(a) => a,
+                    None => x.f_empty_like()?,
+                };
+                let op = k::LnBwd {
+                    gy: ptr(&gy),
+                    x: ptr(x),
+                    mean: ptr(mean),
+                    rstd: ptr(rstd),
+                    w: ptr(w),
+                    gx: ptr(&gx),
+                    accumulate,
+                    d: d as usize,
+                };
+                // SAFETY: as in `ln`; `gx` is a fresh tensor or the caller's own accumulator.
+                let sums = unsafe { k::layer_norm_backward(&op, dtype, rows, threads, self.exec()) };
+                let sums = Tensor::f_from_slice(&sums)?.f_to_kind(w.kind())?;
+                Ok((gx, sums.f_narrow(0, 0, d)?, sums.f_narrow(0, d, d)?))
+            }
+            Ops::Torch => {
+                let mut stat_shape = x.size();
+                let n = stat_shape.len();
+                stat_shape[n - 1] = 1;
+                let (mean, rstd) = (mean.f_reshape(&stat_shape)?, rstd.f_reshape(&stat_shape)?);
+                let xhat = x.f_sub(&mean)?.f_mul(&rstd)?;
+                let lead: Vec<i64> = (0..gy.dim() as i64 - 1).collect();
+                let gw = gy
+                    .f_mul(&xhat)?
+                    .f_sum_dim_intlist(lead.as_slice(), false, None::<Kind>)?;
+                let gb = gy.f_sum_dim_intlist(lead.as_slice(), false, None::<Kind>)?;
+                let gxhat = gy.f_mul(w)?;
+                let m1 = gxhat.f_mean_dim(-1, true, None::<Kind>)?;
+                let m2 = gxhat.f_mul(&xhat)?.f_mean_dim(-1, true, None::<Kind>)?;
+                let gx = gxhat.f_sub(&m1)?.f_sub(&xhat.f_mul(&m2)?)?.f_mul(&rstd)?;
+                let gx = match acc {
+                    Some(a) => a.f_add(&gx)?,
+                    None => gx,
+                };
+                Ok((gx, gw, gb))
+            }
+        }
+    }
+
+    /// Multi-head attention on the qkv Linear's output `(B, N, 3 * inner)`: returns the
+    /// heads' outputs merged, `(B, N, inner)`.
+    fn attention(&self, qkv: &Tensor, cfg: &Cfg, r: &Run, drop: Dropout) -> Result<Tensor> {
+        let (b, seq, nh, dh) = (r.b, r.seq, cfg.heads, cfg.dim_head);
+        let scale = (dh as f64).powf(-0.5);
+        match *self {
+            Ops::Fused { dtype, threads } => {
+                let o = Tensor::f_empty([b, seq, nh * dh], (qkv.kind(), Device::Cpu))?;
+                let a = attn_desc(qkv, cfg, r, drop);
+                // SAFETY: `qkv` is contiguous (B, N, 3, H, dh); `o` fresh (B, N, H * dh).
+                unsafe { k::attention(&a, ptr(&o), dtype, threads, self.exec()) };
+                Ok(o)
+            }
+            Ops::Torch => {
+                let (q, kk, v) = split_heads(qkv, cfg, r)?;
+                let attn = q.f_bmm(&kk.f_transpose(1, 2)?)?.f_mul_scalar(scale)?.f_softmax(-1, None::<Kind>)?;
+                let attn_d = if drop.active() { attn.f_mul(&torch_mask(drop, &attn)?)? } else { attn };
+                merge_heads(&attn_d.f_bmm(&v)?, cfg, r)
+            }
+        }
+    }
+
+    /// Gradient of `qkv` from that of the merged output; the attention matrix is recomputed.
+    fn attention_bwd(&self, qkv: &Tensor, g_o: &Tensor, cfg: &Cfg, r: &Run, drop: Dropout) -> Result<Tensor> {
+        let (b, seq, nh, dh) = (r.b, r.seq, cfg.heads, cfg.dim_head);
+        let scale = (dh as f64).powf(-0.5);
+        match *self {
+            Ops::Fused { dtype, threads } => {
+                let g_o = g_o.f_contiguous()?;
+                let g_qkv = qkv.f_empty_like()?;
+                let a = attn_desc(qkv, cfg, r, drop);
+                // SAFETY: as in `attention`; `g_qkv` is fresh and shaped like `qkv`.
+                unsafe { k::attention_backward(&a, ptr(&g_o), ptr(&g_qkv), dtype, threads, self.exec()) };
+                Ok(g_qkv)
+            }
+            Ops::Torch => {
+                let (q, kk, v) = split_heads(qkv, cfg, r)?;
+                let attn = q.f_bmm(&kk.f_transpose(1, 2)?)?.f_mul_scalar(scale)?.f_softmax(-1, None::<Kind>)?;
+                let mask = if drop.active() { Some(torch_mask(drop, &attn)?) } else { None };
+                let g_o = g_o
+                    .f_reshape([b, seq, nh, dh])?
+                    .f_permute([0, 2, 1, 3])?
+                    .f_reshape([b * nh, seq, dh])?;
+                let attn_d = match &mask {
+                    Some(m) => attn.f_mul(m)?,
+                    None => attn.shallow_clone(),
+                };
+                let g_v = attn_d.f_transpose(1, 2)?.f_bmm(&g_o)?;
+                let mut g_attn = g_o.f_bmm(&v.f_transpose(1, 2)?)?;
+                if let Some(m) = &mask {
+                    g_attn = g_attn.f_mul(m)?;
+                }
+                let s = g_attn.f_mul(&attn)?.f_sum_dim_intlist([-1i64].as_slice(), true, None::<Kind>)?;
+                let g_dots = attn.f_mul(&g_attn.f_sub(&s)?)?.f_mul_scalar(scale)?;
+                let g_q = g_dots.f_bmm(&kk)?;
+                let g_k = g_dots.f_transpose(1, 2)?.f_bmm(&q)?;
+                let parts: Vec<Tensor> = [g_q, g_k, g_v]
+                    .iter()
+                    .map(|t| t.f_reshape([b, nh, seq, dh]))
+                    .collect::<std::result::Result<_, _>>()?;
+                Ok(Tensor::f_stack(&parts, 2)?
+                    .f_permute([0, 3, 2, 1, 4])?
+                    .f_contiguous()?
+                    .f_reshape([b, seq, 3 * nh * dh])?)
+            }
+        }
+    }
+
+    /// `gelu(x) * mask`.
+    fn gelu(&self, x: &Tensor, drop: Dropout) -> Result<Tensor> {
+        match *self {
+            Ops::Fused { dtype, threads } => {
+                let y = x.f_empty_like()?;
+                let op = k::GeluFwd {
+                    x: ptr(x),
+                    y: ptr(&y),
+                    dropout: drop,
+                };
+                // SAFETY: contiguous CPU tensors of one size.
+                unsafe { k::gelu_forward(&op, dtype, x.numel(), threads, self.exec()) };
+                Ok(y)
+            }
+            Ops::Torch => {
+                let y = x.f_gelu("none")?;
+                Ok(if drop.active() { y.f_mul(&torch_mask(drop, &y)?)? } else { y })
+            }
+        }
+    }
+
+    /// GELU backward on `g` (consumed): `(g * mask * gelu'(x), gelu(x) * mask)`.
+    fn gelu_bwd(&self, x: &Tensor, g: Tensor, drop: Dropout) -> Result<(Tensor, Tensor)> {
+        match *self {
+            Ops::Fused { dtype, threads } => {
+                let y = x.f_empty_like()?;
+                let op = k::GeluBwd {
+                    x: ptr(x),
+                    g: ptr(&g),
+                    y: ptr(&y),
+                    dropout: drop,
+                };
+                // SAFETY: contiguous CPU tensors of one size; `g` is ours.
+                unsafe { k::gelu_backward(&op, dtype, x.numel(), threads, self.exec()) };
+                Ok((g, y))
+            }
+            Ops::Torch => {
+                let cdf = x
+                    .f_mul_scalar(std::f64::consts::FRAC_1_SQRT_2)?
+                    .f_erf()?
+                    .f_add_scalar(1.0)?
+                    .f_mul_scalar(0.5)?;
+                let pdf = x
+                    .f_square()?
+                    .f_mul_scalar(-0.5)?
+                    .f_exp()?
+                    .f_mul_scalar(1.0 / (2.0 * std::f64::consts::PI).sqrt())?;
+                let mut gg = g.f_mul(&cdf.f_add(&x.f_mul(&pdf)?)?)?;
+                let mut y = x.f_mul(&cdf)?;
+                if drop.active() {
+                    let m = torch_mask(drop, x)?;
+                    gg = gg.f_mul(&m)?;
+                    y = y.f_mul(&m)?;
+                }
+                Ok((gg, y))
+            }
+        }
+    }
+
+    /// `h + y * mask`, or `h * mask` without `y` (a new tensor).
+    fn add_dropout(&self, h: &Tensor, y: Option<&Tensor>, drop: Dropout) -> Result<Tensor> {
+        match *self {
+            Ops::Fused { dtype, threads } => {
+                let out = h.f_empty_like()?;
+                let y = match y {
+                    Some(y) => Some(y.f_contiguous()?),
+                    None => None,
+                };
+                let op = k::AddDropout {
+                    h: ptr(h),
+                    y: y.as_ref().map_or(Ptr::NULL, ptr),
+                    out: ptr(&out),
+                    dropout: drop,
+                };
+                // SAFETY: contiguous CPU tensors of one size; `out` is fresh.
+                unsafe { k::add_dropout(&op, dtype, h.numel(), threads, self.exec()) };
+                Ok(out)
+            }
+            Ops::Torch => {
+                let y = match y {
+                    Some(y) if drop.active() => y.f_mul(&torch_mask(drop, y)?)?,
+                    Some(y) => y.shallow_clone(),
+                    None if drop.active() => return Ok(h.f_mul(&torch_mask(drop, h)?)?),
+                    None => return Ok(h.shallow_clone()),
+                };
+                Ok(h.f_add(&y)?)
+            }
+        }
+    }
+
+    /// `g * mask` (the gradient through a dropout), or `g` itself when dropout is off.
+    fn dropout_grad(&self, g: &Tensor, drop: Dropout) -> Result<Tensor> {
+        if drop.active() {
+            self.add_dropout(g, None, drop)
+        } else {
+            Ok(g.shallow_clone())
+        }
+    }
+}
+
+fn attn_desc(qkv: &Tensor, cfg: &Cfg, r: &Run, drop: Dropout) -> k::Attention {
+    k::Attention {
+        qkv: ptr(qkv),
+        b: r.b as usize,
+        n: r.seq as usize,
+        heads: cfg.heads as usize,
+        dh: cfg.dim_head as usize,
+        scale: (cfg.dim_head as f64).powf(-0.5),
+        dropout: drop,
+    }
+}
+
+/// `(B, N, 3 * H * dh)` -> q, k, v as `(B * H, N, dh)`.
+fn split_heads(qkv: &Tensor, cfg: &Cfg, r: &Run) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, seq, nh, dh) = (r.b, r.seq, cfg.heads, cfg.dim_head);
+    let t = qkv.f_reshape([b, seq, 3, nh, dh])?.f_permute([2, 0, 3, 1, 4])?;
+    let part = |i: i64| -> Result<Tensor> { Ok(t.f_get(i)?.f_reshape([b * nh, seq, dh])?) };
+    Ok((part(0)?, part(1)?, part(2)?))
+}
+
+/// `(B * H, N, dh)` -> `(B, N, H * dh)`.
+fn merge_heads(o: &Tensor, cfg: &Cfg, r: &Run) -> Result<Tensor> {
+    let (b, seq, nh, dh) = (r.b, r.seq, cfg.heads, cfg.dim_head);
+    Ok(o.f_reshape([b, nh, seq, dh])?
+        .f_permute([0, 2, 1, 3])?
+        .f_contiguous()?
+        .f_reshape([b, seq, nh * dh])?)
+}
+
+/// `x @ w.T + b` over the last dim.
 fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let y = x.f_matmul(&w.f_transpose(0, 1)?)?;
-    Ok(match b {
-        Some(b) => y.f_add(b)?,
-        None => y,
-    })
+    let size = x.size();
+    let x2 = x.f_reshape([-1, size[size.len() - 1]])?;
+    let y = match b {
+        Some(b) => b.f_addmm(&x2, &w.f_tr()?)?,
+        None => x2.f_mm(&w.f_tr()?)?,
+    };
+    let mut out = size;
+    let n = out.len();
+    out[n - 1] = w.size()[0];
+    Ok(y.f_reshape(out)?)
 }
 
-/// Returns (grad x, grad w, grad b).
-fn linear_bwd(gy: &Tensor, x: &Tensor, w: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-    let out = *gy.size().last().unwrap_or(&1);
-    let inp = *x.size().last().unwrap_or(&1);
-    let gx = gy.f_matmul(w)?;
+/// Returns (grad x, grad w, grad b) of `linear` (grad b is None without `with_bias`).
+fn linear_bwd(gy: &Tensor, x: &Tensor, w: &Tensor, with_bias: bool) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+    let (out, inp) = (last(gy), last(x));
     let gy2 = gy.f_reshape([-1, out])?;
-    let gw = gy2.f_transpose(0, 1)?.f_mm(&x.f_reshape([-1, inp])?)?;
-    let gb = gy2.f_sum_dim_intlist([0i64].as_slice(), false, None::<Kind>)?;
-    Ok((gx, gw, gb))
+    let gx = gy2.f_mm(w)?;
+    let mut gx_size = gy.size();
+    let n = gx_size.len();
+    gx_size[n - 1] = inp;
+    let gw = gy2.f_tr()?.f_mm(&x.f_reshape([-1, inp])?)?;
+    let gb = if with_bias {
+        Some(gy2.f_sum_dim_intlist([0i64].as_slice(), false, None::<Kind>)?)
+    } else {
+        None
+    };
+    Ok((gx.f_reshape(gx_size)?, gw, gb))
 }
 
-/// An inverted-dropout mask (None when off), drawn from torch's global generator.
-fn dropout_mask(like: &Tensor, p: f64, train: bool) -> Result<Option<Tensor>> {
-    if !train || p == 0.0 {
-        return Ok(None);
-    }
-    if p >= 1.0 {
-        return Ok(Some(like.f_zeros_like()?));
-    }
-    let keep = like.f_rand_like()?.f_lt(1.0 - p)?.f_to_kind(like.kind())?;
-    Ok(Some(keep.f_div_scalar(1.0 - p)?))
-}
-
-fn apply(x: Tensor, m: &Option<Tensor>) -> Result<Tensor> {
-    Ok(match m {
-        Some(m) => x.f_mul(m)?,
-        None => x,
-    })
-}
-
-struct Layer {
-    ln1: Ln,
-    a_in: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    attn: Tensor,
-    attn_mask: Option<Tensor>,
-    attn_d: Tensor,
-    o_merged: Tensor,
-    out_mask: Option<Tensor>,
-    ln2: Ln,
-    f_in: Tensor,
-    h1: Tensor,
-    gd: Tensor,
-    m1: Option<Tensor>,
-    m2: Option<Tensor>,
-}
-
-struct Tape {
-    cfg: Cfg,
-    params: Vec<Tensor>,
-    input_shape: Vec<i64>,
-    ln_p: Ln,
-    patches_ln: Tensor,
-    ln_e: Ln,
-    emb_mask: Option<Tensor>,
-    layers: Vec<Layer>,
-    ln_f: Ln,
-    pooled: Tensor,
+/// Per-forward constants: the dropout sites' seeds and the batch's shape.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    b: i64,
+    c: i64,
+    hh: i64,
+    ww: i64,
     seq: i64,
+    ncls: i64,
+    seed: u64,
+    train: bool,
 }
 
-/// What the backward pass needs, kept between `vit_forward` and `VitTape.backward`.
-#[pyclass(module = "ferrotorch._native")]
-pub struct VitTape {
-    tape: Option<TapeBox>,
+impl Run {
+    /// Dropout at site `site` (0 embedding; then 4 per layer: attention, out, ff1, ff2).
+    fn drop(&self, p: f64, site: u64) -> Dropout {
+        if !self.train || p <= 0.0 {
+            return Dropout::OFF;
+        }
+        let s = self.seed ^ site.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        // splitmix64 finalizer, so neighbouring sites get unrelated seeds
+        let mut z = s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        Dropout { p, seed: z ^ (z >> 31) }
+    }
 }
 
-struct TapeBox(Tape);
-// SAFETY: the tape's tensors are only touched through `&mut VitTape` (PyO3's borrow flag).
-unsafe impl Send for TapeBox {}
-unsafe impl Sync for TapeBox {}
-
+/// The parameter list, walked in order.
 struct P<'a> {
     p: &'a [Tensor],
     i: usize,
@@ -154,13 +471,75 @@ impl<'a> P<'a> {
         self.i += 1;
         Ok(t)
     }
+    fn opt(&mut self, present: bool) -> Result<Option<&'a Tensor>> {
+        if present {
+            Ok(Some(self.next()?))
+        } else {
+            Ok(None)
+        }
+    }
 }
 
-fn heads_split(t: &Tensor, b: i64, n: i64, h: i64, d: i64) -> Result<Tensor> {
-    Ok(t.f_reshape([b, n, h, d])?.f_permute([0, 2, 1, 3])?)
+/// The activations kept for backward, read back in the order they were pushed.
+struct Saved {
+    v: Vec<Tensor>,
+    i: usize,
 }
 
-fn forward(cfg: Cfg, x: &Tensor, params: Vec<Tensor>, train: bool) -> Result<(Tensor, Tape)> {
+impl Saved {
+    fn take(&mut self) -> Result<Tensor> {
+        let t = self
+            .v
+            .get(self.i)
+            .ok_or_else(|| Error::Runtime("ViT backward: too few saved tensors".into()))?
+            .shallow_clone();
+        self.i += 1;
+        Ok(t)
+    }
+}
+
+/// 'b c (h p1) (w p2) -> b (h w) (p1 p2 c)'
+fn patchify(x: &Tensor, cfg: &Cfg, r: &Run) -> Result<Tensor> {
+    let (ph, pw) = cfg.patch;
+    let (gh, gw) = (r.hh / ph, r.ww / pw);
+    Ok(x.f_reshape([r.b, r.c, gh, ph, gw, pw])?
+        .f_permute([0, 2, 4, 3, 5, 1])?
+        .f_contiguous()?
+        .f_reshape([r.b, gh * gw, ph * pw * r.c])?)
+}
+
+fn unpatchify(g: &Tensor, cfg: &Cfg, r: &Run) -> Result<Tensor> {
+    let (ph, pw) = cfg.patch;
+    Ok(g.f_reshape([r.b, r.hh / ph, r.ww / pw, ph, pw, r.c])?
+        .f_permute([0, 5, 1, 3, 2, 4])?
+        .f_contiguous()?
+        .f_reshape([r.b, r.c, r.hh, r.ww])?)
+}
+
+/// Pooling: the cls token, or the mean of the tokens after the cls token.
+fn pool(x: &Tensor, cfg: &Cfg, r: &Run) -> Result<Tensor> {
+    if cfg.pool_cls {
+        Ok(x.f_select(1, 0)?)
+    } else {
+        Ok(x
+            .f_narrow(1, r.ncls, r.seq - r.ncls)?
+            .f_mean_dim(1, false, None::<Kind>)?)
+    }
+}
+
+fn unpool(g: &Tensor, cfg: &Cfg, r: &Run) -> Result<Tensor> {
+    let out = Tensor::f_zeros([r.b, r.seq, cfg.dim], (g.kind(), g.device()))?;
+    if cfg.pool_cls {
+        out.f_select(1, 0)?.f_copy_(g)?;
+    } else {
+        let n = r.seq - r.ncls;
+        out.f_narrow(1, r.ncls, n)?
+            .f_copy_(&g.f_unsqueeze(1)?.f_div_scalar(n as f64)?)?;
+    }
+    Ok(out)
+}
+
+fn check_input(cfg: &Cfg, x: &Tensor) -> Result<(i64, i64, i64, i64)> {
     let size = x.size();
     if size.len() != 4 {
         return Err(Error::Value(format!(
@@ -170,117 +549,83 @@ fn forward(cfg: Cfg, x: &Tensor, params: Vec<Tensor>, train: bool) -> Result<(Te
     let (b, c, hh, ww) = (size[0], size[1], size[2], size[3]);
     let (ph, pw) = cfg.patch;
     if c != cfg.channels {
-        return Err(Error::Value(format!(
-            "ViT: expected {} channels, got {c}",
-            cfg.channels
-        )));
+        return Err(Error::Value(format!("ViT: expected {} channels, got {c}", cfg.channels)));
     }
     if ph <= 0 || pw <= 0 || hh % ph != 0 || ww % pw != 0 {
         return Err(Error::Value(format!(
             "ViT: image size {hh}x{ww} is not divisible by the patch size {ph}x{pw}"
         )));
     }
-    let (gh, gw) = (hh / ph, ww / pw);
-    // 'b c (h p1) (w p2) -> b (h w) (p1 p2 c)'
-    let patches = x
-        .f_reshape([b, c, gh, ph, gw, pw])?
-        .f_permute([0, 2, 4, 3, 5, 1])?
-        .f_reshape([b, gh * gw, ph * pw * c])?;
-    let mut p = P { p: &params, i: 0 };
-    let (ln_p_w, ln_p_b, lin_w, lin_b, ln_e_w, ln_e_b) = (
-        p.next()?,
-        p.next()?,
-        p.next()?,
-        p.next()?,
-        p.next()?,
-        p.next()?,
-    );
-    let (pn, ln_p) = ln_fwd(&patches, ln_p_w, ln_p_b)?;
+    Ok((b, c, hh, ww))
+}
+
+fn forward(ops: Ops, cfg: &Cfg, x: &Tensor, params: &[Tensor], r: &mut Run) -> Result<(Tensor, Vec<Tensor>)> {
+    let mut s: Vec<Tensor> = Vec::new();
+    let mut p = P { p: params, i: 0 };
+    let patches = patchify(x, cfg, r)?;
+    let ln_p = p.opt(cfg.patch_norm)?.zip(p.opt(cfg.patch_norm)?);
+    let (lin_w, lin_b) = (p.next()?, p.next()?);
+    let ln_e = p.opt(cfg.patch_norm)?.zip(p.opt(cfg.patch_norm)?);
+    let pn = match ln_p {
+        Some((w, b)) => {
+            let (y, m, rs) = ops.ln(&patches, w, b, cfg.eps)?;
+            s.extend([patches.shallow_clone(), m, rs]);
+            y
+        }
+        None => {
+            s.push(patches.shallow_clone());
+            patches
+        }
+    };
     let e = linear(&pn, lin_w, Some(lin_b))?;
-    let (tok, ln_e) = ln_fwd(&e, ln_e_w, ln_e_b)?;
-    let tok = if cfg.cls {
-        let cls = p.next()?;
-        let ncls = cls.size()[0];
-        Tensor::f_cat(
-            &[
-                cls.f_unsqueeze(0)?.f_expand([b, ncls, cfg.dim], false)?,
-                tok,
-            ],
-            1,
-        )?
-    } else {
-        tok
+    let tok = match ln_e {
+        Some((w, b)) => {
+            let (y, m, rs) = ops.ln(&e, w, b, cfg.eps)?;
+            s.extend([e, m, rs]);
+            y
+        }
+        None => e,
+    };
+    let tok = match p.opt(cfg.cls_token)? {
+        Some(cls) => {
+            r.ncls = cls.size()[0];
+            Tensor::f_cat(&[cls.f_unsqueeze(0)?.f_expand([r.b, r.ncls, cfg.dim], false)?, tok], 1)?
+        }
+        None => tok,
     };
     let pos = p.next()?;
-    let seq = tok.size()[1];
-    let mut h = tok.f_add(&pos.f_narrow(0, 0, seq)?)?;
-    let emb_mask = dropout_mask(&h, cfg.emb_dropout, train)?;
-    h = apply(h, &emb_mask)?;
-    let (nh, dh) = (cfg.heads, cfg.dim_head);
-    let inner = nh * dh;
-    let scale = (dh as f64).powf(-0.5);
-    let mut layers = Vec::with_capacity(cfg.depth);
-    for _ in 0..cfg.depth {
+    r.seq = tok.size()[1];
+    let h0 = tok.f_add(&pos.f_narrow(0, 0, r.seq)?)?;
+    let mut h = ops.add_dropout(&h0, None, r.drop(cfg.emb_dropout, 0))?;
+    for l in 0..cfg.depth as u64 {
         let (aw, ab, qkv_w) = (p.next()?, p.next()?, p.next()?);
-        let out = if cfg.project_out {
-            Some((p.next()?, p.next()?))
-        } else {
-            None
-        };
-        let (fw, fb, w1, b1, w2, b2) = (
-            p.next()?,
-            p.next()?,
-            p.next()?,
-            p.next()?,
-            p.next()?,
-            p.next()?,
-        );
-        let (a_in, ln1) = ln_fwd(&h, aw, ab)?;
-        let qkv = linear(&a_in, qkv_w, None)?.f_chunk(3, -1)?;
-        let q = heads_split(&qkv[0], b, seq, nh, dh)?;
-        let k = heads_split(&qkv[1], b, seq, nh, dh)?;
-        let v = heads_split(&qkv[2], b, seq, nh, dh)?;
-        let dots = q.f_matmul(&k.f_transpose(-1, -2)?)?.f_mul_scalar(scale)?;
-        let attn = dots.f_softmax(-1, None::<Kind>)?;
-        let attn_mask = dropout_mask(&attn, cfg.dropout, train)?;
-        let attn_d = apply(attn.shallow_clone(), &attn_mask)?;
-        let o = attn_d.f_matmul(&v)?;
-        let o_merged = o.f_permute([0, 2, 1, 3])?.f_reshape([b, seq, inner])?;
-        let (y, out_mask) = match out {
+        let qkv_b = p.opt(cfg.qkv_bias)?;
+        let out = p.opt(cfg.project_out)?.zip(p.opt(cfg.project_out)?);
+        let (fw, fb, w1, b1, w2, b2) = (p.next()?, p.next()?, p.next()?, p.next()?, p.next()?, p.next()?);
+        // Attention: h = h + dropout(to_out(attend(LN(h))))
+        let (a_in, m1, r1) = ops.ln(&h, aw, ab, cfg.eps)?;
+        let qkv = linear(&a_in, qkv_w, qkv_b)?;
+        drop(a_in);
+        let o_merged = ops.attention(&qkv, cfg, r, r.drop(cfg.dropout, 1 + 4 * l))?;
+        let h_in = h.shallow_clone();
+        h = match out {
             Some((ow, ob)) => {
                 let y = linear(&o_merged, ow, Some(ob))?;
-                let m = dropout_mask(&y, cfg.dropout, train)?;
-                (apply(y, &m)?, m)
+                ops.add_dropout(&h, Some(&y), r.drop(cfg.dropout, 2 + 4 * l))?
             }
-            None => (o_merged.shallow_clone(), None),
+            None => ops.add_dropout(&h, Some(&o_merged), Dropout::OFF)?,
         };
-        h = y.f_add(&h)?;
-        let (f_in, ln2) = ln_fwd(&h, fw, fb)?;
+        s.extend([h_in, m1, r1, qkv, o_merged]);
+        // Feed-forward: h = h + dropout(W2 dropout(gelu(W1 LN(h))))
+        let (f_in, m2, r2) = ops.ln(&h, fw, fb, cfg.eps)?;
         let h1 = linear(&f_in, w1, Some(b1))?;
-        let g = h1.f_gelu("none")?;
-        let m1 = dropout_mask(&g, cfg.dropout, train)?;
-        let gd = apply(g, &m1)?;
+        drop(f_in);
+        let gd = ops.gelu(&h1, r.drop(cfg.dropout, 3 + 4 * l))?;
         let y2 = linear(&gd, w2, Some(b2))?;
-        let m2 = dropout_mask(&y2, cfg.dropout, train)?;
-        h = apply(y2, &m2)?.f_add(&h)?;
-        layers.push(Layer {
-            ln1,
-            a_in,
-            q,
-            k,
-            v,
-            attn,
-            attn_mask,
-            attn_d,
-            o_merged,
-            out_mask,
-            ln2,
-            f_in,
-            h1,
-            gd,
-            m1,
-            m2,
-        });
+        drop(gd);
+        let h_mid = h.shallow_clone();
+        h = ops.add_dropout(&h, Some(&y2), r.drop(cfg.dropout, 4 + 4 * l))?;
+        s.extend([h_mid, m2, r2, h1]);
     }
     let (fw, fb, hw, hb) = (p.next()?, p.next()?, p.next()?, p.next()?);
     if p.i != params.len() {
@@ -290,146 +635,158 @@ fn forward(cfg: Cfg, x: &Tensor, params: Vec<Tensor>, train: bool) -> Result<(Te
             p.i
         )));
     }
-    let (xf, ln_f) = ln_fwd(&h, fw, fb)?;
-    let pooled = if cfg.cls {
-        xf.f_select(1, 0)?
+    let pooled = if cfg.norm_after_pool {
+        let pooled0 = pool(&h, cfg, r)?.f_contiguous()?;
+        let (y, m, rs) = ops.ln(&pooled0, fw, fb, cfg.eps)?;
+        s.extend([pooled0, m, rs]);
+        y
     } else {
-        xf.f_mean_dim(1, false, None::<Kind>)?
+        let (xf, m, rs) = ops.ln(&h, fw, fb, cfg.eps)?;
+        s.extend([h, m, rs]);
+        pool(&xf, cfg, r)?.f_contiguous()?
     };
     let logits = linear(&pooled, hw, Some(hb))?;
-    let tape = Tape {
-        cfg,
-        params,
-        input_shape: size,
-        ln_p,
-        patches_ln: pn,
-        ln_e,
-        emb_mask,
-        layers,
-        ln_f,
-        pooled,
-        seq,
-    };
-    Ok((logits, tape))
+    s.push(pooled);
+    Ok((logits, s))
 }
 
-fn backward(t: &Tape, g_logits: &Tensor) -> Result<Vec<Tensor>> {
-    let cfg = t.cfg;
-    let n_params = t.params.len();
-    let mut grads: Vec<Option<Tensor>> = (0..n_params).map(|_| None).collect();
-    let pr = &t.params;
-    // Parameter indices, in forward order.
+fn backward(ops: Ops, cfg: &Cfg, r: &Run, g_logits: &Tensor, params: &[Tensor], saved: Vec<Tensor>) -> Result<Vec<Tensor>> {
+    // Parameter indices in forward order.
     let mut idx = 0usize;
-    let mut take = || {
-        idx += 1;
-        idx - 1
-    };
-    let (i_lnp_w, i_lnp_b, i_lin_w, i_lin_b, i_lne_w, i_lne_b) =
-        (take(), take(), take(), take(), take(), take());
-    let i_cls = if cfg.cls { Some(take()) } else { None };
-    let i_pos = take();
-    let mut layer_idx = Vec::new();
-    for _ in 0..cfg.depth {
-        let a = (take(), take(), take());
-        let out = if cfg.project_out {
-            Some((take(), take()))
+    let mut take = |present: bool| {
+        if present {
+            idx += 1;
+            Some(idx - 1)
         } else {
             None
-        };
-        let f = (take(), take(), take(), take(), take(), take());
-        layer_idx.push((a, out, f));
-    }
-    let (i_fw, i_fb, i_hw, i_hb) = (take(), take(), take(), take());
-
-    let (g_pooled, g_hw, g_hb) = linear_bwd(g_logits, &t.pooled, &pr[i_hw])?;
-    grads[i_hw] = Some(g_hw);
-    grads[i_hb] = Some(g_hb);
-    let b = t.input_shape[0];
-    let seq = t.seq;
-    let g_xf = if cfg.cls {
-        let z = Tensor::f_zeros([b, seq, cfg.dim], (g_pooled.kind(), g_pooled.device()))?;
-        let first = g_pooled.f_unsqueeze(1)?;
-        Tensor::f_cat(&[first, z.f_narrow(1, 1, seq - 1)?], 1)?
-    } else {
-        g_pooled
-            .f_unsqueeze(1)?
-            .f_expand([b, seq, cfg.dim], false)?
-            .f_div_scalar(seq as f64)?
+        }
     };
-    let (mut gh, g_fw, g_fb) = ln_bwd(&g_xf, &t.ln_f, &pr[i_fw])?;
-    grads[i_fw] = Some(g_fw);
-    grads[i_fb] = Some(g_fb);
-    let (nh, dh) = (cfg.heads, cfg.dim_head);
-    let inner = nh * dh;
-    let scale = (dh as f64).powf(-0.5);
-    let inv_sqrt2 = std::f64::consts::FRAC_1_SQRT_2;
-    let inv_sqrt_2pi = 1.0 / (2.0 * std::f64::consts::PI).sqrt();
-    for (l, (ai, out_i, fi)) in t.layers.iter().zip(layer_idx).rev() {
-        // Feed-forward block: h = dropout(W2 dropout(gelu(W1 LN(h)))) + h
-        let g_y2 = apply(gh.shallow_clone(), &l.m2)?;
-        let (g_gd, g_w2, g_b2) = linear_bwd(&g_y2, &l.gd, &pr[fi.4])?;
-        let g_g = apply(g_gd, &l.m1)?;
-        let cdf =
-            l.h1.f_mul_scalar(inv_sqrt2)?
-                .f_erf()?
-                .f_add_scalar(1.0)?
-                .f_mul_scalar(0.5)?;
-        let pdf =
-            l.h1.f_square()?
-                .f_mul_scalar(-0.5)?
-                .f_exp()?
-                .f_mul_scalar(inv_sqrt_2pi)?;
-        let g_h1 = g_g.f_mul(&cdf.f_add(&l.h1.f_mul(&pdf)?)?)?;
-        let (g_fin, g_w1, g_b1) = linear_bwd(&g_h1, &l.f_in, &pr[fi.2])?;
-        let (g_ln2, g_fw, g_fb) = ln_bwd(&g_fin, &l.ln2, &pr[fi.0])?;
-        grads[fi.0] = Some(g_fw);
-        grads[fi.1] = Some(g_fb);
-        grads[fi.2] = Some(g_w1);
-        grads[fi.3] = Some(g_b1);
-        grads[fi.4] = Some(g_w2);
-        grads[fi.5] = Some(g_b2);
-        gh = gh.f_add(&g_ln2)?;
-        // Attention block: h = to_out(attend(LN(h))) + h
-        let g_o_merged = match out_i {
+    let i_lnp = take(cfg.patch_norm).zip(take(cfg.patch_norm));
+    let (i_lin_w, i_lin_b) = (take(true).unwrap_or(0), take(true).unwrap_or(0));
+    let i_lne = take(cfg.patch_norm).zip(take(cfg.patch_norm));
+    let i_cls = take(cfg.cls_token);
+    let i_pos = take(true).unwrap_or(0);
+    struct L {
+        aw: usize,
+        ab: usize,
+        qkv_w: usize,
+        qkv_b: Option<usize>,
+        out: Option<(usize, usize)>,
+        f: [usize; 6],
+    }
+    let mut layers = Vec::new();
+    for _ in 0..cfg.depth {
+        let (aw, ab, qkv_w) = (take(true).unwrap_or(0), take(true).unwrap_or(0), take(true).unwrap_or(0));
+        let qkv_b = take(cfg.qkv_bias);
+        let out = take(cfg.project_out).zip(take(cfg.project_out));
+        let mut f = [0usize; 6];
+        for slot in f.iter_mut() {
+            *slot = take(true).unwrap_or(0);
+        }
+        layers.push(L { aw, ab, qkv_w, qkv_b, out, f });
+    }
+    let (i_fw, i_fb, i_hw, i_hb) = (
+        take(true).unwrap_or(0),
+        take(true).unwrap_or(0),
+        take(true).unwrap_or(0),
+        take(true).unwrap_or(0),
+    );
+    if idx != params.len() {
+        return Err(Error::Value(format!("ViT backward: got {} parameters, expected {idx}", params.len())));
+    }
+    let pr = params;
+    let mut grads: Vec<Option<Tensor>> = (0..pr.len()).map(|_| None).collect();
+
+    // The saved activations, in forward order: embedding first, then layers, then the end.
+    let mut sv = Saved { v: saved, i: 0 };
+    let emb_p = if cfg.patch_norm {
+        (sv.take()?, Some((sv.take()?, sv.take()?)))
+    } else {
+        (sv.take()?, None)
+    };
+    let emb_e = if cfg.patch_norm {
+        Some((sv.take()?, sv.take()?, sv.take()?))
+    } else {
+        None
+    };
+    let mut acts = Vec::with_capacity(cfg.depth);
+    for _ in 0..cfg.depth {
+        let mut a: Vec<Tensor> = Vec::with_capacity(9);
+        for _ in 0..9 {
+            a.push(sv.take()?);
+        }
+        acts.push(a);
+    }
+    let (f_x, f_m, f_r, pooled) = (sv.take()?, sv.take()?, sv.take()?, sv.take()?);
+
+    let (g_pooled, g_hw, g_hb) = linear_bwd(g_logits, &pooled, &pr[i_hw], true)?;
+    grads[i_hw] = Some(g_hw);
+    grads[i_hb] = g_hb;
+    let mut gh = if cfg.norm_after_pool {
+        let (g0, gw, gb) = ops.ln_bwd(&g_pooled, &f_x, &f_m, &f_r, &pr[i_fw], None)?;
+        grads[i_fw] = Some(gw);
+        grads[i_fb] = Some(gb);
+        unpool(&g0, cfg, r)?
+    } else {
+        let g_xf = unpool(&g_pooled, cfg, r)?;
+        let (g, gw, gb) = ops.ln_bwd(&g_xf, &f_x, &f_m, &f_r, &pr[i_fw], None)?;
+        grads[i_fw] = Some(gw);
+        grads[i_fb] = Some(gb);
+        g
+    };
+    let seq = r.seq;
+    for (l, (ix, a)) in layers.iter().zip(acts).enumerate().rev() {
+        let l = l as u64;
+        let [h_in, m1, r1, qkv, o_merged, h_mid, m2, r2, h1] = <[Tensor; 9]>::try_from(a)
+            .map_err(|_| Error::Runtime("ViT backward: bad saved layer".into()))?;
+        // Feed-forward block: h = h_mid + drop(W2 drop(gelu(W1 LN(h_mid))))
+        let f = ix.f;
+        let g_y2 = ops.dropout_grad(&gh, r.drop(cfg.dropout, 4 + 4 * l))?;
+        let g_y2_2 = g_y2.f_reshape([-1, cfg.dim])?;
+        let g_gd = g_y2_2.f_mm(&pr[f[4]])?;
+        let (g_h1, gd) = ops.gelu_bwd(&h1, g_gd.f_reshape(h1.size())?, r.drop(cfg.dropout, 3 + 4 * l))?;
+        grads[f[4]] = Some(g_y2_2.f_tr()?.f_mm(&gd.f_reshape([-1, last(&gd)])?)?);
+        grads[f[5]] = Some(g_y2_2.f_sum_dim_intlist([0i64].as_slice(), false, None::<Kind>)?);
+        drop((gd, g_y2, g_y2_2));
+        let (f_in, _, _) = ops.ln(&h_mid, &pr[f[0]], &pr[f[1]], cfg.eps)?;
+        let (g_fin, g_w1, g_b1) = linear_bwd(&g_h1, &f_in, &pr[f[2]], true)?;
+        drop((f_in, g_h1));
+        grads[f[2]] = Some(g_w1);
+        grads[f[3]] = g_b1;
+        let (g, g_fw, g_fb) = ops.ln_bwd(&g_fin, &h_mid, &m2, &r2, &pr[f[0]], Some(gh))?;
+        gh = g;
+        grads[f[0]] = Some(g_fw);
+        grads[f[1]] = Some(g_fb);
+        // Attention block: h_mid = h_in + drop(to_out(attend(LN(h_in))))
+        let g_om = match ix.out {
             Some((ow, ob)) => {
-                let g_y = apply(gh.shallow_clone(), &l.out_mask)?;
-                let (g_om, g_ow, g_ob) = linear_bwd(&g_y, &l.o_merged, &pr[ow])?;
+                let g_y = ops.dropout_grad(&gh, r.drop(cfg.dropout, 2 + 4 * l))?;
+                let (g_om, g_ow, g_ob) = linear_bwd(&g_y, &o_merged, &pr[ow], true)?;
                 grads[ow] = Some(g_ow);
-                grads[ob] = Some(g_ob);
+                grads[ob] = g_ob;
                 g_om
             }
             None => gh.shallow_clone(),
         };
-        let g_o = heads_split(&g_o_merged, b, seq, nh, dh)?;
-        let g_attn_d = g_o.f_matmul(&l.v.f_transpose(-1, -2)?)?;
-        let g_v = l.attn_d.f_transpose(-1, -2)?.f_matmul(&g_o)?;
-        let g_attn = apply(g_attn_d, &l.attn_mask)?;
-        let inner_sum =
-            g_attn
-                .f_mul(&l.attn)?
-                .f_sum_dim_intlist([-1i64].as_slice(), true, None::<Kind>)?;
-        let g_dots = l
-            .attn
-            .f_mul(&g_attn.f_sub(&inner_sum)?)?
-            .f_mul_scalar(scale)?;
-        let g_q = g_dots.f_matmul(&l.k)?;
-        let g_k = g_dots.f_transpose(-1, -2)?.f_matmul(&l.q)?;
-        let merge = |t: &Tensor| -> Result<Tensor> {
-            Ok(t.f_permute([0, 2, 1, 3])?.f_reshape([b, seq, inner])?)
-        };
-        let g_qkv = Tensor::f_cat(&[merge(&g_q)?, merge(&g_k)?, merge(&g_v)?], -1)?;
-        let (g_ain, g_qkv_w, _) = linear_bwd(&g_qkv, &l.a_in, &pr[ai.2])?;
-        let (g_ln1, g_aw, g_ab) = ln_bwd(&g_ain, &l.ln1, &pr[ai.0])?;
-        grads[ai.0] = Some(g_aw);
-        grads[ai.1] = Some(g_ab);
-        grads[ai.2] = Some(g_qkv_w);
-        gh = gh.f_add(&g_ln1)?;
+        let g_qkv = ops.attention_bwd(&qkv, &g_om, cfg, r, r.drop(cfg.dropout, 1 + 4 * l))?;
+        drop((g_om, qkv));
+        let (a_in, _, _) = ops.ln(&h_in, &pr[ix.aw], &pr[ix.ab], cfg.eps)?;
+        let (g_ain, g_qkv_w, g_qkv_b) = linear_bwd(&g_qkv, &a_in, &pr[ix.qkv_w], ix.qkv_b.is_some())?;
+        drop((a_in, g_qkv));
+        grads[ix.qkv_w] = Some(g_qkv_w);
+        if let Some(i) = ix.qkv_b {
+            grads[i] = g_qkv_b;
+        }
+        let (g, g_aw, g_ab) = ops.ln_bwd(&g_ain, &h_in, &m1, &r1, &pr[ix.aw], Some(gh))?;
+        gh = g;
+        grads[ix.aw] = Some(g_aw);
+        grads[ix.ab] = Some(g_ab);
     }
-    let gh = apply(gh, &t.emb_mask)?;
+    // Embedding: h0 = cat(cls, tokens) + pos, then dropout.
+    let gh = ops.dropout_grad(&gh, r.drop(cfg.emb_dropout, 0))?;
     grads[i_pos] = Some({
-        let pos = &pr[i_pos];
         let g = gh.f_sum_dim_intlist([0i64].as_slice(), false, None::<Kind>)?;
-        let rows = pos.size()[0];
+        let rows = pr[i_pos].size()[0];
         if rows > seq {
             let z = Tensor::f_zeros([rows - seq, cfg.dim], (g.kind(), g.device()))?;
             Tensor::f_cat(&[g, z], 0)?
@@ -437,50 +794,69 @@ fn backward(t: &Tape, g_logits: &Tensor) -> Result<Vec<Tensor>> {
             g
         }
     });
-    let ncls = if let Some(ic) = i_cls {
-        let n = pr[ic].size()[0];
-        grads[ic] = Some(gh.f_narrow(1, 0, n)?.f_sum_dim_intlist(
-            [0i64].as_slice(),
-            false,
-            None::<Kind>,
-        )?);
-        n
-    } else {
-        0
+    if let Some(ic) = i_cls {
+        grads[ic] = Some(gh.f_narrow(1, 0, r.ncls)?.f_sum_dim_intlist([0i64].as_slice(), false, None::<Kind>)?);
+    }
+    let g_tok = gh.f_narrow(1, r.ncls, seq - r.ncls)?.f_contiguous()?;
+    drop(gh);
+    let g_e = match (emb_e, i_lne) {
+        (Some((e, m, rs)), Some((iw, ib))) => {
+            let (g, gw, gb) = ops.ln_bwd(&g_tok, &e, &m, &rs, &pr[iw], None)?;
+            grads[iw] = Some(gw);
+            grads[ib] = Some(gb);
+            g
+        }
+        _ => g_tok,
     };
-    let g_tok = gh.f_narrow(1, ncls, seq - ncls)?;
-    let (g_e, g_ew, g_eb) = ln_bwd(&g_tok, &t.ln_e, &pr[i_lne_w])?;
-    grads[i_lne_w] = Some(g_ew);
-    grads[i_lne_b] = Some(g_eb);
-    let (g_pn, g_lw, g_lb) = linear_bwd(&g_e, &t.patches_ln, &pr[i_lin_w])?;
+    let (patches, p_stats) = emb_p;
+    let pn = match (&p_stats, i_lnp) {
+        (Some(_), Some((iw, ib))) => ops.ln(&patches, &pr[iw], &pr[ib], cfg.eps)?.0,
+        _ => patches.shallow_clone(),
+    };
+    let (g_pn, g_lw, g_lb) = linear_bwd(&g_e, &pn, &pr[i_lin_w], true)?;
+    drop(pn);
     grads[i_lin_w] = Some(g_lw);
-    grads[i_lin_b] = Some(g_lb);
-    let (g_patches, g_pw, g_pb) = ln_bwd(&g_pn, &t.ln_p, &pr[i_lnp_w])?;
-    grads[i_lnp_w] = Some(g_pw);
-    grads[i_lnp_b] = Some(g_pb);
-    // Undo 'b c (h p1) (w p2) -> b (h w) (p1 p2 c)'.
-    let s = &t.input_shape;
-    let (c, hh, ww) = (s[1], s[2], s[3]);
-    let (ph, pw) = cfg.patch;
-    let g_x = g_patches
-        .f_reshape([b, hh / ph, ww / pw, ph, pw, c])?
-        .f_permute([0, 5, 1, 3, 2, 4])?
-        .f_reshape([b, c, hh, ww])?;
-    let mut out = vec![g_x];
+    grads[i_lin_b] = g_lb;
+    let g_patches = match (p_stats, i_lnp) {
+        (Some((m, rs)), Some((iw, ib))) => {
+            let (g, gw, gb) = ops.ln_bwd(&g_pn, &patches, &m, &rs, &pr[iw], None)?;
+            grads[iw] = Some(gw);
+            grads[ib] = Some(gb);
+            g
+        }
+        _ => g_pn,
+    };
+    let mut out = vec![unpatchify(&g_patches, cfg, r)?];
     for (i, g) in grads.into_iter().enumerate() {
-        out.push(g.ok_or_else(|| {
-            Error::Runtime(format!(
-                "ViT backward produced no gradient for parameter {i}"
-            ))
-        })?);
+        out.push(g.ok_or_else(|| Error::Runtime(format!("ViT backward produced no gradient for parameter {i}")))?);
     }
     Ok(out)
 }
 
-/// Forward pass: `(logits, tape)`. `patch`, `heads`, … describe the model; `params` are its
-/// parameters in `ferrotorch.nn.ViT`'s order.
+/// What `backward` needs besides the saved tensors: the configuration and the batch's shape
+/// and dropout seed. Holds no tensors.
+#[pyclass(module = "ferrotorch._native", frozen)]
+pub struct VitRun {
+    cfg: Cfg,
+    run: Run,
+    fused: bool,
+}
+
+fn pick_ops(x: &Tensor, params: &[Tensor], allow_fused: bool) -> Ops {
+    let cpu_dense = |t: &Tensor| t.device() == Device::Cpu && !t.is_sparse() && !t.is_mkldnn() && t.kind() == x.kind();
+    match kernel_dtype(x) {
+        Some(dtype) if allow_fused && cpu_dense(x) && params.iter().all(cpu_dense) => Ops::Fused {
+            dtype,
+            threads: tch::get_num_threads().max(1) as usize,
+        },
+        _ => Ops::Torch,
+    }
+}
+
+/// Forward pass: `(logits, saved, run)`. `params` are the model's parameters in
+/// `ferrotorch.nn.ViT`'s order; `saved` are the activations `vit_backward` needs.
 #[pyfunction]
-#[pyo3(signature = (x, params, patch, channels, dim, depth, heads, dim_head, pool_cls, project_out, dropout, emb_dropout, train))]
+#[pyo3(signature = (x, params, patch, channels, dim, depth, heads, dim_head, cls_token, pool_cls, project_out, patch_norm, qkv_bias, norm_after_pool, eps, dropout, emb_dropout, train, seed, fused=true))]
 #[allow(clippy::too_many_arguments)]
 pub fn vit_forward(
     py: Python<'_>,
@@ -492,12 +868,19 @@ pub fn vit_forward(
     depth: usize,
     heads: i64,
     dim_head: i64,
+    cls_token: bool,
     pool_cls: bool,
     project_out: bool,
+    patch_norm: bool,
+    qkv_bias: bool,
+    norm_after_pool: bool,
+    eps: f64,
     dropout: f64,
     emb_dropout: f64,
     train: bool,
-) -> PyResult<(PyTensor, VitTape)> {
+    seed: u64,
+    fused: bool,
+) -> PyResult<(PyTensor, Vec<PyTensor>, VitRun)> {
     let cfg = Cfg {
         patch,
         channels,
@@ -505,62 +888,90 @@ pub fn vit_forward(
         depth,
         heads,
         dim_head,
-        cls: pool_cls,
+        cls_token,
+        pool_cls,
         project_out,
+        patch_norm,
+        qkv_bias,
+        norm_after_pool,
+        eps,
         dropout,
         emb_dropout,
     };
+    let (b, c, hh, ww) = check_input(&cfg, &x.0)?;
+    let mut run = Run { b, c, hh, ww, seq: 0, ncls: 0, seed, train };
     let params: Vec<Tensor> = params.into_iter().map(|t| t.0.shallow_clone()).collect();
     let x = x.0.shallow_clone();
-    let res = py.allow_threads(move || {
+    let job = Job((x, params, cfg, run));
+    let (logits, saved, run_out, fused_used) = py.allow_threads(move || {
+        let Job((x, params, cfg, mut run)) = job;
         no_panic("ViT forward", || {
-            tch::no_grad(|| forward(cfg, &x, params, train))
+            tch::no_grad(|| {
+                let x = x.f_contiguous()?;
+                let params = params.iter().map(|p| p.f_contiguous()).collect::<std::result::Result<Vec<_>, _>>()?;
+                let ops = pick_ops(&x, &params, fused);
+                let (logits, saved) = forward(ops, &cfg, &x, &params, &mut run)?;
+                Ok(Job((logits, saved, run, matches!(ops, Ops::Fused { .. }))))
+            })
         })
-    });
-    let (logits, tape) = res?;
+    })?
+    .0;
+    run = run_out;
     Ok((
         PyTensor(logits),
-        VitTape {
-            tape: Some(TapeBox(tape)),
-        },
+        saved.into_iter().map(PyTensor).collect(),
+        VitRun { cfg, run, fused: fused_used },
     ))
 }
 
-/// The backward pass's inputs, moved into the GIL-free section.
-struct BackwardJob<'a>(&'a Tape, Tensor);
-// SAFETY: the tape is borrowed from `&VitTape` for the whole call and only read.
-unsafe impl Send for BackwardJob<'_> {}
+/// Values moved into the GIL-free section.
+struct Job<T>(T);
+// SAFETY: tch tensors are reference-counted handles to libtorch tensors, which may be used
+// from any thread; the Python objects that own them stay alive for the whole call.
+unsafe impl<T> Send for Job<T> {}
 
-impl BackwardJob<'_> {
-    fn run(self) -> Result<Vec<Tensor>> {
+/// Backward pass: `[grad input, grad param 0, …]` from the logits' gradient, the parameters
+/// and the tensors `vit_forward` saved.
+#[pyfunction]
+pub fn vit_backward(
+    py: Python<'_>,
+    run: &VitRun,
+    grad_logits: PyTensor,
+    params: Vec<PyTensor>,
+    saved: Vec<PyTensor>,
+) -> PyResult<Vec<PyTensor>> {
+    let (cfg, r, fused) = (run.cfg, run.run, run.fused);
+    let params: Vec<Tensor> = params.into_iter().map(|t| t.0.shallow_clone()).collect();
+    let saved: Vec<Tensor> = saved.into_iter().map(|t| t.0.shallow_clone()).collect();
+    let g = grad_logits.0.shallow_clone();
+    let job = Job((g, params, saved));
+    let grads = py.allow_threads(move || {
+        let Job((g, params, saved)) = job;
         no_panic("ViT backward", || {
-            tch::no_grad(|| backward(self.0, &self.1))
+            tch::no_grad(|| {
+                let g = g.f_contiguous()?.f_to_kind(saved.last().map_or(g.kind(), |t| t.kind()))?;
+                let params = params.iter().map(|p| p.f_contiguous()).collect::<std::result::Result<Vec<_>, _>>()?;
+                let ops = if fused { pick_ops(&g, &params, true) } else { Ops::Torch };
+                Ok(Job(backward(ops, &cfg, &r, &g, &params, saved)?))
+            })
         })
-    }
+    })?
+    .0;
+    Ok(grads.into_iter().map(PyTensor).collect())
 }
 
 #[pymethods]
-impl VitTape {
-    /// Gradients `[d input, d param 0, d param 1, …]` for `grad_logits`. The tape stays
-    /// (backward may run again with `retain_graph=True`) until `free()` or garbage collection.
-    fn backward(&self, py: Python<'_>, grad_logits: PyTensor) -> PyResult<Vec<PyTensor>> {
-        let tape = self
-            .tape
-            .as_ref()
-            .ok_or_else(|| Error::Runtime("ViT backward after the tape was freed".into()))?;
-        let job = BackwardJob(&tape.0, grad_logits.0.shallow_clone());
-        let grads = py.allow_threads(move || job.run())?;
-        Ok(grads.into_iter().map(PyTensor).collect())
-    }
-
-    /// Releases the saved activations.
-    fn free(&mut self) {
-        self.tape = None;
+impl VitRun {
+    /// Whether the fused CPU kernels ran (else tch ops).
+    #[getter]
+    fn fused(&self) -> bool {
+        self.fused
     }
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<VitTape>()?;
+    m.add_class::<VitRun>()?;
     m.add_function(wrap_pyfunction!(vit_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(vit_backward, m)?)?;
     Ok(())
 }

@@ -46,15 +46,25 @@ def test_logits_and_every_gradient_match_vit_pytorch(kw, batch):
     assert float((x.grad - x2.grad).abs().max() / x2.grad.abs().max()) < 1e-4
 
 
-def test_gradcheck_fp64():
+@pytest.mark.parametrize("fused", [True, False], ids=["rust-kernels", "tch-ops"])
+@pytest.mark.parametrize("variant", ["vit-pytorch", "dropout", "timm-avg"])
+def test_gradcheck_fp64(variant, fused):
+    """torch.autograd.gradcheck (finite differences of our forward against our backward), for
+    the fused CPU kernels and for the tch-op path that CUDA tensors take. With dropout the
+    seed is fixed in the config, so the masks are the same on every call."""
     torch.manual_seed(1)
     kw = dict(image_size=4, patch_size=2, num_classes=3, dim=6, depth=1, heads=2, mlp_dim=8, dim_head=3, channels=1)
+    if variant == "dropout":
+        kw.update(dropout=0.3, emb_dropout=0.2)
+    if variant == "timm-avg":
+        kw.update(pool="mean", qkv_bias=True, layer_norm_eps=1e-6, patch_norm=False, class_token=True, fc_norm=True)
     model = ViT(**kw).double()
     x = torch.randn(2, 1, 4, 4, dtype=torch.float64, requires_grad=True)
     params = model._ordered_params()
     from ferrotorch.nn.vit import _ViTFunction
 
-    cfg = dict(patch=(2, 2), channels=1, dim=6, depth=1, heads=2, dim_head=3, pool_cls=True, project_out=True, dropout=0.0, emb_dropout=0.0, train=False)
+    cfg = model._config(train=variant == "dropout")
+    cfg["fused"] = fused
     assert torch.autograd.gradcheck(lambda x, *p: _ViTFunction.apply(cfg, x, *p), (x, *params), eps=1e-6, atol=1e-6)
 
 
@@ -130,3 +140,164 @@ def test_digits_training_matches_vit_pytorch():
             accs[lib] = (model(Xte).argmax(1) == yte).float().mean().item()
     assert accs["ferrotorch"] == pytest.approx(accs["vit-pytorch"], abs=0.01)
     assert accs["ferrotorch"] > 0.7  # 4 short epochs
+
+
+def test_tch_op_path_matches_vit_pytorch_too():
+    """The path CUDA tensors take (tch ops instead of the CPU kernels), forced on CPU."""
+    torch.manual_seed(3)
+    kw = CONFIGS[2]
+    ref = vit_pytorch.ViT(**kw)
+    ours = ViT(**kw)
+    ours.load_state_dict(ref.state_dict())
+    from ferrotorch.nn.vit import _ViTFunction
+
+    x = torch.randn(3, 3, 16, 16)
+    cfg = ours._config(train=False)
+    cfg["fused"] = False
+    lo = _ViTFunction.apply(cfg, x, *ours._ordered_params())
+    lr = ref(x)
+    torch.testing.assert_close(lo, lr, rtol=1e-4, atol=1e-5)
+    lo.sum().backward()
+    lr.sum().backward()
+    for (name, a), (_, b) in zip(ours.named_parameters(), ref.named_parameters()):
+        if b.numel() == 0:
+            continue
+        assert float((a.grad - b.grad).abs().max() / b.grad.abs().max().clamp_min(1e-12)) < 1e-4, name
+
+
+def test_dropout_masks_agree_between_kernel_and_tch_paths():
+    """Both paths draw the same hash-based masks, so with dropout on they give the same
+    logits and gradients (the tch path is what CUDA runs)."""
+    torch.manual_seed(4)
+    model = ViT(image_size=8, patch_size=2, num_classes=4, dim=16, depth=2, heads=2, mlp_dim=32, dim_head=8, dropout=0.3, emb_dropout=0.2).double()
+    from ferrotorch.nn.vit import _ViTFunction
+
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    cfg = model._config(train=True)
+    outs = []
+    for fused in (True, False):
+        model.zero_grad()
+        out = _ViTFunction.apply(dict(cfg, fused=fused), x, *model._ordered_params())
+        out.pow(2).sum().backward()
+        outs.append((out.detach(), [p.grad.clone() for p in model._ordered_params()]))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(outs[0][1], outs[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    kept = (outs[0][0] != 0).float().mean()
+    assert kept > 0.5
+
+
+def test_saved_activations_follow_torch_semantics():
+    """Activations live in ctx.save_for_backward: a second backward without retain_graph
+    raises torch's own error, retain_graph=True works, and a parameter changed in place
+    between forward and backward is caught."""
+    torch.manual_seed(6)
+    model = ViT(image_size=8, patch_size=2, num_classes=4, dim=16, depth=1, heads=2, mlp_dim=32, dim_head=8)
+    x = torch.randn(2, 3, 8, 8)
+    out = model(x).sum()
+    out.backward(retain_graph=True)
+    g1 = [p.grad.clone() for p in model.parameters()]
+    out.backward()
+    for p, g in zip(model.parameters(), g1):
+        torch.testing.assert_close(p.grad, 2 * g)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        out.backward()
+    out = model(x).sum()
+    with torch.no_grad():
+        model.mlp_head.weight.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()
+
+
+def test_activation_memory_is_released_after_backward():
+    """The saved activations are freed when backward finishes (no tape kept alive)."""
+    import weakref
+
+    torch.manual_seed(7)
+    model = ViT(image_size=8, patch_size=2, num_classes=4, dim=16, depth=2, heads=2, mlp_dim=32, dim_head=8)
+    out = model(torch.randn(2, 3, 8, 8))
+    node = out.grad_fn
+    n_saved = len(node.saved_tensors)
+    assert n_saved > len(model._ordered_params())  # parameters plus activations
+    out.sum().backward()
+    with pytest.raises(RuntimeError, match="freed|second time"):
+        node.saved_tensors
+    del weakref
+
+
+timm = pytest.importorskip("timm")
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=3, mlp_ratio=2.0, num_classes=7),
+        dict(img_size=(16, 24), patch_size=8, in_chans=1, embed_dim=32, depth=1, num_heads=2, num_classes=5, global_pool="avg"),
+        dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4, num_classes=3, global_pool="avg", class_token=False),
+        dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4, num_classes=3, qkv_bias=False, fc_norm=True, global_pool="avg"),
+    ],
+)
+def test_from_timm_gives_timm_logits_and_gradients(kw):
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(8)
+    tm = VisionTransformer(**kw).eval()
+    with torch.no_grad():  # timm inits some of these at zero; make every weight count
+        for p in tm.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ours = ViT.from_timm(tm).eval()
+    h, w = kw["img_size"] if isinstance(kw["img_size"], tuple) else (kw["img_size"],) * 2
+    x = torch.randn(3, kw.get("in_chans", 3), h, w, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    lo, lt = ours(x), tm(x2)
+    torch.testing.assert_close(lo, lt, rtol=1e-4, atol=1e-5)
+    g = torch.randn_like(lt)
+    lo.backward(g)
+    lt.backward(g)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-5)
+    # the conv patch embedding's gradient, mapped back to the conv layout
+    gw = ours.to_patch_embedding[2].weight.grad
+    conv = tm.patch_embed.proj.weight
+    gw_conv = gw.reshape(conv.shape[0], conv.shape[2], conv.shape[3], conv.shape[1]).permute(0, 3, 1, 2)
+    torch.testing.assert_close(gw_conv, conv.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.mlp_head.weight.grad, tm.head.weight.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_from_timm_rejects_unsupported_models():
+    from timm.models.vision_transformer import VisionTransformer
+
+    with pytest.raises(ValueError, match="layer scale"):
+        ViT.from_timm(VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=3, init_values=0.1))
+    with pytest.raises(ValueError, match="register tokens"):
+        ViT.from_timm(VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=3, reg_tokens=2))
+    with pytest.raises(ValueError, match="expected a timm VisionTransformer"):
+        ViT.from_timm(torch.nn.Linear(2, 2))
+
+
+def test_autocast_bf16_close_to_vit_pytorch_under_autocast():
+    """Under torch.autocast('cpu', bfloat16) the whole model runs in bf16 (LayerNorm, softmax,
+    GELU computed in fp32 inside the kernels); fp32 parameters get fp32 gradients close to
+    vit-pytorch's under the same autocast."""
+    torch.manual_seed(9)
+    kw = CONFIGS[2]
+    ref = vit_pytorch.ViT(**kw)
+    ours = ViT(**kw)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 3, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lo, lr = ours(x), ref(x)
+    assert lo.dtype == torch.bfloat16
+    with torch.no_grad():
+        full = ref(x)
+    # both are bf16 approximations of the fp32 logits, to a similar degree
+    err_ours = float((lo.detach().float() - full).abs().max() / full.abs().max())
+    err_ref = float((lr.detach().float() - full).abs().max() / full.abs().max())
+    assert err_ours < 0.05 and err_ours < 3 * err_ref + 0.01, (err_ours, err_ref)
+    lo.float().sum().backward()
+    lr.float().sum().backward()
+    for (name, a), (_, b) in zip(ours.named_parameters(), ref.named_parameters()):
+        if b.numel() == 0:
+            continue
+        assert a.grad.dtype == torch.float32
+        rel = float((a.grad - b.grad).norm() / b.grad.norm().clamp_min(1e-12))
+        assert rel < 0.1, (name, rel)

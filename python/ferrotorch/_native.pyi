@@ -29,8 +29,9 @@ __all__ = [
     "clamp_grads",
     "ema_update",
     "ema_decay",
-    "VitTape",
+    "VitRun",
     "vit_forward",
+    "vit_backward",
     "FerrotorchValueError",
     "FerrotorchTypeError",
     "FerrotorchRuntimeError",
@@ -154,11 +155,12 @@ def ema_decay(
 # ---- Vision Transformer (ferrotorch.nn.ViT) -------------------------------------------
 
 @final
-class VitTape:
-    """Activations saved by ``vit_forward`` for the backward pass."""
+class VitRun:
+    """The configuration, batch shape and dropout seed of one ``vit_forward`` call (no tensors)."""
 
-    def backward(self, grad_logits: torch.Tensor) -> list[torch.Tensor]: ...
-    def free(self) -> None: ...
+    @property
+    def fused(self) -> bool:
+        """Whether the fused CPU kernels ran (else tch ops)."""
 
 def vit_forward(
     x: torch.Tensor,
@@ -169,9 +171,22 @@ def vit_forward(
     depth: int,
     heads: int,
     dim_head: int,
+    cls_token: bool,
     pool_cls: bool,
     project_out: bool,
+    patch_norm: bool,
+    qkv_bias: bool,
+    norm_after_pool: bool,
+    eps: float,
     dropout: float,
     emb_dropout: float,
     train: bool,
-) -> tuple[torch.Tensor, VitTape]: ...
+    seed: int,
+    fused: bool = True,
+) -> tuple[torch.Tensor, list[torch.Tensor], VitRun]: ...
+def vit_backward(
+    run: VitRun,
+    grad_logits: torch.Tensor,
+    params: Sequence[torch.Tensor],
+    saved: Sequence[torch.Tensor],
+) -> list[torch.Tensor]: ...

@@ -221,15 +221,12 @@ unsafe fn run_chunk<A: Algorithm>(alg: &A, job: &Job<A::Scalars>, b: usize, e: u
     }
 }
 
-/// Runs the chunk compiled for AVX2+FMA when the CPU has them, else for the baseline
-/// target. Results are identical: Rust never contracts `a * b + c` into an FMA on its own,
-/// and `mul_add` is exactly rounded either way (a library call on the baseline).
-#[inline(always)]
-unsafe fn dispatch<A: Algorithm, E: Elem>(alg: &A, job: &Job<A::Scalars>, b: usize, e: usize) {
+/// 3 with AVX-512F + FMA, 2 with AVX2 + FMA, else 1 (detected once).
+pub(crate) fn simd_level() -> u8 {
     #[cfg(target_arch = "x86_64")]
     {
         use std::sync::atomic::{AtomicU8, Ordering};
-        static HAS: AtomicU8 = AtomicU8::new(0); // 0 unknown, 1 baseline, 2 avx2, 3 avx512
+        static HAS: AtomicU8 = AtomicU8::new(0);
         let mut has = HAS.load(Ordering::Relaxed);
         if has == 0 {
             has = if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
@@ -241,6 +238,20 @@ unsafe fn dispatch<A: Algorithm, E: Elem>(alg: &A, job: &Job<A::Scalars>, b: usi
             };
             HAS.store(has, Ordering::Relaxed);
         }
+        has
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    1
+}
+
+/// Runs the chunk compiled for AVX2+FMA when the CPU has them, else for the baseline
+/// target. Results are identical: Rust never contracts `a * b + c` into an FMA on its own,
+/// and `mul_add` is exactly rounded either way (a library call on the baseline).
+#[inline(always)]
+unsafe fn dispatch<A: Algorithm, E: Elem>(alg: &A, job: &Job<A::Scalars>, b: usize, e: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let has = simd_level();
         if has == 3 {
             return chunk_avx512::<A, E>(alg, job, b, e);
         }

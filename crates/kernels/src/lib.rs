@@ -17,6 +17,7 @@ pub mod pool;
 pub mod rmsprop;
 pub mod schedule;
 pub mod sgd;
+pub mod vit;
 
 pub use driver::{
     map_pieces, pieces, run, Algorithm, DType, Executor, Job, RayonPool, Serial, MAX_STATES,
