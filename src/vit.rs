@@ -499,21 +499,55 @@ impl Saved {
 }
 
 /// 'b c (h p1) (w p2) -> b (h w) (p1 p2 c)'
-fn patchify(x: &Tensor, cfg: &Cfg, r: &Run) -> Result<Tensor> {
+fn patchify(ops: Ops, x: &Tensor, cfg: &Cfg, r: &Run) -> Result<Tensor> {
     let (ph, pw) = cfg.patch;
     let (gh, gw) = (r.hh / ph, r.ww / pw);
-    Ok(x.f_reshape([r.b, r.c, gh, ph, gw, pw])?
-        .f_permute([0, 2, 4, 3, 5, 1])?
-        .f_contiguous()?
-        .f_reshape([r.b, gh * gw, ph * pw * r.c])?)
+    match ops {
+        Ops::Fused { dtype, threads } => {
+            let out = Tensor::f_empty([r.b, gh * gw, ph * pw * r.c], (x.kind(), Device::Cpu))?;
+            let op = patch_op(x, &out, cfg, r, false);
+            // SAFETY: `x` is contiguous (B, C, H, W) with H, W multiples of the patch; `out` fresh.
+            unsafe { k::patches(&op, dtype, r.b as usize, threads, ops.exec()) };
+            Ok(out)
+        }
+        Ops::Torch => Ok(x
+            .f_reshape([r.b, r.c, gh, ph, gw, pw])?
+            .f_permute([0, 2, 4, 3, 5, 1])?
+            .f_contiguous()?
+            .f_reshape([r.b, gh * gw, ph * pw * r.c])?),
+    }
 }
 
-fn unpatchify(g: &Tensor, cfg: &Cfg, r: &Run) -> Result<Tensor> {
+fn unpatchify(ops: Ops, g: &Tensor, cfg: &Cfg, r: &Run) -> Result<Tensor> {
     let (ph, pw) = cfg.patch;
-    Ok(g.f_reshape([r.b, r.hh / ph, r.ww / pw, ph, pw, r.c])?
-        .f_permute([0, 5, 1, 3, 2, 4])?
-        .f_contiguous()?
-        .f_reshape([r.b, r.c, r.hh, r.ww])?)
+    match ops {
+        Ops::Fused { dtype, threads } => {
+            let g = g.f_contiguous()?;
+            let out = Tensor::f_empty([r.b, r.c, r.hh, r.ww], (g.kind(), Device::Cpu))?;
+            let op = patch_op(&out, &g, cfg, r, true);
+            // SAFETY: as in `patchify`, with the roles of the buffers swapped.
+            unsafe { k::patches(&op, dtype, r.b as usize, threads, ops.exec()) };
+            Ok(out)
+        }
+        Ops::Torch => Ok(g
+            .f_reshape([r.b, r.hh / ph, r.ww / pw, ph, pw, r.c])?
+            .f_permute([0, 5, 1, 3, 2, 4])?
+            .f_contiguous()?
+            .f_reshape([r.b, r.c, r.hh, r.ww])?),
+    }
+}
+
+fn patch_op(img: &Tensor, patches: &Tensor, cfg: &Cfg, r: &Run, backward: bool) -> k::Patches {
+    k::Patches {
+        img: ptr(img),
+        patches: ptr(patches),
+        c: r.c as usize,
+        h: r.hh as usize,
+        w: r.ww as usize,
+        ph: cfg.patch.0 as usize,
+        pw: cfg.patch.1 as usize,
+        backward,
+    }
 }
 
 /// Pooling: the cls token, or the mean of the tokens after the cls token.
@@ -562,7 +596,7 @@ fn check_input(cfg: &Cfg, x: &Tensor) -> Result<(i64, i64, i64, i64)> {
 fn forward(ops: Ops, cfg: &Cfg, x: &Tensor, params: &[Tensor], r: &mut Run) -> Result<(Tensor, Vec<Tensor>)> {
     let mut s: Vec<Tensor> = Vec::new();
     let mut p = P { p: params, i: 0 };
-    let patches = patchify(x, cfg, r)?;
+    let patches = patchify(ops, x, cfg, r)?;
     let ln_p = p.opt(cfg.patch_norm)?.zip(p.opt(cfg.patch_norm)?);
     let (lin_w, lin_b) = (p.next()?, p.next()?);
     let ln_e = p.opt(cfg.patch_norm)?.zip(p.opt(cfg.patch_norm)?);
@@ -826,7 +860,7 @@ fn backward(ops: Ops, cfg: &Cfg, r: &Run, g_logits: &Tensor, params: &[Tensor], 
         }
         _ => g_pn,
     };
-    let mut out = vec![unpatchify(&g_patches, cfg, r)?];
+    let mut out = vec![unpatchify(ops, &g_patches, cfg, r)?];
     for (i, g) in grads.into_iter().enumerate() {
         out.push(g.ok_or_else(|| Error::Runtime(format!("ViT backward produced no gradient for parameter {i}")))?);
     }
