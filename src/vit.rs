@@ -88,7 +88,9 @@ fn torch_mask(d: Dropout, like: &Tensor) -> Result<Tensor> {
         let x = x.f_mul_scalar(0x846c_a68b_i64)?.f_bitwise_and(M)?;
         Ok(x.f_bitwise_xor_tensor(&x.f_bitwise_right_shift_tensor_scalar(16)?)?)
     };
-    let lo = idx.f_bitwise_and(M)?.f_bitwise_xor((d.seed & 0xffff_ffff) as i64)?;
+    let lo = idx
+        .f_bitwise_and(M)?
+        .f_bitwise_xor((d.seed & 0xffff_ffff) as i64)?;
     let hi = idx
         .f_bitwise_right_shift_tensor_scalar(32)?
         .f_mul_scalar(0x9e37_79b9_i64)?
@@ -173,7 +175,8 @@ impl Ops {
                     d: d as usize,
                 };
                 // SAFETY: as in `ln`; `gx` is a fresh tensor or the caller's own accumulator.
-                let sums = unsafe { k::layer_norm_backward(&op, dtype, rows, threads, self.exec()) };
+                let sums =
+                    unsafe { k::layer_norm_backward(&op, dtype, rows, threads, self.exec()) };
                 let sums = Tensor::f_from_slice(&sums)?.f_to_kind(w.kind())?;
                 Ok((gx, sums.f_narrow(0, 0, d)?, sums.f_narrow(0, d, d)?))
             }
@@ -184,9 +187,9 @@ impl Ops {
                 let (mean, rstd) = (mean.f_reshape(&stat_shape)?, rstd.f_reshape(&stat_shape)?);
                 let xhat = x.f_sub(&mean)?.f_mul(&rstd)?;
                 let lead: Vec<i64> = (0..gy.dim() as i64 - 1).collect();
-                let gw = gy
-                    .f_mul(&xhat)?
-                    .f_sum_dim_intlist(lead.as_slice(), false, None::<Kind>)?;
+                let gw =
+                    gy.f_mul(&xhat)?
+                        .f_sum_dim_intlist(lead.as_slice(), false, None::<Kind>)?;
                 let gb = gy.f_sum_dim_intlist(lead.as_slice(), false, None::<Kind>)?;
                 let gxhat = gy.f_mul(w)?;
                 let m1 = gxhat.f_mean_dim(-1, true, None::<Kind>)?;
@@ -216,15 +219,29 @@ impl Ops {
             }
             Ops::Torch => {
                 let (q, kk, v) = split_heads(qkv, cfg, r)?;
-                let attn = q.f_bmm(&kk.f_transpose(1, 2)?)?.f_mul_scalar(scale)?.f_softmax(-1, None::<Kind>)?;
-                let attn_d = if drop.active() { attn.f_mul(&torch_mask(drop, &attn)?)? } else { attn };
+                let attn = q
+                    .f_bmm(&kk.f_transpose(1, 2)?)?
+                    .f_mul_scalar(scale)?
+                    .f_softmax(-1, None::<Kind>)?;
+                let attn_d = if drop.active() {
+                    attn.f_mul(&torch_mask(drop, &attn)?)?
+                } else {
+                    attn
+                };
                 merge_heads(&attn_d.f_bmm(&v)?, cfg, r)
             }
         }
     }
 
     /// Gradient of `qkv` from that of the merged output; the attention matrix is recomputed.
-    fn attention_bwd(&self, qkv: &Tensor, g_o: &Tensor, cfg: &Cfg, r: &Run, drop: Dropout) -> Result<Tensor> {
+    fn attention_bwd(
+        &self,
+        qkv: &Tensor,
+        g_o: &Tensor,
+        cfg: &Cfg,
+        r: &Run,
+        drop: Dropout,
+    ) -> Result<Tensor> {
         let (b, seq, nh, dh) = (r.b, r.seq, cfg.heads, cfg.dim_head);
         let scale = (dh as f64).powf(-0.5);
         match *self {
@@ -233,13 +250,22 @@ impl Ops {
                 let g_qkv = qkv.f_empty_like()?;
                 let a = attn_desc(qkv, cfg, r, drop);
                 // SAFETY: as in `attention`; `g_qkv` is fresh and shaped like `qkv`.
-                unsafe { k::attention_backward(&a, ptr(&g_o), ptr(&g_qkv), dtype, threads, self.exec()) };
+                unsafe {
+                    k::attention_backward(&a, ptr(&g_o), ptr(&g_qkv), dtype, threads, self.exec())
+                };
                 Ok(g_qkv)
             }
             Ops::Torch => {
                 let (q, kk, v) = split_heads(qkv, cfg, r)?;
-                let attn = q.f_bmm(&kk.f_transpose(1, 2)?)?.f_mul_scalar(scale)?.f_softmax(-1, None::<Kind>)?;
-                let mask = if drop.active() { Some(torch_mask(drop, &attn)?) } else { None };
+                let attn = q
+                    .f_bmm(&kk.f_transpose(1, 2)?)?
+                    .f_mul_scalar(scale)?
+                    .f_softmax(-1, None::<Kind>)?;
+                let mask = if drop.active() {
+                    Some(torch_mask(drop, &attn)?)
+                } else {
+                    None
+                };
                 let g_o = g_o
                     .f_reshape([b, seq, nh, dh])?
                     .f_permute([0, 2, 1, 3])?
@@ -253,7 +279,11 @@ impl Ops {
                 if let Some(m) = &mask {
                     g_attn = g_attn.f_mul(m)?;
                 }
-                let s = g_attn.f_mul(&attn)?.f_sum_dim_intlist([-1i64].as_slice(), true, None::<Kind>)?;
+                let s = g_attn.f_mul(&attn)?.f_sum_dim_intlist(
+                    [-1i64].as_slice(),
+                    true,
+                    None::<Kind>,
+                )?;
                 let g_dots = attn.f_mul(&g_attn.f_sub(&s)?)?.f_mul_scalar(scale)?;
                 let g_q = g_dots.f_bmm(&kk)?;
                 let g_k = g_dots.f_transpose(1, 2)?.f_bmm(&q)?;
@@ -285,7 +315,11 @@ impl Ops {
             }
             Ops::Torch => {
                 let y = x.f_gelu("none")?;
-                Ok(if drop.active() { y.f_mul(&torch_mask(drop, &y)?)? } else { y })
+                Ok(if drop.active() {
+                    y.f_mul(&torch_mask(drop, &y)?)?
+                } else {
+                    y
+                })
             }
         }
     }
@@ -384,7 +418,9 @@ fn attn_desc(qkv: &Tensor, cfg: &Cfg, r: &Run, drop: Dropout) -> k::Attention {
 /// `(B, N, 3 * H * dh)` -> q, k, v as `(B * H, N, dh)`.
 fn split_heads(qkv: &Tensor, cfg: &Cfg, r: &Run) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, seq, nh, dh) = (r.b, r.seq, cfg.heads, cfg.dim_head);
-    let t = qkv.f_reshape([b, seq, 3, nh, dh])?.f_permute([2, 0, 3, 1, 4])?;
+    let t = qkv
+        .f_reshape([b, seq, 3, nh, dh])?
+        .f_permute([2, 0, 3, 1, 4])?;
     let part = |i: i64| -> Result<Tensor> { Ok(t.f_get(i)?.f_reshape([b * nh, seq, dh])?) };
     Ok((part(0)?, part(1)?, part(2)?))
 }
@@ -413,7 +449,12 @@ fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 }
 
 /// Returns (grad x, grad w, grad b) of `linear` (grad b is None without `with_bias`).
-fn linear_bwd(gy: &Tensor, x: &Tensor, w: &Tensor, with_bias: bool) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+fn linear_bwd(
+    gy: &Tensor,
+    x: &Tensor,
+    w: &Tensor,
+    with_bias: bool,
+) -> Result<(Tensor, Tensor, Option<Tensor>)> {
     let (out, inp) = (last(gy), last(x));
     let gy2 = gy.f_reshape([-1, out])?;
     let gx = gy2.f_mm(w)?;
@@ -453,7 +494,10 @@ impl Run {
         let mut z = s;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        Dropout { p, seed: z ^ (z >> 31) }
+        Dropout {
+            p,
+            seed: z ^ (z >> 31),
+        }
     }
 }
 
@@ -555,8 +599,7 @@ fn pool(x: &Tensor, cfg: &Cfg, r: &Run) -> Result<Tensor> {
     if cfg.pool_cls {
         Ok(x.f_select(1, 0)?)
     } else {
-        Ok(x
-            .f_narrow(1, r.ncls, r.seq - r.ncls)?
+        Ok(x.f_narrow(1, r.ncls, r.seq - r.ncls)?
             .f_mean_dim(1, false, None::<Kind>)?)
     }
 }
@@ -583,7 +626,10 @@ fn check_input(cfg: &Cfg, x: &Tensor) -> Result<(i64, i64, i64, i64)> {
     let (b, c, hh, ww) = (size[0], size[1], size[2], size[3]);
     let (ph, pw) = cfg.patch;
     if c != cfg.channels {
-        return Err(Error::Value(format!("ViT: expected {} channels, got {c}", cfg.channels)));
+        return Err(Error::Value(format!(
+            "ViT: expected {} channels, got {c}",
+            cfg.channels
+        )));
     }
     if ph <= 0 || pw <= 0 || hh % ph != 0 || ww % pw != 0 {
         return Err(Error::Value(format!(
@@ -593,7 +639,13 @@ fn check_input(cfg: &Cfg, x: &Tensor) -> Result<(i64, i64, i64, i64)> {
     Ok((b, c, hh, ww))
 }
 
-fn forward(ops: Ops, cfg: &Cfg, x: &Tensor, params: &[Tensor], r: &mut Run) -> Result<(Tensor, Vec<Tensor>)> {
+fn forward(
+    ops: Ops,
+    cfg: &Cfg,
+    x: &Tensor,
+    params: &[Tensor],
+    r: &mut Run,
+) -> Result<(Tensor, Vec<Tensor>)> {
     let mut s: Vec<Tensor> = Vec::new();
     let mut p = P { p: params, i: 0 };
     let patches = patchify(ops, x, cfg, r)?;
@@ -623,7 +675,14 @@ fn forward(ops: Ops, cfg: &Cfg, x: &Tensor, params: &[Tensor], r: &mut Run) -> R
     let tok = match p.opt(cfg.cls_token)? {
         Some(cls) => {
             r.ncls = cls.size()[0];
-            Tensor::f_cat(&[cls.f_unsqueeze(0)?.f_expand([r.b, r.ncls, cfg.dim], false)?, tok], 1)?
+            Tensor::f_cat(
+                &[
+                    cls.f_unsqueeze(0)?
+                        .f_expand([r.b, r.ncls, cfg.dim], false)?,
+                    tok,
+                ],
+                1,
+            )?
         }
         None => tok,
     };
@@ -635,7 +694,14 @@ fn forward(ops: Ops, cfg: &Cfg, x: &Tensor, params: &[Tensor], r: &mut Run) -> R
         let (aw, ab, qkv_w) = (p.next()?, p.next()?, p.next()?);
         let qkv_b = p.opt(cfg.qkv_bias)?;
         let out = p.opt(cfg.project_out)?.zip(p.opt(cfg.project_out)?);
-        let (fw, fb, w1, b1, w2, b2) = (p.next()?, p.next()?, p.next()?, p.next()?, p.next()?, p.next()?);
+        let (fw, fb, w1, b1, w2, b2) = (
+            p.next()?,
+            p.next()?,
+            p.next()?,
+            p.next()?,
+            p.next()?,
+            p.next()?,
+        );
         // Attention: h = h + dropout(to_out(attend(LN(h))))
         let (a_in, m1, r1) = ops.ln(&h, aw, ab, cfg.eps)?;
         let qkv = linear(&a_in, qkv_w, qkv_b)?;
@@ -684,7 +750,14 @@ fn forward(ops: Ops, cfg: &Cfg, x: &Tensor, params: &[Tensor], r: &mut Run) -> R
     Ok((logits, s))
 }
 
-fn backward(ops: Ops, cfg: &Cfg, r: &Run, g_logits: &Tensor, params: &[Tensor], saved: Vec<Tensor>) -> Result<Vec<Tensor>> {
+fn backward(
+    ops: Ops,
+    cfg: &Cfg,
+    r: &Run,
+    g_logits: &Tensor,
+    params: &[Tensor],
+    saved: Vec<Tensor>,
+) -> Result<Vec<Tensor>> {
     // Parameter indices in forward order.
     let mut idx = 0usize;
     let mut take = |present: bool| {
@@ -710,14 +783,25 @@ fn backward(ops: Ops, cfg: &Cfg, r: &Run, g_logits: &Tensor, params: &[Tensor], 
     }
     let mut layers = Vec::new();
     for _ in 0..cfg.depth {
-        let (aw, ab, qkv_w) = (take(true).unwrap_or(0), take(true).unwrap_or(0), take(true).unwrap_or(0));
+        let (aw, ab, qkv_w) = (
+            take(true).unwrap_or(0),
+            take(true).unwrap_or(0),
+            take(true).unwrap_or(0),
+        );
         let qkv_b = take(cfg.qkv_bias);
         let out = take(cfg.project_out).zip(take(cfg.project_out));
         let mut f = [0usize; 6];
         for slot in f.iter_mut() {
             *slot = take(true).unwrap_or(0);
         }
-        layers.push(L { aw, ab, qkv_w, qkv_b, out, f });
+        layers.push(L {
+            aw,
+            ab,
+            qkv_w,
+            qkv_b,
+            out,
+            f,
+        });
     }
     let (i_fw, i_fb, i_hw, i_hb) = (
         take(true).unwrap_or(0),
@@ -726,7 +810,10 @@ fn backward(ops: Ops, cfg: &Cfg, r: &Run, g_logits: &Tensor, params: &[Tensor], 
         take(true).unwrap_or(0),
     );
     if idx != params.len() {
-        return Err(Error::Value(format!("ViT backward: got {} parameters, expected {idx}", params.len())));
+        return Err(Error::Value(format!(
+            "ViT backward: got {} parameters, expected {idx}",
+            params.len()
+        )));
     }
     let pr = params;
     let mut grads: Vec<Option<Tensor>> = (0..pr.len()).map(|_| None).collect();
@@ -778,7 +865,11 @@ fn backward(ops: Ops, cfg: &Cfg, r: &Run, g_logits: &Tensor, params: &[Tensor], 
         let g_y2 = ops.dropout_grad(&gh, r.drop(cfg.dropout, 4 + 4 * l))?;
         let g_y2_2 = g_y2.f_reshape([-1, cfg.dim])?;
         let g_gd = g_y2_2.f_mm(&pr[f[4]])?;
-        let (g_h1, gd) = ops.gelu_bwd(&h1, g_gd.f_reshape(h1.size())?, r.drop(cfg.dropout, 3 + 4 * l))?;
+        let (g_h1, gd) = ops.gelu_bwd(
+            &h1,
+            g_gd.f_reshape(h1.size())?,
+            r.drop(cfg.dropout, 3 + 4 * l),
+        )?;
         grads[f[4]] = Some(g_y2_2.f_tr()?.f_mm(&gd.f_reshape([-1, last(&gd)])?)?);
         grads[f[5]] = Some(g_y2_2.f_sum_dim_intlist([0i64].as_slice(), false, None::<Kind>)?);
         drop((gd, g_y2, g_y2_2));
@@ -805,7 +896,8 @@ fn backward(ops: Ops, cfg: &Cfg, r: &Run, g_logits: &Tensor, params: &[Tensor], 
         let g_qkv = ops.attention_bwd(&qkv, &g_om, cfg, r, r.drop(cfg.dropout, 1 + 4 * l))?;
         drop((g_om, qkv));
         let (a_in, _, _) = ops.ln(&h_in, &pr[ix.aw], &pr[ix.ab], cfg.eps)?;
-        let (g_ain, g_qkv_w, g_qkv_b) = linear_bwd(&g_qkv, &a_in, &pr[ix.qkv_w], ix.qkv_b.is_some())?;
+        let (g_ain, g_qkv_w, g_qkv_b) =
+            linear_bwd(&g_qkv, &a_in, &pr[ix.qkv_w], ix.qkv_b.is_some())?;
         drop((a_in, g_qkv));
         grads[ix.qkv_w] = Some(g_qkv_w);
         if let Some(i) = ix.qkv_b {
@@ -829,7 +921,11 @@ fn backward(ops: Ops, cfg: &Cfg, r: &Run, g_logits: &Tensor, params: &[Tensor], 
         }
     });
     if let Some(ic) = i_cls {
-        grads[ic] = Some(gh.f_narrow(1, 0, r.ncls)?.f_sum_dim_intlist([0i64].as_slice(), false, None::<Kind>)?);
+        grads[ic] = Some(gh.f_narrow(1, 0, r.ncls)?.f_sum_dim_intlist(
+            [0i64].as_slice(),
+            false,
+            None::<Kind>,
+        )?);
     }
     let g_tok = gh.f_narrow(1, r.ncls, seq - r.ncls)?.f_contiguous()?;
     drop(gh);
@@ -862,7 +958,11 @@ fn backward(ops: Ops, cfg: &Cfg, r: &Run, g_logits: &Tensor, params: &[Tensor], 
     };
     let mut out = vec![unpatchify(ops, &g_patches, cfg, r)?];
     for (i, g) in grads.into_iter().enumerate() {
-        out.push(g.ok_or_else(|| Error::Runtime(format!("ViT backward produced no gradient for parameter {i}")))?);
+        out.push(g.ok_or_else(|| {
+            Error::Runtime(format!(
+                "ViT backward produced no gradient for parameter {i}"
+            ))
+        })?);
     }
     Ok(out)
 }
@@ -877,7 +977,9 @@ pub struct VitRun {
 }
 
 fn pick_ops(x: &Tensor, params: &[Tensor], allow_fused: bool) -> Ops {
-    let cpu_dense = |t: &Tensor| t.device() == Device::Cpu && !t.is_sparse() && !t.is_mkldnn() && t.kind() == x.kind();
+    let cpu_dense = |t: &Tensor| {
+        t.device() == Device::Cpu && !t.is_sparse() && !t.is_mkldnn() && t.kind() == x.kind()
+    };
     match kernel_dtype(x) {
         Some(dtype) if allow_fused && cpu_dense(x) && params.iter().all(cpu_dense) => Ops::Fused {
             dtype,
@@ -933,28 +1035,45 @@ pub fn vit_forward(
         emb_dropout,
     };
     let (b, c, hh, ww) = check_input(&cfg, &x.0)?;
-    let mut run = Run { b, c, hh, ww, seq: 0, ncls: 0, seed, train };
+    let mut run = Run {
+        b,
+        c,
+        hh,
+        ww,
+        seq: 0,
+        ncls: 0,
+        seed,
+        train,
+    };
     let params: Vec<Tensor> = params.into_iter().map(|t| t.0.shallow_clone()).collect();
     let x = x.0.shallow_clone();
     let job = Job((x, params, cfg, run));
-    let (logits, saved, run_out, fused_used) = py.allow_threads(move || {
-        let Job((x, params, cfg, mut run)) = job;
-        no_panic("ViT forward", || {
-            tch::no_grad(|| {
-                let x = x.f_contiguous()?;
-                let params = params.iter().map(|p| p.f_contiguous()).collect::<std::result::Result<Vec<_>, _>>()?;
-                let ops = pick_ops(&x, &params, fused);
-                let (logits, saved) = forward(ops, &cfg, &x, &params, &mut run)?;
-                Ok(Job((logits, saved, run, matches!(ops, Ops::Fused { .. }))))
+    let (logits, saved, run_out, fused_used) = py
+        .allow_threads(move || {
+            let Job((x, params, cfg, mut run)) = job;
+            no_panic("ViT forward", || {
+                tch::no_grad(|| {
+                    let x = x.f_contiguous()?;
+                    let params = params
+                        .iter()
+                        .map(|p| p.f_contiguous())
+                        .collect::<std::result::Result<Vec<_>, _>>()?;
+                    let ops = pick_ops(&x, &params, fused);
+                    let (logits, saved) = forward(ops, &cfg, &x, &params, &mut run)?;
+                    Ok(Job((logits, saved, run, matches!(ops, Ops::Fused { .. }))))
+                })
             })
-        })
-    })?
-    .0;
+        })?
+        .0;
     run = run_out;
     Ok((
         PyTensor(logits),
         saved.into_iter().map(PyTensor).collect(),
-        VitRun { cfg, run, fused: fused_used },
+        VitRun {
+            cfg,
+            run,
+            fused: fused_used,
+        },
     ))
 }
 
@@ -979,18 +1098,28 @@ pub fn vit_backward(
     let saved: Vec<Tensor> = saved.into_iter().map(|t| t.0.shallow_clone()).collect();
     let g = grad_logits.0.shallow_clone();
     let job = Job((g, params, saved));
-    let grads = py.allow_threads(move || {
-        let Job((g, params, saved)) = job;
-        no_panic("ViT backward", || {
-            tch::no_grad(|| {
-                let g = g.f_contiguous()?.f_to_kind(saved.last().map_or(g.kind(), |t| t.kind()))?;
-                let params = params.iter().map(|p| p.f_contiguous()).collect::<std::result::Result<Vec<_>, _>>()?;
-                let ops = if fused { pick_ops(&g, &params, true) } else { Ops::Torch };
-                Ok(Job(backward(ops, &cfg, &r, &g, &params, saved)?))
+    let grads = py
+        .allow_threads(move || {
+            let Job((g, params, saved)) = job;
+            no_panic("ViT backward", || {
+                tch::no_grad(|| {
+                    let g = g
+                        .f_contiguous()?
+                        .f_to_kind(saved.last().map_or(g.kind(), |t| t.kind()))?;
+                    let params = params
+                        .iter()
+                        .map(|p| p.f_contiguous())
+                        .collect::<std::result::Result<Vec<_>, _>>()?;
+                    let ops = if fused {
+                        pick_ops(&g, &params, true)
+                    } else {
+                        Ops::Torch
+                    };
+                    Ok(Job(backward(ops, &cfg, &r, &g, &params, saved)?))
+                })
             })
-        })
-    })?
-    .0;
+        })?
+        .0;
     Ok(grads.into_iter().map(PyTensor).collect())
 }
 

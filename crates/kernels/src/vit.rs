@@ -184,7 +184,14 @@ fn softmax_row<T: Act>(row: &mut [T]) {
 
 /// `dst (cols × ld_dst) = src (rows × cols, row stride ld_src)` transposed.
 #[inline(always)]
-fn transpose<T: Copy>(src: &[T], rows: usize, cols: usize, ld_src: usize, dst: &mut [T], ld_dst: usize) {
+fn transpose<T: Copy>(
+    src: &[T],
+    rows: usize,
+    cols: usize,
+    ld_src: usize,
+    dst: &mut [T],
+    ld_dst: usize,
+) {
     for (c, drow) in dst.chunks_exact_mut(ld_dst).take(cols).enumerate() {
         for (r, x) in drow[..rows].iter_mut().enumerate() {
             *x = src[r * ld_src + c];
@@ -332,12 +339,18 @@ fn par_rows<O: RowOp>(
         .step_by(per)
         .map(|r| (0, r, (r + per).min(n_rows)))
         .collect();
-    let parts = map_pieces(&pieces, threads, exec, Vec::new(), &|_, r0, r1| match dtype {
-        DType::F32 => rows_dispatch::<O, f32>(op, r0, r1),
-        DType::F64 => rows_dispatch::<O, f64>(op, r0, r1),
-        DType::BF16 => rows_dispatch::<O, bf16>(op, r0, r1),
-        DType::F16 => rows_dispatch::<O, f16>(op, r0, r1),
-    });
+    let parts = map_pieces(
+        &pieces,
+        threads,
+        exec,
+        Vec::new(),
+        &|_, r0, r1| match dtype {
+            DType::F32 => rows_dispatch::<O, f32>(op, r0, r1),
+            DType::F64 => rows_dispatch::<O, f64>(op, r0, r1),
+            DType::BF16 => rows_dispatch::<O, bf16>(op, r0, r1),
+            DType::F16 => rows_dispatch::<O, f16>(op, r0, r1),
+        },
+    );
     let mut total: Vec<f64> = Vec::new();
     for p in parts {
         if total.is_empty() {
@@ -520,7 +533,8 @@ impl RowOp for GeluBwd {
         let half = E::Op::of(0.5);
         let one = E::Op::of(1.0);
         let k = E::Op::of(std::f64::consts::FRAC_1_SQRT_2);
-        let kp = E::Op::of(0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2);
+        let kp =
+            E::Op::of(0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2);
         let y: &mut [E] = if self.y.0.is_null() {
             &mut []
         } else {
@@ -578,7 +592,11 @@ impl RowOp for AddDropout {
         let mask = Mask::<E::Op>::of(self.dropout);
         if self.y.0.is_null() {
             for (j, (o, a)) in out.iter_mut().zip(h.iter()).enumerate() {
-                let m = if mask.on { mask.at(r0 + j) } else { E::Op::of(1.0) };
+                let m = if mask.on {
+                    mask.at(r0 + j)
+                } else {
+                    E::Op::of(1.0)
+                };
                 *o = E::store(a.load() * m);
             }
             return Vec::new();
@@ -622,7 +640,17 @@ pub struct Attention {
 /// whole `k` loop.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub fn gemm<T: Act, const AT: bool>(m: usize, np: usize, kd: usize, a: &[T], lda: usize, b: &[T], ldb: usize, c: &mut [T], ldc: usize) {
+pub fn gemm<T: Act, const AT: bool>(
+    m: usize,
+    np: usize,
+    kd: usize,
+    a: &[T],
+    lda: usize,
+    b: &[T],
+    ldb: usize,
+    c: &mut [T],
+    ldc: usize,
+) {
     let mut i = 0;
     while i + 4 <= m {
         gemm_rows::<T, AT, 4>(i, np, kd, a, lda, b, ldb, c, ldc);
@@ -676,15 +704,26 @@ fn gemm_block<T: Act, const AT: bool, const MR: usize, const NR: usize>(
     }
     // Bounds are checked once here, so the k loop runs without per-element checks.
     let b_last = (kd - 1) * ldb + j0 + NR;
-    let a_last = if AT { (kd - 1) * lda + i0 + MR } else { (i0 + MR - 1) * lda + kd };
-    assert!(b_last <= b.len() && a_last <= a.len(), "gemm: operand too short");
+    let a_last = if AT {
+        (kd - 1) * lda + i0 + MR
+    } else {
+        (i0 + MR - 1) * lda + kd
+    };
+    assert!(
+        b_last <= b.len() && a_last <= a.len(),
+        "gemm: operand too short"
+    );
     let (ap, bp) = (a.as_ptr(), b.as_ptr());
     for k in 0..kd {
         // SAFETY: k < kd, r < MR and the asserts above bound every index.
         unsafe {
             let brow = &*(bp.add(k * ldb + j0) as *const [T; NR]);
             for (r, accr) in acc.iter_mut().enumerate() {
-                let av = if AT { *ap.add(k * lda + i0 + r) } else { *ap.add((i0 + r) * lda + k) };
+                let av = if AT {
+                    *ap.add(k * lda + i0 + r)
+                } else {
+                    *ap.add((i0 + r) * lda + k)
+                };
                 for (x, &bv) in accr.iter_mut().zip(brow) {
                     *x = av.mul_add(bv, *x);
                 }
@@ -752,18 +791,24 @@ impl Attention {
     /// Loads one head: q (pre-multiplied by the scale, so `q k^T` is already scaled), k, v as
     /// rows, and k (and v) transposed.
     #[inline(always)]
-    fn load_head<E: VElem>(&self, qkv: &[E], b: usize, h: usize, hd: &mut Head<E::Op>, need_vt: bool) {
+    fn load_head<E: VElem>(
+        &self,
+        qkv: &[E],
+        b: usize,
+        h: usize,
+        hd: &mut Head<E::Op>,
+        need_vt: bool,
+    ) {
         let (n, dh, np, dp) = (self.n, self.dh, hd.np, hd.dp);
         let scale = E::Op::of(self.scale);
         let tok = 3 * self.heads * dh;
         let base = &qkv[b * n * tok + h * dh..];
-        for (i, ((qr, kr), vr)) in hd
-            .q
-            .chunks_exact_mut(dp)
-            .zip(hd.k.chunks_exact_mut(dp))
-            .zip(hd.v.chunks_exact_mut(dp))
-            .enumerate()
-            .take(n)
+        for (i, ((qr, kr), vr)) in
+            hd.q.chunks_exact_mut(dp)
+                .zip(hd.k.chunks_exact_mut(dp))
+                .zip(hd.v.chunks_exact_mut(dp))
+                .enumerate()
+                .take(n)
         {
             let src = &base[i * tok..];
             let stride = self.heads * dh;
@@ -864,7 +909,9 @@ impl RowOp for AttnBwd {
         // SAFETY: `attention_backward`'s contract; heads write disjoint blocks of `g_qkv`.
         let qkv = unsafe { a.qkv.all::<E>(a.b * n * 3 * heads * dh) };
         let g_o = unsafe { a.o_all::<E>(self.g_o) };
-        let g_qkv = unsafe { std::slice::from_raw_parts_mut(self.g_qkv.0 as *mut E, a.b * n * 3 * heads * dh) };
+        let g_qkv = unsafe {
+            std::slice::from_raw_parts_mut(self.g_qkv.0 as *mut E, a.b * n * 3 * heads * dh)
+        };
         let mask = Mask::<E::Op>::of(a.dropout);
         let scale = E::Op::of(a.scale);
         let mut hd = a.head_buffers::<E::Op>();
@@ -885,7 +932,12 @@ impl RowOp for AttnBwd {
             let pd = if mask.on { &hd.pd } else { &hd.p };
             gemm::<E::Op, true>(n, dp, n, pd, np, &hd.o, dp, &mut hd.dv, dp);
             // dS = scale * p * (dp - sum(dp * p)), dp = d(dropped p) * mask
-            for (i, (drow, prow)) in hd.dp_.chunks_exact_mut(np).zip(hd.p.chunks_exact(np)).enumerate() {
+            for (i, (drow, prow)) in hd
+                .dp_
+                .chunks_exact_mut(np)
+                .zip(hd.p.chunks_exact(np))
+                .enumerate()
+            {
                 let (drow, prow) = (&mut drow[..n], &prow[..n]);
                 if mask.on {
                     let base = (u * n + i) * n;
@@ -914,11 +966,17 @@ impl RowOp for AttnBwd {
             gemm::<E::Op, false>(n, dp, n, &hd.dp_, np, &hd.k, dp, &mut hd.dq, dp);
             gemm::<E::Op, true>(n, dp, n, &hd.dp_, np, &hd.q, dp, &mut hd.dk, dp);
             for i in 0..n {
-                for (o, x) in g_qkv[a.at(b, i, 0, h)..][..dh].iter_mut().zip(&hd.dq[i * dp..][..dh]) {
+                for (o, x) in g_qkv[a.at(b, i, 0, h)..][..dh]
+                    .iter_mut()
+                    .zip(&hd.dq[i * dp..][..dh])
+                {
                     *o = E::store(*x * scale);
                 }
                 for (part, src) in [(1, &hd.dk), (2, &hd.dv)] {
-                    for (o, x) in g_qkv[a.at(b, i, part, h)..][..dh].iter_mut().zip(&src[i * dp..][..dh]) {
+                    for (o, x) in g_qkv[a.at(b, i, part, h)..][..dh]
+                        .iter_mut()
+                        .zip(&src[i * dp..][..dh])
+                    {
                         *o = E::store(*x);
                     }
                 }
@@ -941,7 +999,14 @@ pub unsafe fn attention(a: &Attention, o: Ptr, dtype: DType, threads: usize, exe
 ///
 /// # Safety
 /// As [`attention`]; `g_o` shaped like `o`, `g_qkv` like `qkv`; no overlap.
-pub unsafe fn attention_backward(a: &Attention, g_o: Ptr, g_qkv: Ptr, dtype: DType, threads: usize, exec: &dyn Executor) {
+pub unsafe fn attention_backward(
+    a: &Attention,
+    g_o: Ptr,
+    g_qkv: Ptr,
+    dtype: DType,
+    threads: usize,
+    exec: &dyn Executor,
+) {
     let op = AttnBwd { a: *a, g_o, g_qkv };
     par_units(&op, dtype, a.b * a.heads, threads, exec);
 }
@@ -1015,7 +1080,13 @@ pub unsafe fn patches(op: &Patches, dtype: DType, b: usize, threads: usize, exec
 /// # Safety
 /// `x`, `y`: `rows * d` elements of `dtype`; `w`, `b`: `d`; `mean`, `rstd`: null or `rows`
 /// elements of the arithmetic type (f64 for F64, else f32). `y` must not overlap the others.
-pub unsafe fn layer_norm(op: &LnFwd, dtype: DType, rows: usize, threads: usize, exec: &dyn Executor) {
+pub unsafe fn layer_norm(
+    op: &LnFwd,
+    dtype: DType,
+    rows: usize,
+    threads: usize,
+    exec: &dyn Executor,
+) {
     par_rows(op, dtype, rows, op.d, threads, exec);
 }
 
@@ -1037,20 +1108,38 @@ pub unsafe fn layer_norm_backward(
 
 /// # Safety
 /// `x`, `y`: `numel` elements of `dtype`, not overlapping.
-pub unsafe fn gelu_forward(op: &GeluFwd, dtype: DType, numel: usize, threads: usize, exec: &dyn Executor) {
+pub unsafe fn gelu_forward(
+    op: &GeluFwd,
+    dtype: DType,
+    numel: usize,
+    threads: usize,
+    exec: &dyn Executor,
+) {
     par_rows(op, dtype, numel, 1, threads, exec);
 }
 
 /// # Safety
 /// `x`, `g` (and `y` unless null): `numel` elements of `dtype`, not overlapping.
-pub unsafe fn gelu_backward(op: &GeluBwd, dtype: DType, numel: usize, threads: usize, exec: &dyn Executor) {
+pub unsafe fn gelu_backward(
+    op: &GeluBwd,
+    dtype: DType,
+    numel: usize,
+    threads: usize,
+    exec: &dyn Executor,
+) {
     par_rows(op, dtype, numel, 1, threads, exec);
 }
 
 /// # Safety
 /// `h`, `out` (and `y` unless null): `numel` elements of `dtype`; `out` may equal `h` but
 /// overlaps nothing else.
-pub unsafe fn add_dropout(op: &AddDropout, dtype: DType, numel: usize, threads: usize, exec: &dyn Executor) {
+pub unsafe fn add_dropout(
+    op: &AddDropout,
+    dtype: DType,
+    numel: usize,
+    threads: usize,
+    exec: &dyn Executor,
+) {
     par_rows(op, dtype, numel, 1, threads, exec);
 }
 
@@ -1083,29 +1172,50 @@ mod tests {
 
     #[test]
     fn dropout_keeps_about_1_minus_p_and_is_reproducible() {
-        let d = Dropout { p: 0.3, seed: 12345 };
+        let d = Dropout {
+            p: 0.3,
+            seed: 12345,
+        };
         let t = d.threshold();
         let kept = (0..200_000u64).filter(|&i| keep(d.seed, i, t)).count();
         let frac = kept as f64 / 200_000.0;
         assert!((frac - 0.7).abs() < 0.005, "{frac}");
         let again = (0..200_000u64).filter(|&i| keep(d.seed, i, t)).count();
         assert_eq!(kept, again);
-        let other = (0..200_000u64).filter(|&i| keep(d.seed + 1, i, t) != keep(d.seed, i, t)).count();
+        let other = (0..200_000u64)
+            .filter(|&i| keep(d.seed + 1, i, t) != keep(d.seed, i, t))
+            .count();
         assert!(other > 50_000);
     }
 
     #[test]
     fn layer_norm_forward_and_backward_match_finite_differences() {
         let (rows, d) = (3usize, 7usize);
-        let mut x: Vec<f64> = (0..rows * d).map(|i| ((i * 37 % 11) as f64 - 5.0) * 0.3).collect();
+        let mut x: Vec<f64> = (0..rows * d)
+            .map(|i| ((i * 37 % 11) as f64 - 5.0) * 0.3)
+            .collect();
         let mut w: Vec<f64> = (0..d).map(|i| 1.0 + 0.1 * i as f64).collect();
         let mut b: Vec<f64> = (0..d).map(|i| 0.05 * i as f64).collect();
-        let gy: Vec<f64> = (0..rows * d).map(|i| ((i * 13 % 7) as f64 - 3.0) * 0.2).collect();
-        let fwd = |x: &mut Vec<f64>, w: &mut Vec<f64>, b: &mut Vec<f64>| -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        let gy: Vec<f64> = (0..rows * d)
+            .map(|i| ((i * 13 % 7) as f64 - 3.0) * 0.2)
+            .collect();
+        let fwd = |x: &mut Vec<f64>,
+                   w: &mut Vec<f64>,
+                   b: &mut Vec<f64>|
+         -> (Vec<f64>, Vec<f64>, Vec<f64>) {
             let mut y = vec![0.0; rows * d];
             let mut mean = vec![0.0; rows];
             let mut rstd = vec![0.0; rows];
-            let op = LnFwd { x: p(x), w: p(w), b: p(b), y: p(&mut y), mean: p(&mut mean), rstd: p(&mut rstd), d, eps: 1e-5 };
+            let op = LnFwd {
+                x: p(x),
+                w: p(w),
+                b: p(b),
+                y: p(&mut y),
+                mean: p(&mut mean),
+                rstd: p(&mut rstd),
+                d,
+                eps: 1e-5,
+            };
             unsafe { layer_norm(&op, DType::F64, rows, 1, &Serial) };
             (y, mean, rstd)
         };
@@ -1115,7 +1225,16 @@ mod tests {
         let (_, mut mean, mut rstd) = fwd(&mut x, &mut w, &mut b);
         let mut gy2 = gy.clone();
         let mut gx = vec![1.0; rows * d]; // accumulate onto ones
-        let op = LnBwd { gy: p(&mut gy2), x: p(&mut x), mean: p(&mut mean), rstd: p(&mut rstd), w: p(&mut w), gx: p(&mut gx), accumulate: true, d };
+        let op = LnBwd {
+            gy: p(&mut gy2),
+            x: p(&mut x),
+            mean: p(&mut mean),
+            rstd: p(&mut rstd),
+            w: p(&mut w),
+            gx: p(&mut gx),
+            accumulate: true,
+            d,
+        };
         let gwb = unsafe { layer_norm_backward(&op, DType::F64, rows, 2, &Serial) };
         let h = 1e-6;
         for i in 0..rows * d {
@@ -1123,15 +1242,23 @@ mod tests {
             xp[i] += h;
             let mut xm = x.clone();
             xm[i] -= h;
-            let num = (loss(&mut xp, &mut w.clone(), &mut b.clone()) - loss(&mut xm, &mut w.clone(), &mut b.clone())) / (2.0 * h);
-            assert!((gx[i] - 1.0 - num).abs() < 1e-7, "x {i}: {} vs {num}", gx[i] - 1.0);
+            let num = (loss(&mut xp, &mut w.clone(), &mut b.clone())
+                - loss(&mut xm, &mut w.clone(), &mut b.clone()))
+                / (2.0 * h);
+            assert!(
+                (gx[i] - 1.0 - num).abs() < 1e-7,
+                "x {i}: {} vs {num}",
+                gx[i] - 1.0
+            );
         }
         for j in 0..d {
             let mut wp = w.clone();
             wp[j] += h;
             let mut wm = w.clone();
             wm[j] -= h;
-            let num = (loss(&mut x.clone(), &mut wp, &mut b.clone()) - loss(&mut x.clone(), &mut wm, &mut b.clone())) / (2.0 * h);
+            let num = (loss(&mut x.clone(), &mut wp, &mut b.clone())
+                - loss(&mut x.clone(), &mut wm, &mut b.clone()))
+                / (2.0 * h);
             assert!((gwb[j] - num).abs() < 1e-7);
             let gb: f64 = (0..rows).map(|r| gy[r * d + j]).sum();
             assert!((gwb[d + j] - gb).abs() < 1e-12);
@@ -1141,22 +1268,35 @@ mod tests {
     #[test]
     fn gelu_backward_matches_finite_differences() {
         let n = 5usize;
-        let x0: Vec<f64> = (0..2 * n).map(|i| ((i * 7 % 5) as f64 - 2.0) * 0.7).collect();
-        let go: Vec<f64> = (0..2 * n).map(|i| ((i * 3 % 4) as f64 - 1.5) * 0.4).collect();
+        let x0: Vec<f64> = (0..2 * n)
+            .map(|i| ((i * 7 % 5) as f64 - 2.0) * 0.7)
+            .collect();
+        let go: Vec<f64> = (0..2 * n)
+            .map(|i| ((i * 3 % 4) as f64 - 1.5) * 0.4)
+            .collect();
         let drop = Dropout { p: 0.25, seed: 7 };
         let h = 1e-6;
         // GELU with dropout
         let gl = |x: &[f64]| -> f64 {
             let mut xs = x.to_vec();
             let mut y = vec![0.0; x.len()];
-            let op = GeluFwd { x: p(&mut xs), y: p(&mut y), dropout: drop };
+            let op = GeluFwd {
+                x: p(&mut xs),
+                y: p(&mut y),
+                dropout: drop,
+            };
             unsafe { gelu_forward(&op, DType::F64, x.len(), 1, &Serial) };
             y.iter().zip(&go).map(|(a, g)| a * g).sum()
         };
         let mut xs = x0.clone();
         let mut g = go.clone();
         let mut y = vec![0.0; 2 * n];
-        let op = GeluBwd { x: p(&mut xs), g: p(&mut g), y: p(&mut y), dropout: drop };
+        let op = GeluBwd {
+            x: p(&mut xs),
+            g: p(&mut g),
+            y: p(&mut y),
+            dropout: drop,
+        };
         unsafe { gelu_backward(&op, DType::F64, 2 * n, 1, &Serial) };
         for i in 0..2 * n {
             let (mut xp, mut xm) = (x0.clone(), x0.clone());
@@ -1165,7 +1305,11 @@ mod tests {
             let num = (gl(&xp) - gl(&xm)) / (2.0 * h);
             assert!((g[i] - num).abs() < 1e-8, "gelu {i}: {} vs {num}", g[i]);
             let want = 0.5 * x0[i] * (1.0 + libm::erf(x0[i] / 2f64.sqrt()));
-            let m = if keep(drop.seed, i as u64, drop.threshold()) { 1.0 / 0.75 } else { 0.0 };
+            let m = if keep(drop.seed, i as u64, drop.threshold()) {
+                1.0 / 0.75
+            } else {
+                0.0
+            };
             assert!((y[i] - want * m).abs() < 1e-15);
         }
     }
@@ -1174,32 +1318,65 @@ mod tests {
     fn attention_matches_naive_and_finite_differences() {
         let (bsz, n, heads, dh) = (2usize, 5usize, 2usize, 3usize);
         let len = bsz * n * 3 * heads * dh;
-        let qkv0: Vec<f64> = (0..len).map(|i| ((i * 29 % 17) as f64 - 8.0) * 0.15).collect();
-        let go: Vec<f64> = (0..bsz * n * heads * dh).map(|i| ((i * 11 % 7) as f64 - 3.0) * 0.3).collect();
+        let qkv0: Vec<f64> = (0..len)
+            .map(|i| ((i * 29 % 17) as f64 - 8.0) * 0.15)
+            .collect();
+        let go: Vec<f64> = (0..bsz * n * heads * dh)
+            .map(|i| ((i * 11 % 7) as f64 - 3.0) * 0.3)
+            .collect();
         for drop in [Dropout::OFF, Dropout { p: 0.3, seed: 99 }] {
             let run = |qkv: &[f64]| -> Vec<f64> {
                 let mut q = qkv.to_vec();
                 let mut o = vec![0.0; bsz * n * heads * dh];
-                let a = Attention { qkv: p(&mut q), b: bsz, n, heads, dh, scale: 0.6, dropout: drop };
+                let a = Attention {
+                    qkv: p(&mut q),
+                    b: bsz,
+                    n,
+                    heads,
+                    dh,
+                    scale: 0.6,
+                    dropout: drop,
+                };
                 unsafe { attention(&a, p(&mut o), DType::F64, 2, &Serial) };
                 o
             };
             let o = run(&qkv0);
             // naive reference
-            let at = |b: usize, i: usize, part: usize, h: usize, d: usize| qkv0[((b * n + i) * 3 + part) * heads * dh + h * dh + d];
+            let at = |b: usize, i: usize, part: usize, h: usize, d: usize| {
+                qkv0[((b * n + i) * 3 + part) * heads * dh + h * dh + d]
+            };
             let t = drop.threshold();
             for b in 0..bsz {
                 for h in 0..heads {
                     for i in 0..n {
-                        let s: Vec<f64> = (0..n).map(|j| 0.6 * (0..dh).map(|d| at(b, i, 0, h, d) * at(b, j, 1, h, d)).sum::<f64>()).collect();
+                        let s: Vec<f64> = (0..n)
+                            .map(|j| {
+                                0.6 * (0..dh)
+                                    .map(|d| at(b, i, 0, h, d) * at(b, j, 1, h, d))
+                                    .sum::<f64>()
+                            })
+                            .collect();
                         let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                         let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
                         let z: f64 = e.iter().sum();
                         for d in 0..dh {
                             let want: f64 = (0..n)
                                 .map(|j| {
-                                    let keepj = !drop.active() || keep(drop.seed, (((b * heads + h) * n + i) * n + j) as u64, t);
-                                    let sc = if drop.active() { if keepj { 1.0 / 0.7 } else { 0.0 } } else { 1.0 };
+                                    let keepj = !drop.active()
+                                        || keep(
+                                            drop.seed,
+                                            (((b * heads + h) * n + i) * n + j) as u64,
+                                            t,
+                                        );
+                                    let sc = if drop.active() {
+                                        if keepj {
+                                            1.0 / 0.7
+                                        } else {
+                                            0.0
+                                        }
+                                    } else {
+                                        1.0
+                                    };
                                     e[j] / z * sc * at(b, j, 2, h, d)
                                 })
                                 .sum();
@@ -1212,7 +1389,15 @@ mod tests {
             let mut q = qkv0.clone();
             let mut g = go.clone();
             let mut gq = vec![0.0; len];
-            let a = Attention { qkv: p(&mut q), b: bsz, n, heads, dh, scale: 0.6, dropout: drop };
+            let a = Attention {
+                qkv: p(&mut q),
+                b: bsz,
+                n,
+                heads,
+                dh,
+                scale: 0.6,
+                dropout: drop,
+            };
             unsafe { attention_backward(&a, p(&mut g), p(&mut gq), DType::F64, 2, &Serial) };
             let h = 1e-6;
             for i in 0..len {
@@ -1233,13 +1418,25 @@ mod tests {
         let n = b * c * h * w;
         let mut img: Vec<f32> = (0..n).map(|i| i as f32).collect();
         let mut pat = vec![0f32; n];
-        let mut op = Patches { img: p(&mut img), patches: p(&mut pat), c, h, w, ph, pw, backward: false };
+        let mut op = Patches {
+            img: p(&mut img),
+            patches: p(&mut pat),
+            c,
+            h,
+            w,
+            ph,
+            pw,
+            backward: false,
+        };
         unsafe { patches(&op, DType::F32, b, 2, &Serial) };
         // spot check against the einops formula
         let (gw, pd) = (w / pw, ph * pw * c);
         for (bi, gy, gx, p1, p2, ch) in [(1, 1, 0, 1, 2, 2), (0, 0, 1, 0, 1, 1)] {
             let want = img[((bi * c + ch) * h + gy * ph + p1) * w + gx * pw + p2];
-            assert_eq!(pat[(bi * (h / ph) * gw + gy * gw + gx) * pd + (p1 * pw + p2) * c + ch], want);
+            assert_eq!(
+                pat[(bi * (h / ph) * gw + gy * gw + gx) * pd + (p1 * pw + p2) * c + ch],
+                want
+            );
         }
         let mut sorted = pat.clone();
         sorted.sort_by(f32::total_cmp);
