@@ -99,8 +99,7 @@ fn torch_mask(d: Dropout, like: &Tensor) -> Result<Tensor> {
         .f_bitwise_xor((d.seed >> 32) as i64)?
         .f_bitwise_xor_tensor(&hi)?;
     let x = mix(x)?;
-    let threshold = ((1.0 - d.p.clamp(0.0, 1.0)) * (1u32 << 24) as f64).round() as i64;
-    let scale = if d.p >= 1.0 { 0.0 } else { 1.0 / (1.0 - d.p) };
+    let (threshold, scale) = (d.threshold() as i64, d.scale());
     let keep = x.f_bitwise_right_shift_tensor_scalar(8)?.f_lt(threshold)?;
     Ok(keep
         .f_to_kind(like.kind())?
@@ -393,8 +392,9 @@ impl Ops {
         }
     }
 
-    /// `g * mask` (the gradient through a dropout), or `g` itself when dropout is off.
-    fn dropout_grad(&self, g: &Tensor, drop: Dropout) -> Result<Tensor> {
+    /// `x * mask` (a dropout, or the gradient through one), or `x` itself when dropout is
+    /// off (no copy).
+    fn masked(&self, g: &Tensor, drop: Dropout) -> Result<Tensor> {
         if drop.active() {
             self.add_dropout(g, None, drop)
         } else {
@@ -689,7 +689,7 @@ fn forward(
     let pos = p.next()?;
     r.seq = tok.size()[1];
     let h0 = tok.f_add(&pos.f_narrow(0, 0, r.seq)?)?;
-    let mut h = ops.add_dropout(&h0, None, r.drop(cfg.emb_dropout, 0))?;
+    let mut h = ops.masked(&h0, r.drop(cfg.emb_dropout, 0))?;
     for l in 0..cfg.depth as u64 {
         let (aw, ab, qkv_w) = (p.next()?, p.next()?, p.next()?);
         let qkv_b = p.opt(cfg.qkv_bias)?;
@@ -862,7 +862,7 @@ fn backward(
             .map_err(|_| Error::Runtime("ViT backward: bad saved layer".into()))?;
         // Feed-forward block: h = h_mid + drop(W2 drop(gelu(W1 LN(h_mid))))
         let f = ix.f;
-        let g_y2 = ops.dropout_grad(&gh, r.drop(cfg.dropout, 4 + 4 * l))?;
+        let g_y2 = ops.masked(&gh, r.drop(cfg.dropout, 4 + 4 * l))?;
         let g_y2_2 = g_y2.f_reshape([-1, cfg.dim])?;
         let g_gd = g_y2_2.f_mm(&pr[f[4]])?;
         let (g_h1, gd) = ops.gelu_bwd(
@@ -885,7 +885,7 @@ fn backward(
         // Attention block: h_mid = h_in + drop(to_out(attend(LN(h_in))))
         let g_om = match ix.out {
             Some((ow, ob)) => {
-                let g_y = ops.dropout_grad(&gh, r.drop(cfg.dropout, 2 + 4 * l))?;
+                let g_y = ops.masked(&gh, r.drop(cfg.dropout, 2 + 4 * l))?;
                 let (g_om, g_ow, g_ob) = linear_bwd(&g_y, &o_merged, &pr[ow], true)?;
                 grads[ow] = Some(g_ow);
                 grads[ob] = g_ob;
@@ -909,7 +909,7 @@ fn backward(
         grads[ix.ab] = Some(g_ab);
     }
     // Embedding: h0 = cat(cls, tokens) + pos, then dropout.
-    let gh = ops.dropout_grad(&gh, r.drop(cfg.emb_dropout, 0))?;
+    let gh = ops.masked(&gh, r.drop(cfg.emb_dropout, 0))?;
     grads[i_pos] = Some({
         let g = gh.f_sum_dim_intlist([0i64].as_slice(), false, None::<Kind>)?;
         let rows = pr[i_pos].size()[0];

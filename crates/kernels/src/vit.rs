@@ -214,10 +214,11 @@ impl Dropout {
         self.p > 0.0
     }
     /// Keep-threshold on 24 hash bits.
-    fn threshold(&self) -> u32 {
+    pub fn threshold(&self) -> u32 {
         ((1.0 - self.p.clamp(0.0, 1.0)) * (1u32 << 24) as f64).round() as u32
     }
-    fn scale(&self) -> f64 {
+    /// The factor a kept element is multiplied by (0 when everything is dropped).
+    pub fn scale(&self) -> f64 {
         if self.p >= 1.0 {
             0.0
         } else {
@@ -763,6 +764,11 @@ struct Head<T> {
 }
 
 impl Attention {
+    /// Offset of head `h` of token `i` in a merged `(B, N, H * dh)` buffer (`o`, `g_o`).
+    fn merged(&self, b: usize, i: usize, h: usize) -> usize {
+        (b * self.n + i) * self.heads * self.dh + h * self.dh
+    }
+
     fn at(&self, b: usize, i: usize, part: usize, h: usize) -> usize {
         ((b * self.n + i) * 3 + part) * self.heads * self.dh + h * self.dh
     }
@@ -876,7 +882,7 @@ impl RowOp for AttnFwd {
             let p = if mask.on { &hd.pd } else { &hd.p };
             gemm::<E::Op, false>(n, dp, n, p, np, &hd.v, dp, &mut hd.o, dp);
             for i in 0..n {
-                let out = &mut o_all[(b * n + i) * heads * dh + h * dh..][..dh];
+                let out = &mut o_all[a.merged(b, i, h)..][..dh];
                 for (o, x) in out.iter_mut().zip(&hd.o[i * dp..][..dh]) {
                     *o = E::store(*x);
                 }
@@ -922,7 +928,7 @@ impl RowOp for AttnBwd {
             a.probs(&mut hd, u, &mask);
             // dO into hd.o (rows of dp)
             for i in 0..n {
-                let src = &g_o[(b * n + i) * heads * dh + h * dh..][..dh];
+                let src = &g_o[a.merged(b, i, h)..][..dh];
                 for (x, g) in hd.o[i * dp..][..dh].iter_mut().zip(src) {
                     *x = g.load();
                 }
