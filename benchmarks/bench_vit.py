@@ -5,11 +5,11 @@ torch.compile, measured in one run.
 
 Configuration of issue #4: 32x32x3 images, patch 4, dim 256, depth 6, heads 8, dim_head 32,
 mlp 512, 10 classes, fp32. A training step is forward + cross-entropy + backward; inference
-is one no-grad forward in eval mode. Times are medians over --repeats runs; "peak MB" is the
-growth of the process's RSS during two training steps over its RSS after a warm-up step,
-each model in a fresh subprocess (so one model's memory cannot hide another's) with glibc's
-mmap threshold at 64 KB (so freed tensors leave RSS and the figure tracks live memory). Ratios are vit-pytorch / other (higher is
-better for the other).
+is one no-grad forward in eval mode. Times are medians over --repeats runs, the models taking
+turns; "peak MB" is the growth of the process's RSS during two training steps over its RSS
+after a warm-up step, each model in a fresh subprocess (so one model's memory cannot hide
+another's) with glibc's mmap threshold at 64 KB (so freed tensors leave RSS and the figure
+tracks live memory). Ratios are vit-pytorch / other (higher is better for the other).
 """
 
 from __future__ import annotations
@@ -74,14 +74,10 @@ def steps(model, batch: int, infer_batch: int):
     return train, infer
 
 
-def timed(fn, repeats: int) -> float:
+def timed(fn) -> float:
+    t0 = time.perf_counter()
     fn()
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(out)
+    return (time.perf_counter() - t0) * 1e3
 
 
 def rss_mb() -> float:
@@ -147,7 +143,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--infer-batch", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (it takes minutes to build)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--peak-child", help=argparse.SUPPRESS)
@@ -157,18 +153,29 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     names = ["vit-pytorch", "ferrotorch", "timm", "ferrotorch (timm)"] + ([] if args.no_compile else ["torch.compile"])
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch} (train) / {args.infer_batch} (inference), fp32")
-    rows: dict[str, tuple[float, float, float | None]] = {}
+    fns = {}
     for name in names:
         try:
             model = build(name)
             train, infer = steps(model, args.batch, args.infer_batch)
-            t, i = timed(train, args.repeats), timed(infer, args.repeats)
+            train(), infer()  # warm-up (and torch.compile's build)
         except Exception as e:  # torch.compile may not build on every machine
             print(f"  ({name} skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]})", file=sys.stderr)
             continue
+        fns[name] = (train, infer)
+        print(f"  built {name}", file=sys.stderr, flush=True)
+    # Round-robin: every repeat times each model once in turn, so a slow spell of this
+    # shared machine hits all of them instead of whichever model was running.
+    times: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in fns}
+    for kind in (0, 1):
+        for _ in range(args.repeats):
+            for name, f in fns.items():
+                times[name][kind].append(timed(f[kind]))
+    rows: dict[str, tuple[float, float, float | None]] = {}
+    for name in fns:
         peak = None if args.no_memory else measure_peak(name, args.batch, args.threads)
+        t, i = (statistics.median(v) for v in times[name])
         rows[name] = (t, i, peak)
-        print(f"  measured {name}", file=sys.stderr, flush=True)
     rt, ri, rp = rows["vit-pytorch"]
     print(f"{'model':<18} | {'train ms':>9} {'x':>6} | {'infer ms':>9} {'x':>6} | {'peak MB':>8} {'ours/ref':>8}")
     for name, (t, i, p) in rows.items():

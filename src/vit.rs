@@ -434,14 +434,52 @@ fn merge_heads(o: &Tensor, cfg: &Cfg, r: &Run) -> Result<Tensor> {
         .f_reshape([b, seq, nh * dh])?)
 }
 
+/// Rows at or above which [`matmul_nt`] asks oneDNN; below it the call overhead dominates.
+const ONEDNN_MIN_ROWS: i64 = 64;
+
+/// `x2 @ w.T (+ b)` for a 2-D `x2 (M, K)` and `w (N, K)`.
+///
+/// On the CPU, fp32/bf16 go through oneDNN as a 1x1 convolution over a channels-last view
+/// of `x2` (a plain GEMM, no copies either way): for the ViT's tall, thin products
+/// (K = 256..768) libtorch's oneDNN kernels measured 1.3-2x the GFLOP/s of the MKL `sgemm`
+/// that `addmm` calls on this machine's CPU. Anything else, or any oneDNN error, takes
+/// `addmm` / `mm`.
+fn matmul_nt(x2: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let (m, kk) = (x2.size()[0], x2.size()[1]);
+    let n = w.size()[0];
+    let onednn = x2.device() == Device::Cpu
+        && matches!(x2.kind(), Kind::Float | Kind::BFloat16)
+        && m >= ONEDNN_MIN_ROWS
+        && w.kind() == x2.kind()
+        && b.is_none_or(|b| b.kind() == x2.kind());
+    if onednn {
+        let x2 = x2.f_contiguous()?;
+        let w = w.f_contiguous()?;
+        // (M, K) row-major is (1, K, M, 1) in channels-last: C = K, H = M.
+        let x4 = x2.f_as_strided([1, kk, m, 1], [m * kk, 1, kk, kk], None::<i64>)?;
+        let w4 = w.f_view([n, kk, 1, 1])?;
+        let y = x4.f_mkldnn_convolution(&w4, b, [0, 0], [1, 1], [1, 1], 1);
+        if let Ok(y) = y {
+            // channels-last (1, N, M, 1) is (M, N) row-major: a view, not a copy
+            return Ok(y.f_permute([0, 2, 3, 1])?.f_reshape([m, n])?);
+        }
+    }
+    Ok(match b {
+        Some(b) => b.f_addmm(x2, &w.f_tr()?)?,
+        None => x2.f_mm(&w.f_tr()?)?,
+    })
+}
+
+/// `g2 @ w` for `g2 (M, N)`, `w (N, K)`: a Linear's input gradient.
+fn matmul_nn(g2: &Tensor, w: &Tensor) -> Result<Tensor> {
+    matmul_nt(g2, &w.f_tr()?.f_contiguous()?, None)
+}
+
 /// `x @ w.T + b` over the last dim.
 fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let size = x.size();
     let x2 = x.f_reshape([-1, size[size.len() - 1]])?;
-    let y = match b {
-        Some(b) => b.f_addmm(&x2, &w.f_tr()?)?,
-        None => x2.f_mm(&w.f_tr()?)?,
-    };
+    let y = matmul_nt(&x2, w, b)?;
     let mut out = size;
     let n = out.len();
     out[n - 1] = w.size()[0];
@@ -457,7 +495,7 @@ fn linear_bwd(
 ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
     let (out, inp) = (last(gy), last(x));
     let gy2 = gy.f_reshape([-1, out])?;
-    let gx = gy2.f_mm(w)?;
+    let gx = matmul_nn(&gy2, w)?;
     let mut gx_size = gy.size();
     let n = gx_size.len();
     gx_size[n - 1] = inp;
@@ -639,14 +677,231 @@ fn check_input(cfg: &Cfg, x: &Tensor) -> Result<(i64, i64, i64, i64)> {
     Ok((b, c, hh, ww))
 }
 
+/// With cls pooling the head reads token 0 only, so in the last layer only the keys and
+/// values need every token: its queries, attention rows, out projection and feed-forward
+/// run on token 0 alone (about 12 % of a depth-6 model's FLOPs, skipped exactly).
+fn prune_last(cfg: &Cfg) -> bool {
+    cfg.pool_cls && cfg.depth > 0
+}
+
+/// Tensors the pruned last layer saves: h_in, m1, r1, kv, q, o, h_mid, m2, r2, h1.
+const CLS_SAVED: usize = 10;
+
+/// One layer's parameters.
+struct Lp<'a> {
+    aw: &'a Tensor,
+    ab: &'a Tensor,
+    qkv_w: &'a Tensor,
+    qkv_b: Option<&'a Tensor>,
+    out: Option<(&'a Tensor, &'a Tensor)>,
+    /// Feed-forward LayerNorm w/b, Linear 1 w/b, Linear 2 w/b.
+    f: [&'a Tensor; 6],
+}
+
+/// One layer's parameter gradients, in `Lp`'s order.
+struct LayerGrads {
+    a: [Tensor; 3],
+    qkv_b: Option<Tensor>,
+    out: Option<(Tensor, Tensor)>,
+    f: [Tensor; 6],
+}
+
+impl Lp<'_> {
+    /// The q rows, then the k and v rows, of the qkv Linear: `(w, b)`.
+    fn qkv_part(&self, cfg: &Cfg, kv: bool) -> Result<(Tensor, Option<Tensor>)> {
+        let inner = cfg.heads * cfg.dim_head;
+        let (start, len) = if kv { (inner, 2 * inner) } else { (0, inner) };
+        let b = match self.qkv_b {
+            Some(b) => Some(b.f_narrow(0, start, len)?),
+            None => None,
+        };
+        Ok((self.qkv_w.f_narrow(0, start, len)?, b))
+    }
+}
+
+/// Heads of token 0's query `(B, inner)` and of every token's key and value
+/// `(B, N, 2 * inner)`: q scaled `(B, H, 1, dh)`, k `(B, H, N, dh)`, v `(B, H, N, dh)`.
+fn cls_heads(q: &Tensor, kv: &Tensor, cfg: &Cfg, r: &Run) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, n, nh, dh) = (r.b, r.seq, cfg.heads, cfg.dim_head);
+    let scale = (dh as f64).powf(-0.5);
+    let qh = q.f_reshape([b, nh, 1, dh])?.f_mul_scalar(scale)?;
+    let kv5 = kv.f_reshape([b, n, 2, nh, dh])?;
+    let kh = kv5.f_select(2, 0)?.f_permute([0, 2, 1, 3])?;
+    let vh = kv5.f_select(2, 1)?.f_permute([0, 2, 1, 3])?;
+    Ok((qh, kh, vh))
+}
+
+/// Token 0's attention row, `(softmax, softmax * mask)`, both `(B, H, 1, N)`.
+fn cls_probs(qh: &Tensor, kh: &Tensor, drop: Dropout) -> Result<(Tensor, Tensor)> {
+    let p = qh
+        .f_matmul(&kh.f_transpose(-1, -2)?)?
+        .f_softmax(-1, None::<Kind>)?;
+    let pd = if drop.active() {
+        p.f_mul(&torch_mask(drop, &p)?)?
+    } else {
+        p.shallow_clone()
+    };
+    Ok((p, pd))
+}
+
+/// The pruned last layer (see [`prune_last`]): token 0's output `(B, dim)`; pushes
+/// `CLS_SAVED` tensors. Its attention row is a matrix-vector product per head, so it runs
+/// as tch ops on every device.
+fn cls_layer(
+    ops: Ops,
+    cfg: &Cfg,
+    r: &Run,
+    l: u64,
+    h: &Tensor,
+    lp: &Lp,
+    s: &mut Sink,
+) -> Result<Tensor> {
+    let (b, inner) = (r.b, cfg.heads * cfg.dim_head);
+    let (a_in, m1, r1) = ops.ln(h, lp.aw, lp.ab, cfg.eps)?;
+    let (w_kv, b_kv) = lp.qkv_part(cfg, true)?;
+    let kv = linear(&a_in, &w_kv, b_kv.as_ref())?;
+    let (w_q, b_q) = lp.qkv_part(cfg, false)?;
+    let q = linear(&a_in.f_select(1, 0)?, &w_q, b_q.as_ref())?;
+    drop(a_in);
+    let (qh, kh, vh) = cls_heads(&q, &kv, cfg, r)?;
+    let (_, pd) = cls_probs(&qh, &kh, r.drop(cfg.dropout, 1 + 4 * l))?;
+    let o = pd.f_matmul(&vh)?.f_reshape([b, inner])?;
+    drop((qh, kh, vh, pd));
+    let h0 = h.f_select(1, 0)?.f_contiguous()?;
+    let h_mid = match lp.out {
+        Some((ow, ob)) => {
+            let y = linear(&o, ow, Some(ob))?;
+            ops.add_dropout(&h0, Some(&y), r.drop(cfg.dropout, 2 + 4 * l))?
+        }
+        None => ops.add_dropout(&h0, Some(&o), Dropout::OFF)?,
+    };
+    let [fw, fb, w1, b1, w2, b2] = lp.f;
+    let (f_in, m2, r2) = ops.ln(&h_mid, fw, fb, cfg.eps)?;
+    let h1 = linear(&f_in, w1, Some(b1))?;
+    let gd = ops.gelu(&h1, r.drop(cfg.dropout, 3 + 4 * l))?;
+    let y2 = linear(&gd, w2, Some(b2))?;
+    let h_out = ops.add_dropout(&h_mid, Some(&y2), r.drop(cfg.dropout, 4 + 4 * l))?;
+    s.extend([h.shallow_clone(), m1, r1, kv, q, o, h_mid, m2, r2, h1]);
+    Ok(h_out)
+}
+
+/// Backward of [`cls_layer`] from the gradient of token 0's output: the gradient of the
+/// layer's input `(B, N, dim)` and of its parameters.
+fn cls_layer_bwd(
+    ops: Ops,
+    cfg: &Cfg,
+    r: &Run,
+    l: u64,
+    g_out: Tensor,
+    lp: &Lp,
+    saved: Vec<Tensor>,
+) -> Result<(Tensor, LayerGrads)> {
+    let [h_in, m1, r1, kv, q, o, h_mid, m2, r2, h1] = <[Tensor; CLS_SAVED]>::try_from(saved)
+        .map_err(|_| Error::Runtime("ViT backward: bad saved last layer".into()))?;
+    let (b, n, inner) = (r.b, r.seq, cfg.heads * cfg.dim_head);
+    let sum0 = |t: &Tensor| t.f_sum_dim_intlist([0i64].as_slice(), false, None::<Kind>);
+    // Feed-forward on token 0.
+    let [fw, fb, w1, _, w2, _] = lp.f;
+    let g_y2 = ops.masked(&g_out, r.drop(cfg.dropout, 4 + 4 * l))?;
+    let (g_h1, gd) = ops.gelu_bwd(&h1, matmul_nn(&g_y2, w2)?, r.drop(cfg.dropout, 3 + 4 * l))?;
+    let (g_w2, g_b2) = (g_y2.f_tr()?.f_mm(&gd)?, sum0(&g_y2)?);
+    let (f_in, _, _) = ops.ln(&h_mid, fw, fb, cfg.eps)?;
+    let (g_fin, g_w1, g_b1) = linear_bwd(&g_h1, &f_in, w1, true)?;
+    let g_b1 = g_b1.ok_or_else(|| Error::Runtime("ViT backward: no bias gradient".into()))?;
+    let (g_mid, g_fw, g_fb) = ops.ln_bwd(&g_fin, &h_mid, &m2, &r2, fw, Some(g_out))?;
+    // Out projection and attention on token 0's row.
+    let (g_o, out) = match lp.out {
+        Some((ow, _)) => {
+            let g_y = ops.masked(&g_mid, r.drop(cfg.dropout, 2 + 4 * l))?;
+            let (g_o, g_ow, g_ob) = linear_bwd(&g_y, &o, ow, true)?;
+            (g_o, g_ob.map(|g_ob| (g_ow, g_ob)))
+        }
+        None => (g_mid.shallow_clone(), None),
+    };
+    let (qh, kh, vh) = cls_heads(&q, &kv, cfg, r)?;
+    let attn_drop = r.drop(cfg.dropout, 1 + 4 * l);
+    let (p, pd) = cls_probs(&qh, &kh, attn_drop)?;
+    let g_oh = g_o.f_reshape([b, cfg.heads, 1, cfg.dim_head])?;
+    let g_v = pd.f_transpose(-1, -2)?.f_matmul(&g_oh)?;
+    let mut g_p = g_oh.f_matmul(&vh.f_transpose(-1, -2)?)?;
+    if attn_drop.active() {
+        g_p = g_p.f_mul(&torch_mask(attn_drop, &p)?)?;
+    }
+    let dot = g_p
+        .f_mul(&p)?
+        .f_sum_dim_intlist([-1i64].as_slice(), true, None::<Kind>)?;
+    let g_s = p.f_mul(&g_p.f_sub(&dot)?)?;
+    let scale = (cfg.dim_head as f64).powf(-0.5);
+    let g_q = g_s
+        .f_matmul(&kh)?
+        .f_mul_scalar(scale)?
+        .f_reshape([b, inner])?;
+    let g_k = g_s.f_transpose(-1, -2)?.f_matmul(&qh)?;
+    drop((qh, kh, vh, p, pd, g_p, g_s));
+    // (2, B, H, N, dh) -> (B, N, 2, H, dh), the kv Linear's output layout
+    let g_kv = Tensor::f_stack(&[g_k, g_v], 0)?
+        .f_permute([1, 3, 0, 2, 4])?
+        .f_contiguous()?
+        .f_reshape([b, n, 2 * inner])?;
+    // The qkv Linear: k and v from every token, q from token 0.
+    let (a_in, _, _) = ops.ln(&h_in, lp.aw, lp.ab, cfg.eps)?;
+    let bias = lp.qkv_b.is_some();
+    let (w_kv, _) = lp.qkv_part(cfg, true)?;
+    let (g_ain, g_wkv, g_bkv) = linear_bwd(&g_kv, &a_in, &w_kv, bias)?;
+    let (w_q, _) = lp.qkv_part(cfg, false)?;
+    let (g_a0, g_wq, g_bq) = linear_bwd(&g_q, &a_in.f_select(1, 0)?, &w_q, bias)?;
+    drop((a_in, g_kv));
+    let _ = g_ain.f_select(1, 0)?.f_add_(&g_a0)?;
+    let g_qkv_w = Tensor::f_cat(&[g_wq, g_wkv], 0)?;
+    let g_qkv_b = match (g_bq, g_bkv) {
+        (Some(q), Some(kv)) => Some(Tensor::f_cat(&[q, kv], 0)?),
+        _ => None,
+    };
+    // Residual: only token 0 carried a gradient past the attention block.
+    let acc = Tensor::f_zeros([b, n, cfg.dim], (g_mid.kind(), g_mid.device()))?;
+    acc.f_select(1, 0)?.f_copy_(&g_mid)?;
+    let (gh, g_aw, g_ab) = ops.ln_bwd(&g_ain, &h_in, &m1, &r1, lp.aw, Some(acc))?;
+    Ok((
+        gh,
+        LayerGrads {
+            a: [g_aw, g_ab, g_qkv_w],
+            qkv_b: g_qkv_b,
+            out,
+            f: [g_fw, g_fb, g_w1, g_b1, g_w2, g_b2],
+        },
+    ))
+}
+
+/// Where the forward pass puts the activations backward needs; with `keep` off (inference)
+/// they are dropped as soon as the forward pass is done with them.
+struct Sink {
+    v: Vec<Tensor>,
+    keep: bool,
+}
+
+impl Sink {
+    fn extend<const N: usize>(&mut self, t: [Tensor; N]) {
+        if self.keep {
+            self.v.extend(t);
+        }
+    }
+    fn push(&mut self, t: Tensor) {
+        self.extend([t]);
+    }
+}
+
 fn forward(
     ops: Ops,
     cfg: &Cfg,
     x: &Tensor,
     params: &[Tensor],
     r: &mut Run,
+    keep: bool,
 ) -> Result<(Tensor, Vec<Tensor>)> {
-    let mut s: Vec<Tensor> = Vec::new();
+    let mut s = Sink {
+        v: Vec::new(),
+        keep,
+    };
     let mut p = P { p: params, i: 0 };
     let patches = patchify(ops, x, cfg, r)?;
     let ln_p = p.opt(cfg.patch_norm)?.zip(p.opt(cfg.patch_norm)?);
@@ -690,6 +945,7 @@ fn forward(
     r.seq = tok.size()[1];
     let h0 = tok.f_add(&pos.f_narrow(0, 0, r.seq)?)?;
     let mut h = ops.masked(&h0, r.drop(cfg.emb_dropout, 0))?;
+    let mut h_cls = None;
     for l in 0..cfg.depth as u64 {
         let (aw, ab, qkv_w) = (p.next()?, p.next()?, p.next()?);
         let qkv_b = p.opt(cfg.qkv_bias)?;
@@ -702,6 +958,18 @@ fn forward(
             p.next()?,
             p.next()?,
         );
+        if prune_last(cfg) && l + 1 == cfg.depth as u64 {
+            let lp = Lp {
+                aw,
+                ab,
+                qkv_w,
+                qkv_b,
+                out,
+                f: [fw, fb, w1, b1, w2, b2],
+            };
+            h_cls = Some(cls_layer(ops, cfg, r, l, &h, &lp, &mut s)?);
+            break;
+        }
         // Attention: h = h + dropout(to_out(attend(LN(h))))
         let (a_in, m1, r1) = ops.ln(&h, aw, ab, cfg.eps)?;
         let qkv = linear(&a_in, qkv_w, qkv_b)?;
@@ -735,7 +1003,12 @@ fn forward(
             p.i
         )));
     }
-    let pooled = if cfg.norm_after_pool {
+    let pooled = if let Some(pooled0) = h_cls {
+        // token 0 only: the final LayerNorm before or after pooling is the same thing
+        let (y, m, rs) = ops.ln(&pooled0, fw, fb, cfg.eps)?;
+        s.extend([pooled0, m, rs]);
+        y
+    } else if cfg.norm_after_pool {
         let pooled0 = pool(&h, cfg, r)?.f_contiguous()?;
         let (y, m, rs) = ops.ln(&pooled0, fw, fb, cfg.eps)?;
         s.extend([pooled0, m, rs]);
@@ -747,7 +1020,7 @@ fn forward(
     };
     let logits = linear(&pooled, hw, Some(hb))?;
     s.push(pooled);
-    Ok((logits, s))
+    Ok((logits, s.v))
 }
 
 fn backward(
@@ -781,7 +1054,7 @@ fn backward(
         out: Option<(usize, usize)>,
         f: [usize; 6],
     }
-    let mut layers = Vec::new();
+    let mut layers: Vec<L> = Vec::new();
     for _ in 0..cfg.depth {
         let (aw, ab, qkv_w) = (
             take(true).unwrap_or(0),
@@ -830,10 +1103,13 @@ fn backward(
     } else {
         None
     };
+    let pruned = prune_last(cfg);
+    let full = cfg.depth - usize::from(pruned);
     let mut acts = Vec::with_capacity(cfg.depth);
-    for _ in 0..cfg.depth {
-        let mut a: Vec<Tensor> = Vec::with_capacity(9);
-        for _ in 0..9 {
+    for l in 0..cfg.depth {
+        let n = if l < full { 9 } else { CLS_SAVED };
+        let mut a: Vec<Tensor> = Vec::with_capacity(n);
+        for _ in 0..n {
             a.push(sv.take()?);
         }
         acts.push(a);
@@ -843,7 +1119,39 @@ fn backward(
     let (g_pooled, g_hw, g_hb) = linear_bwd(g_logits, &pooled, &pr[i_hw], true)?;
     grads[i_hw] = Some(g_hw);
     grads[i_hb] = g_hb;
-    let mut gh = if cfg.norm_after_pool {
+    let mut gh = if pruned {
+        let (g0, gw, gb) = ops.ln_bwd(&g_pooled, &f_x, &f_m, &f_r, &pr[i_fw], None)?;
+        grads[i_fw] = Some(gw);
+        grads[i_fb] = Some(gb);
+        let (ix, a) = (layers.pop(), acts.pop());
+        let (ix, a) = ix
+            .zip(a)
+            .ok_or_else(|| Error::Runtime("ViT backward: no layer".into()))?;
+        let l = full as u64;
+        let lp = Lp {
+            aw: &pr[ix.aw],
+            ab: &pr[ix.ab],
+            qkv_w: &pr[ix.qkv_w],
+            qkv_b: ix.qkv_b.map(|i| &pr[i]),
+            out: ix.out.map(|(w, b)| (&pr[w], &pr[b])),
+            f: ix.f.map(|i| &pr[i]),
+        };
+        let (g, lg) = cls_layer_bwd(ops, cfg, r, l, g0, &lp, a)?;
+        for (i, gi) in [ix.aw, ix.ab, ix.qkv_w].into_iter().zip(lg.a) {
+            grads[i] = Some(gi);
+        }
+        if let Some(i) = ix.qkv_b {
+            grads[i] = lg.qkv_b;
+        }
+        if let (Some((w, b)), Some((gw, gb))) = (ix.out, lg.out) {
+            grads[w] = Some(gw);
+            grads[b] = Some(gb);
+        }
+        for (i, gi) in ix.f.into_iter().zip(lg.f) {
+            grads[i] = Some(gi);
+        }
+        g
+    } else if cfg.norm_after_pool {
         let (g0, gw, gb) = ops.ln_bwd(&g_pooled, &f_x, &f_m, &f_r, &pr[i_fw], None)?;
         grads[i_fw] = Some(gw);
         grads[i_fb] = Some(gb);
@@ -864,7 +1172,7 @@ fn backward(
         let f = ix.f;
         let g_y2 = ops.masked(&gh, r.drop(cfg.dropout, 4 + 4 * l))?;
         let g_y2_2 = g_y2.f_reshape([-1, cfg.dim])?;
-        let g_gd = g_y2_2.f_mm(&pr[f[4]])?;
+        let g_gd = matmul_nn(&g_y2_2, &pr[f[4]])?;
         let (g_h1, gd) = ops.gelu_bwd(
             &h1,
             g_gd.f_reshape(h1.size())?,
@@ -992,7 +1300,7 @@ fn pick_ops(x: &Tensor, params: &[Tensor], allow_fused: bool) -> Ops {
 /// Forward pass: `(logits, saved, run)`. `params` are the model's parameters in
 /// `ferrotorch.nn.ViT`'s order; `saved` are the activations `vit_backward` needs.
 #[pyfunction]
-#[pyo3(signature = (x, params, patch, channels, dim, depth, heads, dim_head, cls_token, pool_cls, project_out, patch_norm, qkv_bias, norm_after_pool, eps, dropout, emb_dropout, train, seed, fused=true))]
+#[pyo3(signature = (x, params, patch, channels, dim, depth, heads, dim_head, cls_token, pool_cls, project_out, patch_norm, qkv_bias, norm_after_pool, eps, dropout, emb_dropout, train, seed, fused=true, infer_chunk=0))]
 #[allow(clippy::too_many_arguments)]
 pub fn vit_forward(
     py: Python<'_>,
@@ -1016,6 +1324,7 @@ pub fn vit_forward(
     train: bool,
     seed: u64,
     fused: bool,
+    infer_chunk: i64,
 ) -> PyResult<(PyTensor, Vec<PyTensor>, VitRun)> {
     let cfg = Cfg {
         patch,
@@ -1059,7 +1368,13 @@ pub fn vit_forward(
                         .map(|p| p.f_contiguous())
                         .collect::<std::result::Result<Vec<_>, _>>()?;
                     let ops = pick_ops(&x, &params, fused);
-                    let (logits, saved) = forward(ops, &cfg, &x, &params, &mut run)?;
+                    let dropout_on =
+                        run.drop(cfg.dropout, 1).active() || run.drop(cfg.emb_dropout, 0).active();
+                    let (logits, saved) = if infer_chunk > 0 && !dropout_on && run.b > 0 {
+                        infer(ops, &cfg, &x, &params, &mut run, infer_chunk)?
+                    } else {
+                        forward(ops, &cfg, &x, &params, &mut run, true)?
+                    };
                     Ok(Job((logits, saved, run, matches!(ops, Ops::Fused { .. }))))
                 })
             })
@@ -1075,6 +1390,34 @@ pub fn vit_forward(
             fused: fused_used,
         },
     ))
+}
+
+/// Inference: the forward pass over `chunk` images at a time, saving nothing. A chunk's
+/// activations stay in cache and its buffers are reused by the allocator, where a whole
+/// batch's would stream through memory (and fault in fresh pages) op after op. Only used
+/// without dropout, whose masks are hashed from positions within the batch.
+fn infer(
+    ops: Ops,
+    cfg: &Cfg,
+    x: &Tensor,
+    params: &[Tensor],
+    r: &mut Run,
+    chunk: i64,
+) -> Result<(Tensor, Vec<Tensor>)> {
+    let (b, mut start) = (r.b, 0);
+    let mut logits = Vec::new();
+    while start < b {
+        let c = chunk.min(b - start);
+        let mut rc = Run { b: c, ..*r };
+        logits.push(forward(ops, cfg, &x.f_narrow(0, start, c)?, params, &mut rc, false)?.0);
+        (r.seq, r.ncls) = (rc.seq, rc.ncls);
+        start += c;
+    }
+    let logits = match logits.len() {
+        1 => logits.pop().unwrap_or_else(Tensor::new),
+        _ => Tensor::f_cat(&logits, 0)?,
+    };
+    Ok((logits, Vec::new()))
 }
 
 /// Values moved into the GIL-free section.

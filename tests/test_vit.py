@@ -15,6 +15,8 @@ CONFIGS = [
     dict(image_size=(8, 12), patch_size=4, num_classes=3, dim=12, depth=1, heads=1, mlp_dim=20, dim_head=12, pool="mean", channels=2),
     dict(image_size=16, patch_size=4, num_classes=10, dim=32, depth=3, heads=4, mlp_dim=64, dim_head=8, pool="mean"),
     dict(image_size=12, patch_size=(3, 4), num_classes=7, dim=24, depth=2, heads=3, mlp_dim=48, dim_head=6, channels=1),
+    # cls pooling without the out projection (one head of width dim)
+    dict(image_size=8, patch_size=4, num_classes=3, dim=12, depth=2, heads=1, mlp_dim=20, dim_head=12, channels=2),
 ]
 
 
@@ -47,7 +49,7 @@ def test_logits_and_every_gradient_match_vit_pytorch(kw, batch):
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["rust-kernels", "tch-ops"])
-@pytest.mark.parametrize("variant", ["vit-pytorch", "dropout", "timm-avg"])
+@pytest.mark.parametrize("variant", ["vit-pytorch", "dropout", "timm-avg", "timm-cls-dropout"])
 def test_gradcheck_fp64(variant, fused):
     """torch.autograd.gradcheck (finite differences of our forward against our backward), for
     the fused CPU kernels and for the tch-op path that CUDA tensors take. With dropout the
@@ -58,12 +60,15 @@ def test_gradcheck_fp64(variant, fused):
         kw.update(dropout=0.3, emb_dropout=0.2)
     if variant == "timm-avg":
         kw.update(pool="mean", qkv_bias=True, layer_norm_eps=1e-6, patch_norm=False, class_token=True, fc_norm=True)
+    if variant == "timm-cls-dropout":
+        # the pruned last layer (token 0 only) with a qkv bias, two layers and every dropout
+        kw.update(depth=2, qkv_bias=True, patch_norm=False, dropout=0.3, emb_dropout=0.2)
     model = ViT(**kw).double()
     x = torch.randn(2, 1, 4, 4, dtype=torch.float64, requires_grad=True)
     params = model._ordered_params()
     from ferrotorch.nn.vit import _ViTFunction
 
-    cfg = model._config(train=variant == "dropout")
+    cfg = model._config(train="dropout" in variant)
     cfg["fused"] = fused
     assert torch.autograd.gradcheck(lambda x, *p: _ViTFunction.apply(cfg, x, *p), (x, *params), eps=1e-6, atol=1e-6)
 
@@ -83,6 +88,46 @@ def test_dropout_train_and_eval_modes():
     assert torch.equal(c, model(x))  # masks come from torch's generator
     c.sum().backward()
     assert all(p.grad is not None for p in model._ordered_params())
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 3, 64])
+@pytest.mark.parametrize("kw", [CONFIGS[0], CONFIGS[2]], ids=["cls", "mean"])
+def test_no_grad_inference_in_chunks_matches_vit_pytorch(kw, chunk):
+    """Under torch.no_grad() the batch runs `inference_chunk` images at a time and saves
+    nothing; the logits are still vit-pytorch's, whatever the chunk (7 is not a multiple)."""
+    torch.manual_seed(4)
+    ref = vit_pytorch.ViT(**kw).eval()
+    ours = ViT(**kw).eval()
+    ours.load_state_dict(ref.state_dict())
+    ours.inference_chunk = chunk
+    x = torch.randn(image_shape(kw, 7))
+    with torch.no_grad():
+        lo, lr = ours(x), ref(x)
+    assert not lo.requires_grad
+    torch.testing.assert_close(lo, lr, rtol=1e-4, atol=1e-5)
+    with torch.inference_mode():
+        torch.testing.assert_close(ours(x), lr, rtol=1e-4, atol=1e-5)
+    for p in ours.parameters():  # frozen weights: no autograd graph either
+        p.requires_grad_(False)
+    torch.testing.assert_close(ours(x), lr, rtol=1e-4, atol=1e-5)
+    from ferrotorch import _native
+
+    params = ours._ordered_params()
+    _, saved, _ = _native.vit_forward(x, params, **ours._config(train=False), infer_chunk=max(chunk, 1))
+    assert saved == []  # nothing kept for a backward that cannot come
+
+
+def test_no_grad_in_train_mode_draws_the_same_dropout_as_with_grad():
+    """Dropout masks hash positions within the batch, so with dropout on the no-grad path
+    runs the batch whole, as the autograd path does."""
+    model = ViT(image_size=8, patch_size=2, num_classes=4, dim=16, depth=2, heads=2, mlp_dim=32, dim_head=8, dropout=0.3, emb_dropout=0.2)
+    model.inference_chunk = 2
+    x = torch.randn(5, 3, 8, 8)
+    torch.manual_seed(6)
+    with_grad = model(x)
+    torch.manual_seed(6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), with_grad.detach(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(

@@ -183,7 +183,11 @@ def vit_forward(
     train: bool,
     seed: int,
     fused: bool = True,
-) -> tuple[torch.Tensor, list[torch.Tensor], VitRun]: ...
+    infer_chunk: int = 0,
+) -> tuple[torch.Tensor, list[torch.Tensor], VitRun]:
+    """``(logits, saved, run)``. With ``infer_chunk > 0`` and no dropout active: inference,
+    ``infer_chunk`` images at a time, nothing saved."""
+
 def vit_backward(
     run: VitRun,
     grad_logits: torch.Tensor,

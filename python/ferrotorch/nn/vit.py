@@ -82,7 +82,14 @@ class ViT(nn.Module):
     ``patch_norm=False`` (no LayerNorm around the patch projection), ``class_token``
     (default: ``pool == "cls"``) and ``fc_norm`` (the final LayerNorm runs on the pooled
     vector).
+
+    When nothing needs a gradient (``torch.no_grad()``, frozen weights) the forward pass
+    keeps no activations and runs ``inference_chunk`` images at a time, so each chunk's
+    activations stay in cache.
     """
+
+    #: Images per chunk of a forward pass that needs no gradient (0: the whole batch at once).
+    inference_chunk: int = 64
 
     def __init__(
         self,
@@ -212,10 +219,18 @@ class ViT(nn.Module):
             params = [p.to(dt) for p in params]
             img = img.to(dt)
             with torch.autocast(dev, enabled=False):
-                return _ViTFunction.apply(self._config(self.training), img, *params)
+                return self._run(img, params)
         if img.dtype != p0.dtype:
             raise FerrotorchTypeError(f"ViT: images have dtype {img.dtype}, the model's parameters {p0.dtype}")
-        return _ViTFunction.apply(self._config(self.training), img, *params)
+        return self._run(img, params)
+
+    def _run(self, img: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+        cfg = self._config(self.training)
+        if torch.is_grad_enabled() and (img.requires_grad or any(p.requires_grad for p in params)):
+            return _ViTFunction.apply(cfg, img, *params)
+        # Nothing to differentiate (torch.no_grad(), inference_mode, frozen model): no
+        # activations are kept, and the batch runs in cache-sized chunks.
+        return _native.vit_forward(img.detach(), [p.detach() for p in params], **cfg, infer_chunk=self.inference_chunk)[0]
 
     @classmethod
     def from_timm(cls, model: nn.Module) -> "ViT":
