@@ -20,6 +20,7 @@ use ferrotorch_kernels::vit::{Dropout, Ptr};
 use ferrotorch_kernels::DType;
 use pyo3::prelude::*;
 use pyo3_tch::PyTensor;
+use std::sync::atomic::{AtomicBool, Ordering};
 use tch::{Device, Kind, Tensor};
 
 use crate::errors::{no_panic, Error, Result};
@@ -452,16 +453,20 @@ fn matmul_nt(x2: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         && m >= ONEDNN_MIN_ROWS
         && w.kind() == x2.kind()
         && b.is_none_or(|b| b.kind() == x2.kind());
-    if onednn {
+    // A libtorch without oneDNN (or a CPU without bf16 support) fails the first call; from
+    // then on that dtype goes straight to addmm instead of raising a C++ error every time.
+    static ONEDNN_FAILED: [AtomicBool; 2] = [AtomicBool::new(false), AtomicBool::new(false)];
+    let failed = &ONEDNN_FAILED[usize::from(x2.kind() == Kind::BFloat16)];
+    if onednn && !failed.load(Ordering::Relaxed) {
         let x2 = x2.f_contiguous()?;
         let w = w.f_contiguous()?;
         // (M, K) row-major is (1, K, M, 1) in channels-last: C = K, H = M.
         let x4 = x2.f_as_strided([1, kk, m, 1], [m * kk, 1, kk, kk], None::<i64>)?;
         let w4 = w.f_view([n, kk, 1, 1])?;
-        let y = x4.f_mkldnn_convolution(&w4, b, [0, 0], [1, 1], [1, 1], 1);
-        if let Ok(y) = y {
+        match x4.f_mkldnn_convolution(&w4, b, [0, 0], [1, 1], [1, 1], 1) {
             // channels-last (1, N, M, 1) is (M, N) row-major: a view, not a copy
-            return Ok(y.f_permute([0, 2, 3, 1])?.f_reshape([m, n])?);
+            Ok(y) => return Ok(y.f_permute([0, 2, 3, 1])?.f_reshape([m, n])?),
+            Err(_) => failed.store(true, Ordering::Relaxed),
         }
     }
     Ok(match b {
