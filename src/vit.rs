@@ -4,7 +4,7 @@
 //! No libtorch autograd is used. The forward pass returns the logits and the activations
 //! the backward pass needs; Python keeps those with `ctx.save_for_backward`, so torch frees
 //! them after `backward()` (or keeps them under `retain_graph=True`) exactly as it does for
-//! its own ops. Matmuls go through tch (MKL on CPU). On CPU everything between the matmuls
+//! its own ops. Matmuls go through tch (oneDNN or MKL on CPU, see [`matmul_nt`]). On CPU everything between the matmuls
 //! is one fused Rust pass from `ferrotorch_kernels::vit` ([`Ops::Fused`]); on other devices
 //! the same math runs as tch ops ([`Ops::Torch`]). Dropout masks come from a counter-based
 //! hash of a seed drawn from torch's generator, so they are recomputed, never stored, and
@@ -435,8 +435,9 @@ fn merge_heads(o: &Tensor, cfg: &Cfg, r: &Run) -> Result<Tensor> {
         .f_reshape([b, seq, nh * dh])?)
 }
 
-/// Rows at or above which [`matmul_nt`] asks oneDNN; below it the call overhead dominates.
-const ONEDNN_MIN_ROWS: i64 = 64;
+/// Multiply-adds at or above which [`matmul_nt`] asks oneDNN: each call costs it ~40-60 us
+/// more than `addmm`, and the two broke even at 25-40 M here.
+const ONEDNN_MIN_MACS: i64 = 1 << 25;
 
 /// `x2 @ w.T (+ b)` for a 2-D `x2 (M, K)` and `w (N, K)`.
 ///
@@ -450,7 +451,7 @@ fn matmul_nt(x2: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let n = w.size()[0];
     let onednn = x2.device() == Device::Cpu
         && matches!(x2.kind(), Kind::Float | Kind::BFloat16)
-        && m >= ONEDNN_MIN_ROWS
+        && m * kk * n >= ONEDNN_MIN_MACS
         && w.kind() == x2.kind()
         && b.is_none_or(|b| b.kind() == x2.kind());
     // A libtorch without oneDNN (or a CPU without bf16 support) fails the first call; from

@@ -20,13 +20,19 @@ CONFIGS = [
 ]
 
 
+# Big enough (65 tokens x 8 images, dim 256) that the Linears go through oneDNN, which the
+# tiny configurations above are below the size threshold for.
+MEDIUM = dict(image_size=32, patch_size=4, num_classes=10, dim=256, depth=2, heads=4, mlp_dim=512, dim_head=64)
+
+
 def image_shape(kw, batch):
     size = kw["image_size"] if isinstance(kw["image_size"], tuple) else (kw["image_size"],) * 2
     return (batch, kw.get("channels", 3), *size)
 
 
-@pytest.mark.parametrize("kw", CONFIGS)
-@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize(
+    "kw,batch", [(kw, b) for kw in CONFIGS for b in (1, 5)] + [(MEDIUM, 8), (dict(MEDIUM, pool="mean"), 8)]
+)
 def test_logits_and_every_gradient_match_vit_pytorch(kw, batch):
     torch.manual_seed(0)
     ref = vit_pytorch.ViT(**kw)
@@ -319,16 +325,16 @@ def test_from_timm_rejects_unsupported_models():
         ViT.from_timm(torch.nn.Linear(2, 2))
 
 
-def test_autocast_bf16_close_to_vit_pytorch_under_autocast():
+@pytest.mark.parametrize("kw,batch", [(CONFIGS[2], 4), (MEDIUM, 8)], ids=["small", "onednn"])
+def test_autocast_bf16_close_to_vit_pytorch_under_autocast(kw, batch):
     """Under torch.autocast('cpu', bfloat16) the whole model runs in bf16 (LayerNorm, softmax,
     GELU computed in fp32 inside the kernels); fp32 parameters get fp32 gradients close to
     vit-pytorch's under the same autocast."""
     torch.manual_seed(9)
-    kw = CONFIGS[2]
     ref = vit_pytorch.ViT(**kw)
     ours = ViT(**kw)
     ours.load_state_dict(ref.state_dict())
-    x = torch.randn(4, 3, 16, 16)
+    x = torch.randn(image_shape(kw, batch))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         lo, lr = ours(x), ref(x)
     assert lo.dtype == torch.bfloat16
