@@ -1401,7 +1401,8 @@ pub fn vit_forward(
 /// Inference: the forward pass over `chunk` images at a time, saving nothing. A chunk's
 /// activations stay in cache and its buffers are reused by the allocator, where a whole
 /// batch's would stream through memory (and fault in fresh pages) op after op. Only used
-/// without dropout, whose masks are hashed from positions within the batch.
+/// without dropout, whose masks are hashed from positions within the batch, and only on the
+/// CPU kernels' path.
 fn infer(
     ops: Ops,
     cfg: &Cfg,
@@ -1411,6 +1412,8 @@ fn infer(
     chunk: i64,
 ) -> Result<(Tensor, Vec<Tensor>)> {
     let (b, mut start) = (r.b, 0);
+    // On a GPU, smaller launches would only cost time.
+    let chunk = if matches!(ops, Ops::Fused { .. }) { chunk } else { b };
     let mut logits = Vec::new();
     while start < b {
         let c = chunk.min(b - start);
