@@ -114,12 +114,38 @@ def test_corrupt_and_foreign_checkpoints_are_clear_errors(tmp_path):
 
 def test_early_stopping():
     s = EarlyStopping(patience=2, min_delta=0.01, mode="min")
-    decisions = [s.step(v) for v in [1.0, 0.9, 0.895, 0.899, 0.95, 0.5]]
-    assert decisions == [False, False, False, False, True, False]
+    decisions = [s.step(v) for v in [1.0, 0.9, 0.895, 0.899, 0.5]]
+    assert decisions == [False, False, False, True, False]  # 2 epochs without improving
     t = EarlyStopping(patience=0, mode="max")
     assert [t.step(v) for v in [1, 2, 2]] == [False, False, True]
+    assert EarlyStopping().step(float("nan"))
+    assert not EarlyStopping(check_finite=False).step(float("nan"))
     u = EarlyStopping()
     u.load_state_dict(s.state_dict())
     assert u.best == s.best and u.num_bad_epochs == s.num_bad_epochs
     with pytest.raises(ValueError):
         EarlyStopping(mode="sideways")
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+@pytest.mark.parametrize("patience,min_delta", [(0, 0.0), (1, 0.0), (3, 0.0), (3, 0.05), (7, 0.01)])
+def test_early_stopping_decides_like_lightning(mode, patience, min_delta):
+    """Lightning's EarlyStopping callback is the reference: the same decision, epoch by
+    epoch, on noisy plateauing curves (and a NaN)."""
+    import math
+
+    lightning_es = pytest.importorskip("lightning.pytorch.callbacks").EarlyStopping
+    rng = torch.Generator().manual_seed(patience * 10 + int(min_delta * 100))
+    for trial in range(20):
+        n = 40
+        trend = torch.linspace(1.0, 0.2, n) if mode == "min" else torch.linspace(0.2, 1.0, n)
+        values = (trend.clamp(0.5, 0.7) + 0.05 * torch.randn(n, generator=rng)).tolist()
+        if trial == 0:
+            values[25] = math.nan
+        ref = lightning_es(monitor="val", patience=patience, min_delta=min_delta, mode=mode)
+        ours = EarlyStopping(patience=patience, min_delta=min_delta, mode=mode)
+        for epoch, v in enumerate(values):
+            want, _ = ref._evaluate_stopping_criteria(torch.tensor(v))
+            assert ours.step(v) == want, (trial, epoch, v)
+            if want:
+                break

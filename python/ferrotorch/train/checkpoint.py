@@ -188,14 +188,15 @@ class CheckpointManager:
 
 
 class EarlyStopping:
-    """Stops training when a metric has not improved by ``min_delta`` for ``patience``
-    epochs.
+    """Stops training once a metric has gone ``patience`` epochs in a row without improving
+    by more than ``min_delta`` (Lightning's and Keras's rule), or at once on a NaN/inf metric
+    (``check_finite``, as Lightning).
 
         stopper = EarlyStopping(patience=5, mode="min")
         if stopper.step(val_loss): break
     """
 
-    def __init__(self, patience: int = 5, min_delta: float = 0.0, mode: str = "min") -> None:
+    def __init__(self, patience: int = 5, min_delta: float = 0.0, mode: str = "min", check_finite: bool = True) -> None:
         if not isinstance(patience, int) or patience < 0:
             raise FerrotorchValueError(f"EarlyStopping: patience must be a non-negative int, got {patience!r}")
         if min_delta < 0:
@@ -205,6 +206,7 @@ class EarlyStopping:
         self.patience = patience
         self.min_delta = min_delta
         self.mode = mode
+        self.check_finite = check_finite
         self.best: float | None = None
         self.num_bad_epochs = 0
         self.should_stop = False
@@ -212,6 +214,9 @@ class EarlyStopping:
     def step(self, metric: float) -> bool:
         """Records ``metric``; returns True once training should stop."""
         metric = float(metric)
+        if self.check_finite and not math.isfinite(metric):
+            self.should_stop = True
+            return True
         improved = self.best is None or (
             metric < self.best - self.min_delta if self.mode == "min" else metric > self.best + self.min_delta
         )
@@ -220,7 +225,7 @@ class EarlyStopping:
             self.num_bad_epochs = 0
         else:
             self.num_bad_epochs += 1
-        self.should_stop = self.num_bad_epochs > self.patience
+        self.should_stop = not improved and self.num_bad_epochs >= self.patience
         return self.should_stop
 
     @property
@@ -229,10 +234,19 @@ class EarlyStopping:
         return self.num_bad_epochs == 0 and self.best is not None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"patience": self.patience, "min_delta": self.min_delta, "mode": self.mode, "best": self.best, "num_bad_epochs": self.num_bad_epochs, "should_stop": self.should_stop}
+        return {
+            "patience": self.patience,
+            "min_delta": self.min_delta,
+            "mode": self.mode,
+            "check_finite": self.check_finite,
+            "best": self.best,
+            "num_bad_epochs": self.num_bad_epochs,
+            "should_stop": self.should_stop,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k in ("patience", "min_delta", "mode", "best", "num_bad_epochs", "should_stop"):
             if k not in state:
                 raise FerrotorchValueError(f"EarlyStopping.load_state_dict: missing '{k}'")
             setattr(self, k, state[k])
+        self.check_finite = state.get("check_finite", True)  # absent from older checkpoints
