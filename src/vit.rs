@@ -20,6 +20,7 @@ use ferrotorch_kernels::vit::{Dropout, Ptr};
 use ferrotorch_kernels::DType;
 use pyo3::prelude::*;
 use pyo3_tch::PyTensor;
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tch::{Device, Kind, Tensor};
 
@@ -49,6 +50,8 @@ struct Cfg {
     eps: f64,
     dropout: f64,
     emb_dropout: f64,
+    /// Big CPU matmuls may use oneDNN (`torch.backends.mkldnn.enabled` when the model ran).
+    onednn: bool,
 }
 
 /// Where the math between the matmuls runs.
@@ -435,6 +438,20 @@ fn merge_heads(o: &Tensor, cfg: &Cfg, r: &Run) -> Result<Tensor> {
         .f_reshape([b, seq, nh * dh])?)
 }
 
+thread_local! {
+    /// Whether [`matmul_nt`] may use oneDNN: set for the duration of one forward or backward
+    /// pass (which runs on the calling thread) from the model's configuration.
+    static ONEDNN: Cell<bool> = const { Cell::new(true) };
+}
+
+/// Runs `f` with [`ONEDNN`] set to `on`, restoring the previous value afterwards.
+fn with_onednn<T>(on: bool, f: impl FnOnce() -> T) -> T {
+    let before = ONEDNN.replace(on);
+    let out = f();
+    ONEDNN.set(before);
+    out
+}
+
 /// Multiply-adds at or above which [`matmul_nt`] asks oneDNN: each call costs it ~40-60 us
 /// more than `addmm`, and the two broke even at 25-40 M here.
 const ONEDNN_MIN_MACS: i64 = 1 << 25;
@@ -449,7 +466,8 @@ const ONEDNN_MIN_MACS: i64 = 1 << 25;
 fn matmul_nt(x2: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let (m, kk) = (x2.size()[0], x2.size()[1]);
     let n = w.size()[0];
-    let onednn = x2.device() == Device::Cpu
+    let onednn = ONEDNN.get()
+        && x2.device() == Device::Cpu
         && matches!(x2.kind(), Kind::Float | Kind::BFloat16)
         && m * kk * n >= ONEDNN_MIN_MACS
         && w.kind() == x2.kind()
@@ -1306,7 +1324,7 @@ fn pick_ops(x: &Tensor, params: &[Tensor], allow_fused: bool) -> Ops {
 /// Forward pass: `(logits, saved, run)`. `params` are the model's parameters in
 /// `ferrotorch.nn.ViT`'s order; `saved` are the activations `vit_backward` needs.
 #[pyfunction]
-#[pyo3(signature = (x, params, patch, channels, dim, depth, heads, dim_head, cls_token, pool_cls, project_out, patch_norm, qkv_bias, norm_after_pool, eps, dropout, emb_dropout, train, seed, fused=true, infer_chunk=0))]
+#[pyo3(signature = (x, params, patch, channels, dim, depth, heads, dim_head, cls_token, pool_cls, project_out, patch_norm, qkv_bias, norm_after_pool, eps, dropout, emb_dropout, train, seed, fused=true, infer_chunk=0, onednn=true))]
 #[allow(clippy::too_many_arguments)]
 pub fn vit_forward(
     py: Python<'_>,
@@ -1331,6 +1349,7 @@ pub fn vit_forward(
     seed: u64,
     fused: bool,
     infer_chunk: i64,
+    onednn: bool,
 ) -> PyResult<(PyTensor, Vec<PyTensor>, VitRun)> {
     let cfg = Cfg {
         patch,
@@ -1348,6 +1367,7 @@ pub fn vit_forward(
         eps,
         dropout,
         emb_dropout,
+        onednn,
     };
     let (b, c, hh, ww) = check_input(&cfg, &x.0)?;
     let mut run = Run {
@@ -1367,21 +1387,23 @@ pub fn vit_forward(
         .allow_threads(move || {
             let Job((x, params, cfg, mut run)) = job;
             no_panic("ViT forward", || {
-                tch::no_grad(|| {
-                    let x = x.f_contiguous()?;
-                    let params = params
-                        .iter()
-                        .map(|p| p.f_contiguous())
-                        .collect::<std::result::Result<Vec<_>, _>>()?;
-                    let ops = pick_ops(&x, &params, fused);
-                    let dropout_on =
-                        run.drop(cfg.dropout, 1).active() || run.drop(cfg.emb_dropout, 0).active();
-                    let (logits, saved) = if infer_chunk > 0 && !dropout_on && run.b > 0 {
-                        infer(ops, &cfg, &x, &params, &mut run, infer_chunk)?
-                    } else {
-                        forward(ops, &cfg, &x, &params, &mut run, true)?
-                    };
-                    Ok(Job((logits, saved, run, matches!(ops, Ops::Fused { .. }))))
+                with_onednn(cfg.onednn, || {
+                    tch::no_grad(|| {
+                        let x = x.f_contiguous()?;
+                        let params = params
+                            .iter()
+                            .map(|p| p.f_contiguous())
+                            .collect::<std::result::Result<Vec<_>, _>>()?;
+                        let ops = pick_ops(&x, &params, fused);
+                        let dropout_on = run.drop(cfg.dropout, 1).active()
+                            || run.drop(cfg.emb_dropout, 0).active();
+                        let (logits, saved) = if infer_chunk > 0 && !dropout_on && run.b > 0 {
+                            infer(ops, &cfg, &x, &params, &mut run, infer_chunk)?
+                        } else {
+                            forward(ops, &cfg, &x, &params, &mut run, true)?
+                        };
+                        Ok(Job((logits, saved, run, matches!(ops, Ops::Fused { .. }))))
+                    })
                 })
             })
         })?
@@ -1413,7 +1435,11 @@ fn infer(
 ) -> Result<(Tensor, Vec<Tensor>)> {
     let (b, mut start) = (r.b, 0);
     // On a GPU, smaller launches would only cost time.
-    let chunk = if matches!(ops, Ops::Fused { .. }) { chunk } else { b };
+    let chunk = if matches!(ops, Ops::Fused { .. }) {
+        chunk
+    } else {
+        b
+    };
     let mut logits = Vec::new();
     while start < b {
         let c = chunk.min(b - start);
@@ -1454,20 +1480,22 @@ pub fn vit_backward(
         .allow_threads(move || {
             let Job((g, params, saved)) = job;
             no_panic("ViT backward", || {
-                tch::no_grad(|| {
-                    let g = g
-                        .f_contiguous()?
-                        .f_to_kind(saved.last().map_or(g.kind(), |t| t.kind()))?;
-                    let params = params
-                        .iter()
-                        .map(|p| p.f_contiguous())
-                        .collect::<std::result::Result<Vec<_>, _>>()?;
-                    let ops = if fused {
-                        pick_ops(&g, &params, true)
-                    } else {
-                        Ops::Torch
-                    };
-                    Ok(Job(backward(ops, &cfg, &r, &g, &params, saved)?))
+                with_onednn(cfg.onednn, || {
+                    tch::no_grad(|| {
+                        let g = g
+                            .f_contiguous()?
+                            .f_to_kind(saved.last().map_or(g.kind(), |t| t.kind()))?;
+                        let params = params
+                            .iter()
+                            .map(|p| p.f_contiguous())
+                            .collect::<std::result::Result<Vec<_>, _>>()?;
+                        let ops = if fused {
+                            pick_ops(&g, &params, true)
+                        } else {
+                            Ops::Torch
+                        };
+                        Ok(Job(backward(ops, &cfg, &r, &g, &params, saved)?))
+                    })
                 })
             })
         })?

@@ -123,6 +123,31 @@ def test_no_grad_inference_in_chunks_matches_vit_pytorch(kw, chunk):
     assert saved == []  # nothing kept for a backward that cannot come
 
 
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch's flags() itself
+def test_onednn_matmuls_follow_torch_backends_mkldnn():
+    """Big CPU matmuls go through oneDNN, unless torch.backends.mkldnn is switched off; both
+    ways give vit-pytorch's logits and gradients."""
+    from torch.profiler import profile
+
+    torch.manual_seed(11)
+    ref = vit_pytorch.ViT(**MEDIUM)
+    ours = ViT(**MEDIUM)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(image_shape(MEDIUM, 8))
+    lr = ref(x)
+    lr.sum().backward()
+    for enabled in (True, False):
+        ours.zero_grad()
+        with torch.backends.mkldnn.flags(enabled=enabled), profile() as prof:
+            lo = ours(x)
+            lo.sum().backward()
+        calls = {e.key: e.count for e in prof.key_averages()}
+        assert (calls.get("aten::mkldnn_convolution", 0) > 0) == enabled, calls
+        torch.testing.assert_close(lo, lr, rtol=1e-4, atol=1e-5)
+        for (name, a), (_, b) in zip(ours.named_parameters(), ref.named_parameters()):
+            assert float((a.grad - b.grad).abs().max() / b.grad.abs().max().clamp_min(1e-12)) < 1e-4, name
+
+
 def test_no_grad_in_train_mode_draws_the_same_dropout_as_with_grad():
     """Dropout masks hash positions within the batch, so with dropout on the no-grad path
     runs the batch whole, as the autograd path does."""

@@ -184,9 +184,11 @@ def vit_forward(
     seed: int,
     fused: bool = True,
     infer_chunk: int = 0,
+    onednn: bool = True,
 ) -> tuple[torch.Tensor, list[torch.Tensor], VitRun]:
     """``(logits, saved, run)``. With ``infer_chunk > 0`` and no dropout active: inference,
-    ``infer_chunk`` images at a time, nothing saved."""
+    ``infer_chunk`` images at a time, nothing saved. ``onednn``: big CPU matmuls (fp32, bf16)
+    may use oneDNN, here and in the matching ``vit_backward``."""
 
 def vit_backward(
     run: VitRun,

@@ -196,6 +196,8 @@ class ViT(nn.Module):
             emb_dropout=self.emb_dropout_p,
             train=train,
             seed=seed,
+            # big CPU matmuls go through oneDNN unless the user switched it off
+            onednn=bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled),
         )
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
