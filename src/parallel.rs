@@ -7,7 +7,7 @@
 //! (DataLoader workers) libgomp's team is gone and using it hangs, as torch itself does; there
 //! the fork-safe rayon pool of the kernel crate takes over.
 
-use std::ffi::{c_uint, c_void, CStr};
+use std::ffi::{c_uint, c_void};
 use std::sync::OnceLock;
 
 use ferrotorch_kernels::{Executor, RayonPool};
@@ -23,7 +23,7 @@ static GOMP: OnceLock<Option<Gomp>> = OnceLock::new();
 
 fn gomp() -> Option<&'static Gomp> {
     GOMP.get_or_init(|| {
-        let name = CStr::from_bytes_with_nul(b"GOMP_parallel\0").ok()?;
+        let name = c"GOMP_parallel";
         // SAFETY: dlsym with RTLD_DEFAULT only looks a symbol up.
         let sym = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
         if sym.is_null() {
@@ -46,7 +46,7 @@ extern "C" fn trampoline(data: *mut c_void) {
     // SAFETY: `data` is the `&&dyn Fn` passed by `broadcast`, alive for the whole call.
     let task = unsafe { &*(data as *const &(dyn Fn() + Sync)) };
     // A panic must not unwind into C; the kernels do not panic, but be sure.
-    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| task()));
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(task));
 }
 
 impl Executor for TorchThreads {

@@ -418,7 +418,9 @@ fn step_group(
     // Per entry: its grad (kept alive until the kernel is done) and verdict.
     let mut checked: Vec<Option<(Tensor, Verdict)>> = (0..n).map(|_| None).collect();
     {
-        let chunks: Vec<Mutex<(usize, &mut [Entry], &mut [Option<(Tensor, Verdict)>])>> = t
+        // (first entry's index, entries, their verdicts), one per chunk
+        type Chunk<'a> = Mutex<(usize, &'a mut [Entry], &'a mut [Option<(Tensor, Verdict)>])>;
+        let chunks: Vec<Chunk> = t
             .entries
             .chunks_mut(CHECK_CHUNK)
             .zip(checked.chunks_mut(CHECK_CHUNK))

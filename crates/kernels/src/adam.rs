@@ -176,7 +176,7 @@ mod tests {
         step(&a, a.scalars(1.0), &mut t, 1);
         // g = 1 + 0.1*2 = 1.2: m = 0.12, v = 0.00144, p = 2 - 0.01 * 1.2/(1.2 + eps/sqrt(bc2)...)
         let (m1, v1) = (0.12, 0.001 * 1.44);
-        let p1 = 2.0 - 0.01 / 0.1 * m1 / ((v1 as f64).sqrt() / (0.001f64).sqrt() + 1e-8);
+        let p1 = 2.0 - 0.01 / 0.1 * m1 / (v1.sqrt() / (0.001f64).sqrt() + 1e-8);
         assert!((t[0].param[0] - p1).abs() < 1e-12);
         t[0].grad[0] = -0.5;
         step(&a, a.scalars(2.0), &mut t, 1);

@@ -58,8 +58,8 @@ impl Norm {
     #[inline(always)]
     fn term(self, x: f64) -> f64 {
         match self {
-            Norm::P(p) if p == 2.0 => x * x,
-            Norm::P(p) if p == 1.0 => x.abs(),
+            Norm::P(2.0) => x * x,
+            Norm::P(1.0) => x.abs(),
             Norm::P(p) => x.abs().powf(p),
             Norm::Max | Norm::Min => x.abs(),
             Norm::Count => f64::from(u8::from(x != 0.0)),
@@ -68,8 +68,8 @@ impl Norm {
 
     fn finish(self, acc: f64) -> f64 {
         match self {
-            Norm::P(p) if p == 2.0 => acc.sqrt(),
-            Norm::P(p) if p == 1.0 => acc,
+            Norm::P(2.0) => acc.sqrt(),
+            Norm::P(1.0) => acc,
             Norm::P(p) => acc.powf(1.0 / p),
             _ => acc,
         }

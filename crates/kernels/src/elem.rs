@@ -127,12 +127,20 @@ mod tests {
     #[test]
     fn bf16_store_matches_half_round_to_nearest_even() {
         for &x in &[
-            0.0f32, -0.0, 1.0, 1.00390625, 1.0078125, 3.1415927, -2.7182817, 1e-40, 3.4e38,
+            0.0f32,
+            -0.0,
+            1.0,
+            1.0 + 1.0 / 256.0,
+            1.0078125,
+            std::f32::consts::PI,
+            -std::f32::consts::E,
+            1e-40,
+            3.4e38,
         ] {
             assert_eq!(bf16::store(x).to_bits(), bf16::from_f32(x).to_bits(), "{x}");
         }
         // Ties go to even: 1 + 2^-8 lies halfway between 1 and 1 + 2^-7.
-        assert_eq!(bf16::store(1.00390625).load(), 1.0);
+        assert_eq!(bf16::store(1.0 + 1.0 / 256.0).load(), 1.0);
         assert_eq!(bf16::store(f32::NAN).to_bits(), 0x7FC0);
         assert_eq!(bf16::store(f32::INFINITY).load(), f32::INFINITY);
     }

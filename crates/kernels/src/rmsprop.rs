@@ -116,7 +116,7 @@ mod tests {
         step(&a, (), &mut t, 1);
         let sq = 0.1 * 4.0;
         let ga = 0.1 * 2.0;
-        let avg = (sq - ga * ga as f64).sqrt() + 1e-8;
+        let avg = (sq - ga * ga).sqrt() + 1e-8;
         let b = 2.0 / avg;
         assert!((t[0].states[0][0] - sq).abs() < 1e-15);
         assert!(

@@ -380,6 +380,7 @@ pub fn rho(t: f64, beta2: f64, rho_inf: f64) -> f64 {
 }
 
 pub fn radam_offset(beta2: f64, rho_inf: f64) -> Result<i64, String> {
+    #[allow(clippy::neg_cmp_op_on_partial_ord)] // a NaN beta2 must be rejected too
     if !(beta2 > 0.6) {
         return Err(format!("beta2 ({beta2}) must be greater than 0.6"));
     }
