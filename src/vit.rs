@@ -4,11 +4,15 @@
 //! No libtorch autograd is used. The forward pass returns the logits and the activations
 //! the backward pass needs; Python keeps those with `ctx.save_for_backward`, so torch frees
 //! them after `backward()` (or keeps them under `retain_graph=True`) exactly as it does for
-//! its own ops. Matmuls go through tch (oneDNN or MKL on CPU, see [`matmul_nt`]). On CPU everything between the matmuls
-//! is one fused Rust pass from `ferrotorch_kernels::vit` ([`Ops::Fused`]); on other devices
-//! the same math runs as tch ops ([`Ops::Torch`]). Dropout masks come from a counter-based
-//! hash of a seed drawn from torch's generator, so they are recomputed, never stored, and
-//! both paths draw the same masks.
+//! its own ops. Matmuls go through tch (oneDNN or MKL on CPU, see [`matmul_nt`]). On CPU
+//! everything between the matmuls is one fused Rust pass from `ferrotorch_kernels::vit`
+//! ([`Ops::Fused`]); on other devices the same math runs as tch ops ([`Ops::Torch`]).
+//! Dropout masks come from a counter-based hash of a seed drawn from torch's generator, so
+//! they are recomputed, never stored, and both paths draw the same masks.
+//!
+//! With cls pooling the last layer runs on the cls token alone ([`cls_layer`]); without a
+//! gradient to compute, the batch runs in cache-sized chunks and nothing is saved
+//! ([`infer`]).
 //!
 //! Parameter order (as `ferrotorch.nn.ViT._ordered_params` lists them): [patch LayerNorm
 //! w/b], patch Linear w/b, [embedding LayerNorm w/b], [cls token], pos embedding; per layer
