@@ -226,16 +226,8 @@ impl Ops {
             }
             Ops::Torch => {
                 let (q, kk, v) = split_heads(qkv, cfg, r)?;
-                let attn = q
-                    .f_bmm(&kk.f_transpose(1, 2)?)?
-                    .f_mul_scalar(scale)?
-                    .f_softmax(-1, None::<Kind>)?;
-                let attn_d = if drop.active() {
-                    attn.f_mul(&torch_mask(drop, &attn)?)?
-                } else {
-                    attn
-                };
-                merge_heads(&attn_d.f_bmm(&v)?, cfg, r)
+                let probs = Probs::new(&q.f_mul_scalar(scale)?, &kk, drop)?;
+                merge_heads(&probs.dropped()?.f_bmm(&v)?, cfg, r)
             }
         }
     }
@@ -264,36 +256,13 @@ impl Ops {
             }
             Ops::Torch => {
                 let (q, kk, v) = split_heads(qkv, cfg, r)?;
-                let attn = q
-                    .f_bmm(&kk.f_transpose(1, 2)?)?
-                    .f_mul_scalar(scale)?
-                    .f_softmax(-1, None::<Kind>)?;
-                let mask = if drop.active() {
-                    Some(torch_mask(drop, &attn)?)
-                } else {
-                    None
-                };
+                let q = q.f_mul_scalar(scale)?;
                 let g_o = g_o
                     .f_reshape([b, seq, nh, dh])?
                     .f_permute([0, 2, 1, 3])?
                     .f_reshape([b * nh, seq, dh])?;
-                let attn_d = match &mask {
-                    Some(m) => attn.f_mul(m)?,
-                    None => attn.shallow_clone(),
-                };
-                let g_v = attn_d.f_transpose(1, 2)?.f_bmm(&g_o)?;
-                let mut g_attn = g_o.f_bmm(&v.f_transpose(1, 2)?)?;
-                if let Some(m) = &mask {
-                    g_attn = g_attn.f_mul(m)?;
-                }
-                let s = g_attn.f_mul(&attn)?.f_sum_dim_intlist(
-                    [-1i64].as_slice(),
-                    true,
-                    None::<Kind>,
-                )?;
-                let g_dots = attn.f_mul(&g_attn.f_sub(&s)?)?.f_mul_scalar(scale)?;
-                let g_q = g_dots.f_bmm(&kk)?;
-                let g_k = g_dots.f_transpose(1, 2)?.f_bmm(&q)?;
+                let (g_q, g_k, g_v) =
+                    Probs::new(&q, &kk, drop)?.backward(&q, &kk, &v, &g_o, scale)?;
                 let parts: Vec<Tensor> = [g_q, g_k, g_v]
                     .iter()
                     .map(|t| t.f_reshape([b, nh, seq, dh]))
@@ -408,6 +377,60 @@ impl Ops {
         } else {
             Ok(g.shallow_clone())
         }
+    }
+}
+
+/// Softmax attention as tch ops on per-head `q` (already scaled), `k`, `v` with any leading
+/// dims (`(B*H, N, dh)` for every query, `(B, H, 1, dh)` for the cls row): the probabilities
+/// and the dropout mask, kept for `pd @ v` and for the backward pass.
+struct Probs {
+    p: Tensor,
+    mask: Option<Tensor>,
+}
+
+impl Probs {
+    fn new(q: &Tensor, k: &Tensor, drop: Dropout) -> Result<Self> {
+        let p = q
+            .f_matmul(&k.f_transpose(-1, -2)?)?
+            .f_softmax(-1, None::<Kind>)?;
+        let mask = if drop.active() {
+            Some(torch_mask(drop, &p)?)
+        } else {
+            None
+        };
+        Ok(Probs { p, mask })
+    }
+
+    /// `p * mask`: the probabilities after dropout.
+    fn dropped(&self) -> Result<Tensor> {
+        Ok(match &self.mask {
+            Some(m) => self.p.f_mul(m)?,
+            None => self.p.shallow_clone(),
+        })
+    }
+
+    /// `(g_q, g_k, g_v)` of `o = dropped() @ v` from `g_o`; `q` is the scaled query and
+    /// `scale` the factor it carries (so `g_q` is for the unscaled one).
+    fn backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        g_o: &Tensor,
+        scale: f64,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let g_v = self.dropped()?.f_transpose(-1, -2)?.f_matmul(g_o)?;
+        let mut g_p = g_o.f_matmul(&v.f_transpose(-1, -2)?)?;
+        if let Some(m) = &self.mask {
+            g_p = g_p.f_mul(m)?;
+        }
+        let dot = g_p
+            .f_mul(&self.p)?
+            .f_sum_dim_intlist([-1i64].as_slice(), true, None::<Kind>)?;
+        let g_s = self.p.f_mul(&g_p.f_sub(&dot)?)?;
+        let g_q = g_s.f_matmul(k)?.f_mul_scalar(scale)?;
+        let g_k = g_s.f_transpose(-1, -2)?.f_matmul(q)?;
+        Ok((g_q, g_k, g_v))
     }
 }
 
@@ -759,19 +782,6 @@ fn cls_heads(q: &Tensor, kv: &Tensor, cfg: &Cfg, r: &Run) -> Result<(Tensor, Ten
     Ok((qh, kh, vh))
 }
 
-/// Token 0's attention row, `(softmax, softmax * mask)`, both `(B, H, 1, N)`.
-fn cls_probs(qh: &Tensor, kh: &Tensor, drop: Dropout) -> Result<(Tensor, Tensor)> {
-    let p = qh
-        .f_matmul(&kh.f_transpose(-1, -2)?)?
-        .f_softmax(-1, None::<Kind>)?;
-    let pd = if drop.active() {
-        p.f_mul(&torch_mask(drop, &p)?)?
-    } else {
-        p.shallow_clone()
-    };
-    Ok((p, pd))
-}
-
 /// The pruned last layer (see [`prune_last`]): token 0's output `(B, dim)`; pushes
 /// `CLS_SAVED` tensors. Its attention row is a matrix-vector product per head, so it runs
 /// as tch ops on every device.
@@ -792,9 +802,9 @@ fn cls_layer(
     let q = linear(&a_in.f_select(1, 0)?, &w_q, b_q.as_ref())?;
     drop(a_in);
     let (qh, kh, vh) = cls_heads(&q, &kv, cfg, r)?;
-    let (_, pd) = cls_probs(&qh, &kh, r.drop(cfg.dropout, 1 + 4 * l))?;
-    let o = pd.f_matmul(&vh)?.f_reshape([b, inner])?;
-    drop((qh, kh, vh, pd));
+    let probs = Probs::new(&qh, &kh, r.drop(cfg.dropout, 1 + 4 * l))?;
+    let o = probs.dropped()?.f_matmul(&vh)?.f_reshape([b, inner])?;
+    drop((qh, kh, vh, probs));
     let h0 = h.f_select(1, 0)?.f_contiguous()?;
     let h_mid = match lp.out {
         Some((ow, ob)) => {
@@ -847,25 +857,12 @@ fn cls_layer_bwd(
         None => (g_mid.shallow_clone(), None),
     };
     let (qh, kh, vh) = cls_heads(&q, &kv, cfg, r)?;
-    let attn_drop = r.drop(cfg.dropout, 1 + 4 * l);
-    let (p, pd) = cls_probs(&qh, &kh, attn_drop)?;
+    let probs = Probs::new(&qh, &kh, r.drop(cfg.dropout, 1 + 4 * l))?;
     let g_oh = g_o.f_reshape([b, cfg.heads, 1, cfg.dim_head])?;
-    let g_v = pd.f_transpose(-1, -2)?.f_matmul(&g_oh)?;
-    let mut g_p = g_oh.f_matmul(&vh.f_transpose(-1, -2)?)?;
-    if attn_drop.active() {
-        g_p = g_p.f_mul(&torch_mask(attn_drop, &p)?)?;
-    }
-    let dot = g_p
-        .f_mul(&p)?
-        .f_sum_dim_intlist([-1i64].as_slice(), true, None::<Kind>)?;
-    let g_s = p.f_mul(&g_p.f_sub(&dot)?)?;
     let scale = (cfg.dim_head as f64).powf(-0.5);
-    let g_q = g_s
-        .f_matmul(&kh)?
-        .f_mul_scalar(scale)?
-        .f_reshape([b, inner])?;
-    let g_k = g_s.f_transpose(-1, -2)?.f_matmul(&qh)?;
-    drop((qh, kh, vh, p, pd, g_p, g_s));
+    let (g_q, g_k, g_v) = probs.backward(&qh, &kh, &vh, &g_oh, scale)?;
+    let g_q = g_q.f_reshape([b, inner])?;
+    drop((qh, kh, vh, probs));
     // (2, B, H, N, dh) -> (B, N, 2, H, dh), the kv Linear's output layout
     let g_kv = Tensor::f_stack(&[g_k, g_v], 0)?
         .f_permute([1, 3, 0, 2, 4])?
