@@ -770,6 +770,11 @@ impl Attention {
         (b * self.n + i) * self.heads * self.dh + h * self.dh
     }
 
+    /// Elements of `qkv` and of its gradient, `(B, N, 3, H, dh)`.
+    fn qkv_len(&self) -> usize {
+        self.b * self.n * 3 * self.heads * self.dh
+    }
+
     fn at(&self, b: usize, i: usize, part: usize, h: usize) -> usize {
         ((b * self.n + i) * 3 + part) * self.heads * self.dh + h * self.dh
     }
@@ -871,7 +876,7 @@ impl RowOp for AttnFwd {
         let a = &self.a;
         let (n, dh, heads) = (a.n, a.dh, a.heads);
         // SAFETY: `attention`'s contract; heads write disjoint column blocks of `o`.
-        let qkv = unsafe { a.qkv.all::<E>(a.b * n * 3 * heads * dh) };
+        let qkv = unsafe { a.qkv.all::<E>(a.qkv_len()) };
         let o_all = unsafe { a.o_all::<E>(self.o) };
         let mask = Mask::<E::Op>::of(a.dropout);
         let mut hd = a.head_buffers::<E::Op>();
@@ -914,11 +919,9 @@ impl RowOp for AttnBwd {
         let a = &self.a;
         let (n, dh, heads) = (a.n, a.dh, a.heads);
         // SAFETY: `attention_backward`'s contract; heads write disjoint blocks of `g_qkv`.
-        let qkv = unsafe { a.qkv.all::<E>(a.b * n * 3 * heads * dh) };
+        let qkv = unsafe { a.qkv.all::<E>(a.qkv_len()) };
         let g_o = unsafe { a.o_all::<E>(self.g_o) };
-        let g_qkv = unsafe {
-            std::slice::from_raw_parts_mut(self.g_qkv.0 as *mut E, a.b * n * 3 * heads * dh)
-        };
+        let g_qkv = unsafe { std::slice::from_raw_parts_mut(self.g_qkv.0 as *mut E, a.qkv_len()) };
         let mask = Mask::<E::Op>::of(a.dropout);
         let scale = E::Op::of(a.scale);
         let mut hd = a.head_buffers::<E::Op>();
