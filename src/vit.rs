@@ -1449,11 +1449,7 @@ fn infer(
         (r.seq, r.ncls) = (rc.seq, rc.ncls);
         start += c;
     }
-    let logits = match logits.len() {
-        1 => logits.pop().unwrap_or_else(Tensor::new),
-        _ => Tensor::f_cat(&logits, 0)?,
-    };
-    Ok((logits, Vec::new()))
+    Ok((Tensor::f_cat(&logits, 0)?, Vec::new()))
 }
 
 /// Values moved into the GIL-free section.
