@@ -521,9 +521,10 @@ fn matmul_nt(x2: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     })
 }
 
-/// `g2 @ w` for `g2 (M, N)`, `w (N, K)`: a Linear's input gradient.
+/// `g2 @ w` for `g2 (M, N)`, `w (N, K)`: a Linear's input gradient. `w.T` goes in as a view:
+/// only the oneDNN branch needs it contiguous, and `mm` takes it as it is.
 fn matmul_nn(g2: &Tensor, w: &Tensor) -> Result<Tensor> {
-    matmul_nt(g2, &w.f_tr()?.f_contiguous()?, None)
+    matmul_nt(g2, &w.f_tr()?, None)
 }
 
 /// `x @ w.T + b` over the last dim.
