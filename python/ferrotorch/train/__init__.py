@@ -6,6 +6,16 @@
 
 from .checkpoint import CheckpointManager, EarlyStopping, load_checkpoint, save_checkpoint
 from .ema import ModelEMA
-from .lr_finder import LRFinder
+from .lr_finder import DataLoaderIter, LRFinder, TrainDataLoaderIter, ValDataLoaderIter
 
-__all__ = ["LRFinder", "ModelEMA", "CheckpointManager", "EarlyStopping", "save_checkpoint", "load_checkpoint"]
+__all__ = [
+    "LRFinder",
+    "TrainDataLoaderIter",
+    "ValDataLoaderIter",
+    "DataLoaderIter",
+    "ModelEMA",
+    "CheckpointManager",
+    "EarlyStopping",
+    "save_checkpoint",
+    "load_checkpoint",
+]
