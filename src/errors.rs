@@ -70,3 +70,14 @@ pub fn no_panic<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
         }
     }
 }
+
+/// The one way native work is entered from Python: the GIL is released, a panic becomes a
+/// RuntimeError, and the error maps onto ferrotorch's exceptions. `f` must not touch Python
+/// objects (the borrow checker enforces it: it cannot hold a `Python` token).
+pub fn enter<T, F>(py: pyo3::Python<'_>, what: &str, f: F) -> pyo3::PyResult<T>
+where
+    T: Send,
+    F: FnOnce() -> Result<T> + Send,
+{
+    py.allow_threads(|| no_panic(what, f)).map_err(PyErr::from)
+}

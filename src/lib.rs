@@ -6,12 +6,12 @@
 
 use pyo3::prelude::*;
 
+pub mod access;
 pub mod clip;
 pub mod errors;
 pub mod parallel;
-pub mod plan;
+pub mod optim;
 pub mod sched;
-pub mod tensor;
 pub mod train;
 pub mod vit;
 
@@ -32,7 +32,7 @@ fn _native(py: Python<'_>, m: &Bound<'_, PyModule>) -> PyResult<()> {
     py.import("torch")?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("TORCH_VERSION", TORCH_VERSION)?;
-    m.add_class::<plan::GroupPlan>()?;
+    optim::register(m)?;
     m.add_function(wrap_pyfunction!(uses_torch_threads, m)?)?;
     sched::register(m)?;
     clip::register(m)?;

@@ -30,7 +30,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::errors::{no_panic, Error, Result};
 use crate::parallel::TorchThreads;
-use crate::tensor::kernel_dtype;
+use crate::access::kernel_dtype;
 
 /// The model's shape and options (fixed by the module's constructor).
 #[derive(Clone, Copy, Debug)]

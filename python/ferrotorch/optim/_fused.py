@@ -1,12 +1,14 @@
-"""The machinery shared by every ferrotorch optimizer: plans, state init, fallbacks.
+"""The machinery shared by every ferrotorch optimizer: state init, the native step, fallbacks.
 
 A ferrotorch optimizer is torch's own class (constructor, validation, defaults,
-``state_dict`` format, hooks) with ``step`` replaced: each param group is resolved once
-into a native ``GroupPlan``, and every later step is one Rust call per group that reads
-the grads, checks all tensors, bumps the step counters and runs the fused kernel with the
-GIL released. Tensors the kernel cannot take (CUDA, non-contiguous, complex, sparse…)
-come back to Python and are stepped by torch's own single-tensor functions, so results
-are torch's in every case.
+``state_dict`` format, hooks) with ``step`` replaced: each param group is one Rust call
+that reads the group's params, grads and ``optimizer.state`` as they are at that moment,
+checks every tensor and the memory they cover, bumps the step counters and runs the fused
+kernel with the GIL released. Nothing about the tensors is cached between steps, so moved,
+replaced, cleared or reshaped state is always seen. Tensors the kernel cannot take (CUDA,
+non-contiguous, complex, sparse, tensor subclasses such as DTensor…) are stepped by torch's
+own single-tensor functions, and a group whose buffers share memory (``Adam([p, p])``, a grad
+that is another parameter) is stepped by torch in order, so results are torch's in every case.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
-from torch.optim.optimizer import _get_scalar_dtype
 
-from .._native import GroupPlan
-from ..errors import FerrotorchTypeError, FerrotorchValueError
+from .. import _compat
+from .._native import OptimizerSpec
+from ..errors import FerrotorchRuntimeError, FerrotorchValueError
 
 __all__: list[str] = []
 
@@ -26,113 +28,89 @@ __all__: list[str] = []
 class _FusedOptimizer:
     """Mixin placed before a ``torch.optim`` class in the bases of a ferrotorch optimizer."""
 
-    #: Name of the native kernel: "adam", "sgd", "rmsprop" or "adagrad".
-    _kind: ClassVar[str]
+    #: The native algorithm (its state keys, step counter, sparse policy and kernel).
+    _spec: ClassVar[OptimizerSpec]
     #: Every key this optimizer may keep in a parameter's state.
     _state_key_set: ClassVar[frozenset[str]]
     #: Hyper-parameters every param group of this optimizer has (checked on load).
     _group_keys: ClassVar[tuple[str, ...]]
 
     # ---- per-algorithm hooks -------------------------------------------------------------
-    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
-        """State tensors the kernel updates, in its order, for this group's settings."""
-        raise NotImplementedError
-
     def _new_state(self, group: dict[str, Any], p: torch.Tensor, key: str) -> torch.Tensor:
         """A fresh state tensor for ``key``, as torch's ``_init_group`` makes it."""
         return torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _fallback(self, group: dict[str, Any], params: list[torch.Tensor], first: list[bool]) -> None:
-        """Steps ``params`` with torch's functional implementation."""
+    def _fallback(
+        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], first: list[bool]
+    ) -> None:
+        """Steps ``params`` with torch's single-tensor implementation, reading ``grads``."""
         raise NotImplementedError
 
-    # ---- plans ---------------------------------------------------------------------------
-    @property
-    def _has_step(self) -> bool:
-        return self._kind != "sgd"
-
-    def _plans_cache(self) -> dict[int, tuple[tuple[Any, ...], GroupPlan]]:
-        plans = self.__dict__.get("_ft_plans")
-        if plans is None:
-            plans = self.__dict__["_ft_plans"] = {}
-        return plans
-
-    def _invalidate_plans(self) -> None:
-        """Forget every plan; the next step rebuilds them (O(params) once)."""
-        self.__dict__["_ft_plans"] = {}
-
+    # ---- state ---------------------------------------------------------------------------
     def _new_step(self, group: dict[str, Any], p: torch.Tensor) -> torch.Tensor:
         if group.get("fused") or group.get("capturable"):
-            return torch.zeros((), dtype=_get_scalar_dtype(is_fused=group.get("fused")), device=p.device)
-        return torch.tensor(0.0, dtype=_get_scalar_dtype())
+            return torch.zeros((), dtype=_compat.scalar_dtype(is_fused=group.get("fused")), device=p.device)
+        return torch.tensor(0.0, dtype=_compat.scalar_dtype())
 
-    def _prepare_state(self, group: dict[str, Any], p: torch.Tensor, keys: tuple[str, ...]) -> bool:
-        """Creates missing state for ``p`` (which has a grad); True if a momentum buffer
-        is being created, so the kernel must seed it with the gradient (SGD)."""
+    def _prepare_state(self, group: dict[str, Any], p: torch.Tensor, keys: list[str]) -> bool:
+        """Creates missing state for ``p`` (which has a grad); True if a state tensor was
+        created, so the kernel seeds it from the gradient where torch does (SGD)."""
         state = self.state[p]
-        if self._has_step:
+        if self._spec.has_step:
             step = state.get("step")
             if step is None:
                 state["step"] = self._new_step(group, p)
             elif not torch.is_tensor(step):
-                state["step"] = torch.tensor(float(step), dtype=_get_scalar_dtype())
+                state["step"] = torch.tensor(float(step), dtype=_compat.scalar_dtype())
         first = False
         for key in keys:
             if state.get(key) is None:
                 state[key] = self._new_state(group, p, key)
-                first = first or key == "momentum_buffer" and self._kind == "sgd"
+                first = True
         return first
 
-    def _build_plan(self, group: dict[str, Any]) -> GroupPlan:
-        keys = self._state_keys(group)
-        stateless = not keys and not self._has_step
-        indices: list[int] = []
-        params: list[torch.Tensor] = []
-        states: list[list[torch.Tensor]] = []
-        steps: list[torch.Tensor] = []
-        first: list[bool] = []
-        pending: list[torch.Tensor] = []
-        for i, p in enumerate(group["params"]):
-            if not isinstance(p, torch.Tensor):
-                raise FerrotorchTypeError(
-                    f"param_groups[...]['params'][{i}] must be a torch.Tensor, got {type(p).__name__}"
-                )
-            if not stateless and not self.state.get(p):
-                if p.grad is None:  # torch creates state at the first step with a grad
-                    pending.append(p)
-                    continue
-            is_first = False if stateless else self._prepare_state(group, p, keys)
-            st = self.state[p] if not stateless else {}
-            indices.append(i)
-            params.append(p)
-            states.append([st[k] for k in keys])
-            if self._has_step:
-                steps.append(st["step"])
-            first.append(is_first)
-        return GroupPlan(self._kind, indices, params, states, steps if self._has_step else None, first, pending)
-
-    def _plan(self, index: int, group: dict[str, Any]) -> GroupPlan:
-        params = group["params"]
-        key = (group, params, len(params), self._state_keys(group), self.state)
-        cached = self._plans_cache().get(index)
-        if cached is not None:
-            old = cached[0]
-            if all(a is b for a, b in zip(old[:2], key[:2])) and old[2] == key[2] and old[3] == key[3] and old[4] is key[4]:
-                return cached[1]
-        plan = self._build_plan(group)
-        self._plans_cache()[index] = (key, plan)
-        return plan
+    def _step_group(self, group: dict[str, Any], scale: float | None, clip: float | None) -> None:
+        spec = self._spec
+        first: list[int] = []
+        before: dict[int, dict[str, Any] | None] = {}
+        try:
+            for _ in range(3):
+                missing, slow, serial = spec.step(self.state, group, scale, clip, first)
+                if not missing:
+                    break
+                keys = spec.state_keys(group)
+                for i in missing:
+                    p = group["params"][i]
+                    before.setdefault(id(p), dict(self.state[p]) if p in self.state else None)
+                    if self._prepare_state(group, p, keys):
+                        first.append(i)
+            else:
+                raise FerrotorchRuntimeError(f"{spec.label}: could not create the optimizer state")
+        except BaseException:
+            # The native step changes nothing when it raises: undo the state made for it.
+            for p in group["params"]:
+                if id(p) in before:
+                    old = before.pop(id(p))
+                    if old is None:
+                        self.state.pop(p, None)
+                    else:
+                        self.state[p] = old
+            raise
+        if serial:
+            # Buffers share memory: torch's order, one parameter after the other.
+            firsts = set(first)
+            slow = [(i, i in firsts) for i, p in enumerate(group["params"]) if p.grad is not None]
+        if slow:
+            self._run_slow(group, slow, scale, clip)
 
     # ---- torch API -----------------------------------------------------------------------
     def _torch_step(self, closure: Callable[[], Any] | None) -> Any:
         """torch's own step, for settings only torch implements (differentiable, capturable)."""
-        base = next(c for c in type(self).__mro__ if c.__module__.startswith("torch.optim"))
-        fn = base.step
-        return getattr(fn, "__wrapped__", fn)(self, closure)
+        return _compat.torch_step(type(self), self, closure)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Performs a single optimization step; returns the closure's loss if one is given."""
-        if any(g.get("differentiable") or g.get("capturable") for g in self.param_groups):
+        if _compat.is_compiling() or any(g.get("differentiable") or g.get("capturable") for g in self.param_groups):
             clip = self.__dict__.pop("_ft_clip_coef", None)
             if clip is not None:
                 for g in self.param_groups:
@@ -152,15 +130,8 @@ class _FusedOptimizer:
         scale = float(grad_scale) if grad_scale is not None else None
         clip = self.__dict__.pop("_ft_clip_coef", None)
         with torch.no_grad():
-            for index, group in enumerate(self.param_groups):
-                plan = self._plan(index, group)
-                rebuild, slow = plan.step(group, scale, clip)
-                if rebuild:
-                    self._plans_cache().pop(index, None)
-                    plan = self._plan(index, group)
-                    rebuild, slow = plan.step(group, scale, clip)
-                if slow:
-                    self._run_slow(index, group, slow, scale, clip)
+            for group in self.param_groups:
+                self._step_group(group, scale, clip)
         return loss
 
     def clip_grad_norm_and_step(
@@ -195,35 +166,25 @@ class _FusedOptimizer:
             self.__dict__.pop("_ft_clip_coef", None)
         return total_norm
 
-    def _run_slow(
-        self, index: int, group: dict[str, Any], slow: list[tuple[int, bool]], scale: float | None, clip: float | None = None
-    ) -> None:
+    def _run_slow(self, group: dict[str, Any], slow: list[tuple[int, bool]], scale: float | None, clip: float | None) -> None:
         params = [group["params"][i] for i, _ in slow]
+        # Unscaled/clipped copies: the stored grads stay as they are, like the kernel's path,
+        # and nothing is written before torch's function runs.
+        grads = [p.grad for p in params]
         if scale is not None:
-            for p in params:
-                p.grad.div_(scale)
-        if clip is not None:  # torch's path reads the grads, so clip them in place here
-            for p in params:
-                p.grad.mul_(clip)
-        first = [f for _, f in slow]
-        self._fallback(group, params, first)
-        if any(first):
-            # The fallback made new momentum buffers: the plan must point at them.
-            self._plans_cache().pop(index, None)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)  # type: ignore[misc]
-        self._invalidate_plans()
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)  # type: ignore[misc]
-        self._invalidate_plans()
+            grads = [g / scale for g in grads]
+        if clip is not None:
+            grads = [g * clip for g in grads]
+        self._fallback(group, params, grads, [f for _, f in slow])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a state dict written by this optimizer or by its ``torch.optim`` twin."""
-        self._check_loadable(state_dict)
-        super().load_state_dict(state_dict)  # type: ignore[misc]
-        self._invalidate_plans()
+        # After the user's pre-hooks (a migration hook may fix an old checkpoint first).
+        handle = self.register_load_state_dict_pre_hook(lambda opt, sd: self._check_loadable(sd))  # type: ignore[attr-defined]
+        try:
+            super().load_state_dict(state_dict)  # type: ignore[misc]
+        finally:
+            handle.remove()
 
     def _check_loadable(self, state_dict: Any) -> None:
         name = type(self).__name__

@@ -17,7 +17,9 @@ from torch.optim import adam as _tadam
 from torch.optim import rmsprop as _trmsprop
 from torch.optim import sgd as _tsgd
 
+from .._native import optimizer_spec
 from ._fused import _FusedOptimizer
+from .. import _compat
 
 __all__ = ["Adam", "AdamW", "SGD", "RMSprop", "Adagrad"]
 
@@ -35,21 +37,18 @@ class Adam(_FusedOptimizer, torch.optim.Adam):
         loss.backward(); opt.step(); opt.zero_grad()
     """
 
-    _kind = "adam"
+    _spec = optimizer_spec("adam")
     _state_key_set = frozenset({"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"})
     _group_keys = ("lr", "betas", "eps", "weight_decay", "amsgrad")
 
-    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
-        if group["amsgrad"]:
-            return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-        return ("exp_avg", "exp_avg_sq")
-
-    def _fallback(self, group: dict[str, Any], params: list[torch.Tensor], first: list[bool]) -> None:
+    def _fallback(
+        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], first: list[bool]
+    ) -> None:
         st = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
         _tadam.adam(
             params,
-            [p.grad for p in params],
+            grads,
             [s["exp_avg"] for s in st],
             [s["exp_avg_sq"] for s in st],
             [s["max_exp_avg_sq"] for s in st] if group["amsgrad"] else [],
@@ -81,17 +80,15 @@ class SGD(_FusedOptimizer, torch.optim.SGD):
         loss.backward(); opt.step()
     """
 
-    _kind = "sgd"
+    _spec = optimizer_spec("sgd")
     _state_key_set = frozenset({"momentum_buffer"})
     _group_keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
 
-    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
-        return ("momentum_buffer",) if group["momentum"] != 0 else ()
-
-    def _fallback(self, group: dict[str, Any], params: list[torch.Tensor], first: list[bool]) -> None:
+    def _fallback(
+        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], first: list[bool]
+    ) -> None:
         momentum = group["momentum"] != 0
         bufs = [None if f or not momentum else self.state[p]["momentum_buffer"] for p, f in zip(params, first)]
-        grads = [p.grad for p in params]
         _tsgd.sgd(
             params,
             grads,
@@ -116,26 +113,20 @@ class RMSprop(_FusedOptimizer, torch.optim.RMSprop):
         loss.backward(); opt.step()
     """
 
-    _kind = "rmsprop"
+    _spec = optimizer_spec("rmsprop")
     _state_key_set = frozenset({"step", "square_avg", "momentum_buffer", "grad_avg"})
     _group_keys = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered")
 
-    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
-        keys = ("square_avg",)
-        if group["momentum"] > 0:
-            keys += ("momentum_buffer",)
-        if group["centered"]:
-            keys += ("grad_avg",)
-        return keys
-
     def _new_step(self, group: dict[str, Any], p: torch.Tensor) -> torch.Tensor:
-        return torch.zeros((), dtype=_tadam._get_scalar_dtype())
+        return torch.zeros((), dtype=_compat.scalar_dtype())
 
-    def _fallback(self, group: dict[str, Any], params: list[torch.Tensor], first: list[bool]) -> None:
+    def _fallback(
+        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], first: list[bool]
+    ) -> None:
         st = [self.state[p] for p in params]
         _trmsprop.rmsprop(
             params,
-            [p.grad for p in params],
+            grads,
             [s["square_avg"] for s in st],
             [s["grad_avg"] for s in st] if group["centered"] else [],
             [s["momentum_buffer"] for s in st] if group["momentum"] > 0 else [],
@@ -158,21 +149,19 @@ class Adagrad(_FusedOptimizer, torch.optim.Adagrad):
         loss.backward(); opt.step()
     """
 
-    _kind = "adagrad"
+    _spec = optimizer_spec("adagrad")
     _state_key_set = frozenset({"step", "sum"})
     _group_keys = ("lr", "lr_decay", "eps", "weight_decay", "initial_accumulator_value")
-
-    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
-        return ("sum",)
 
     def _new_state(self, group: dict[str, Any], p: torch.Tensor, key: str) -> torch.Tensor:
         init = group["initial_accumulator_value"]
         value = complex(init, init) if torch.is_complex(p) else init
         return torch.full_like(p, value, memory_format=torch.preserve_format)
 
-    def _fallback(self, group: dict[str, Any], params: list[torch.Tensor], first: list[bool]) -> None:
+    def _fallback(
+        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], first: list[bool]
+    ) -> None:
         st = [self.state[p] for p in params]
-        grads = [p.grad for p in params]
         _tadagrad.adagrad(
             params,
             grads,

@@ -1,0 +1,209 @@
+//! The gate between Python-owned tensors and raw pointers.
+//!
+//! A tensor reaches a kernel only if it is a plain `torch.Tensor`/`nn.Parameter` object (no
+//! subclass: DTensor, FakeTensor, FunctionalTensor and `__torch_function__` types report data
+//! pointers that are not theirs, or none) and, read at the moment of the call, a dense,
+//! contiguous CPU buffer with real storage. Nothing is remembered between calls: every call
+//! re-reads the objects and their metadata, and the memory all buffers of one call cover is
+//! checked for overlap as a whole before any of them is written.
+
+use ferrotorch_kernels::DType;
+use pyo3::prelude::*;
+use pyo3::sync::GILOnceCell;
+use pyo3::types::PyType;
+use tch::{Device, Kind, Tensor};
+
+use crate::errors::{Error, Result};
+
+static PLAIN_TYPES: GILOnceCell<(Py<PyType>, Py<PyType>)> = GILOnceCell::new();
+
+fn plain_types(py: Python<'_>) -> PyResult<&(Py<PyType>, Py<PyType>)> {
+    PLAIN_TYPES.get_or_try_init(py, || {
+        let torch = py.import("torch")?;
+        let tensor = torch.getattr("Tensor")?.downcast_into::<PyType>()?.unbind();
+        let param = torch
+            .getattr("nn")?
+            .getattr("Parameter")?
+            .downcast_into::<PyType>()?
+            .unbind();
+        Ok((tensor, param))
+    })
+}
+
+/// Whether `obj`'s type is exactly `torch.Tensor` or `torch.nn.Parameter`.
+pub fn is_plain(obj: &Bound<'_, PyAny>) -> PyResult<bool> {
+    let (tensor, param) = plain_types(obj.py())?;
+    let ty = obj.get_type();
+    Ok(ty.is(tensor.bind(obj.py())) || ty.is(param.bind(obj.py())))
+}
+
+/// The libtorch handle of a plain tensor object; None for anything else (subclasses, None,
+/// non-tensors). The handle shares the object's TensorImpl, so metadata read through it
+/// later in the same call is the object's own.
+pub fn plain_tensor(obj: &Bound<'_, PyAny>) -> PyResult<Option<Tensor>> {
+    if !is_plain(obj)? {
+        return Ok(None);
+    }
+    let ptr = obj.as_ptr() as *mut tch::python::CPyObject;
+    // SAFETY: `obj` is a live torch.Tensor (checked above); unpack only reads it.
+    let t = unsafe { Tensor::pyobject_unpack(ptr) }.map_err(|e| Error::Runtime(e.to_string()))?;
+    Ok(t)
+}
+
+/// Element type the kernels handle, or None.
+pub fn kernel_dtype(t: &Tensor) -> Option<DType> {
+    match t.f_kind().ok()? {
+        Kind::Float => Some(DType::F32),
+        Kind::Double => Some(DType::F64),
+        Kind::BFloat16 => Some(DType::BF16),
+        Kind::Half => Some(DType::F16),
+        _ => None,
+    }
+}
+
+/// A dense buffer a kernel may read and write: `numel` elements of `dtype` at `ptr`.
+#[derive(Clone, Copy, Debug)]
+pub struct Flat {
+    pub dtype: DType,
+    pub numel: usize,
+    pub ptr: *mut u8,
+}
+
+impl Flat {
+    /// The half-open byte range the buffer covers (empty for 0 elements).
+    pub fn range(&self) -> (usize, usize) {
+        let start = self.ptr as usize;
+        (start, start + self.numel * self.dtype.size())
+    }
+}
+
+/// A strided CPU tensor with real storage and no lazy negation: its bytes are exactly its
+/// values. Sparse, mkldnn, meta and device tensors fail.
+fn cpu_strided(t: &Tensor) -> bool {
+    t.defined() && !t.is_sparse() && !t.is_mkldnn() && t.device() == Device::Cpu && !t.is_neg()
+}
+
+/// `t` as a flat buffer of the kernels' dtypes: plain strided CPU, contiguous, with a data
+/// pointer for every non-empty tensor. Read fresh at every call.
+pub fn flat(t: &Tensor) -> Option<Flat> {
+    if !cpu_strided(t) || !t.is_contiguous() {
+        return None;
+    }
+    let dtype = kernel_dtype(t)?;
+    let numel = t.numel();
+    let ptr = t.data_ptr() as *mut u8;
+    if ptr.is_null() && numel > 0 {
+        return None;
+    }
+    Some(Flat { dtype, numel, ptr })
+}
+
+/// The bytes any strided CPU tensor may touch (its first to last element), or None when it
+/// has no CPU memory of its own to speak of (device, sparse, meta) or is empty.
+pub fn extent(t: &Tensor) -> Option<(usize, usize)> {
+    if !cpu_strided(t) {
+        return None;
+    }
+    let numel = t.numel();
+    if numel == 0 {
+        return None;
+    }
+    let start = t.data_ptr() as usize;
+    let elem = t.f_kind().ok()?.elt_size_in_bytes();
+    let last: i64 = t
+        .size()
+        .iter()
+        .zip(t.stride())
+        .map(|(&n, s)| (n - 1) * s.max(0))
+        .sum();
+    Some((start, start + (last as usize + 1) * elem))
+}
+
+/// True when two of the non-empty `ranges` share a byte. Sorts `ranges`; sorting an
+/// already-sorted list (the common case from one step to the next) is linear.
+pub fn any_overlap(ranges: &mut [(usize, usize)]) -> bool {
+    ranges.sort_unstable();
+    let mut end = 0usize;
+    for &(s, e) in ranges.iter() {
+        if s == e {
+            continue;
+        }
+        if s < end {
+            return true;
+        }
+        end = end.max(e);
+    }
+    false
+}
+
+/// Torch's error for a gradient that cannot belong to its parameter (sparse grads pass).
+pub fn check_grad_matches(index: usize, param: &Tensor, grad: &Tensor) -> Result<()> {
+    if grad.is_sparse() {
+        return Ok(());
+    }
+    if param.f_kind().ok() != grad.f_kind().ok() {
+        return Err(Error::Type(format!(
+            "grad of parameter {index} has dtype {}, but the parameter has dtype {}",
+            kind_name(grad),
+            kind_name(param)
+        )));
+    }
+    if param.size() != grad.size() {
+        return Err(Error::Value(format!(
+            "grad of parameter {index} has shape {:?}, but the parameter has shape {:?}",
+            grad.size(),
+            param.size()
+        )));
+    }
+    Ok(())
+}
+
+pub fn kind_name(t: &Tensor) -> String {
+    match t.f_kind() {
+        Ok(k) => format!("{k:?}"),
+        Err(_) => "an unsupported dtype".to_string(),
+    }
+}
+
+/// A scalar step counter the kernel reads and bumps: one f32 or f64 element on the CPU.
+pub struct StepCounter {
+    ptr: *mut u8,
+    double: bool,
+}
+
+impl StepCounter {
+    pub fn of(t: &Tensor) -> Option<StepCounter> {
+        if !cpu_strided(t) || t.numel() != 1 {
+            return None;
+        }
+        let double = match t.f_kind().ok()? {
+            Kind::Float => false,
+            Kind::Double => true,
+            _ => return None,
+        };
+        let ptr = t.data_ptr() as *mut u8;
+        (!ptr.is_null()).then_some(StepCounter { ptr, double })
+    }
+
+    pub fn range(&self) -> (usize, usize) {
+        let s = self.ptr as usize;
+        (s, s + if self.double { 8 } else { 4 })
+    }
+
+    /// `step_t += 1` in the counter's own dtype, as torch does; returns the new value.
+    ///
+    /// # Safety
+    /// The tensor this counter was read from must be alive and unchanged since `of`, and no
+    /// other buffer of the call may overlap it.
+    pub unsafe fn bump(&self) -> f64 {
+        if self.double {
+            let p = self.ptr as *mut f64;
+            *p += 1.0;
+            *p
+        } else {
+            let p = self.ptr as *mut f32;
+            *p += 1.0;
+            *p as f64
+        }
+    }
+}

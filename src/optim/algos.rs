@@ -1,0 +1,202 @@
+//! Each fused optimizer declared once: its name, its state, how its hyper-parameters are
+//! read from a param group, and which kernel runs it. Everything else (Python classes,
+//! validation, dispatch) is derived from these declarations.
+
+use ferrotorch_kernels::{
+    adagrad::Adagrad, adam::Adam, common::GradIn, rmsprop::RmsProp, sgd::Sgd, sgd::SgdScalars,
+    Algorithm,
+};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::errors::{Error, Result};
+
+/// What an optimizer does with a sparse gradient.
+#[derive(Clone, Copy, Debug)]
+pub enum Sparse {
+    /// torch raises this error.
+    Reject(&'static str),
+    /// torch's own single-tensor function handles it.
+    Torch,
+}
+
+/// The fixed facts of one algorithm.
+#[derive(Debug)]
+pub struct Spec {
+    /// Registry key (`ferrotorch._native.optimizer_spec(name)`).
+    pub name: &'static str,
+    /// torch's class name, used in messages.
+    pub label: &'static str,
+    /// Whether each parameter's state has a `step` counter the kernel bumps.
+    pub has_step: bool,
+    pub sparse: Sparse,
+}
+
+/// A kernel-backed optimizer: the kernel's [`Algorithm`] plus how a param group configures
+/// it. Its state tensors all have the parameter's shape.
+pub trait Fused: Algorithm + Send + Sized + 'static {
+    const SPEC: Spec;
+    /// State keys in the kernel's order, for this group's settings.
+    fn state_keys(g: &Bound<'_, PyDict>) -> Result<Vec<&'static str>>;
+    fn from_group(g: &Bound<'_, PyDict>, grad: GradIn) -> Result<Self>;
+    /// Per-tensor scalars; `step` is the bumped counter (None without one), `first` tells
+    /// that the state was created for this step (SGD seeds its momentum with the grad).
+    fn scalars(&self, step: Option<f64>, first: bool) -> Self::Scalars;
+}
+
+fn get<'py>(g: &Bound<'py, PyDict>, key: &str) -> Result<Bound<'py, PyAny>> {
+    g.get_item(key)
+        .map_err(|e| Error::Runtime(e.to_string()))?
+        .ok_or_else(|| Error::Value(format!("param_group is missing the hyper-parameter '{key}'")))
+}
+
+/// A hyper-parameter as a float; 1-element tensors (lr, betas, weight_decay) are accepted.
+fn float(g: &Bound<'_, PyDict>, key: &str) -> Result<f64> {
+    let v = get(g, key)?;
+    v.extract::<f64>().map_err(|_| {
+        let ty = v.get_type().name().map(|n| n.to_string()).unwrap_or_default();
+        Error::Type(format!(
+            "param_group['{key}'] must be a float or a 1-element tensor, got {ty}"
+        ))
+    })
+}
+
+fn flag(g: &Bound<'_, PyDict>, key: &str) -> Result<bool> {
+    match g.get_item(key).map_err(|e| Error::Runtime(e.to_string()))? {
+        None => Ok(false),
+        Some(v) => v
+            .is_truthy()
+            .map_err(|e| Error::Type(format!("param_group['{key}']: {e}"))),
+    }
+}
+
+fn betas(g: &Bound<'_, PyDict>) -> Result<(f64, f64)> {
+    let v = get(g, "betas")?;
+    let bad = || Error::Type("param_group['betas'] must be a pair of floats".to_string());
+    let item = |i: usize| -> Result<f64> {
+        v.get_item(i).map_err(|_| bad())?.extract::<f64>().map_err(|_| bad())
+    };
+    Ok((item(0)?, item(1)?))
+}
+
+impl Fused for Adam {
+    const SPEC: Spec = Spec {
+        name: "adam",
+        label: "Adam",
+        has_step: true,
+        sparse: Sparse::Reject(
+            "Adam does not support sparse gradients, please consider SparseAdam instead",
+        ),
+    };
+    fn state_keys(g: &Bound<'_, PyDict>) -> Result<Vec<&'static str>> {
+        Ok(if flag(g, "amsgrad")? {
+            vec!["exp_avg", "exp_avg_sq", "max_exp_avg_sq"]
+        } else {
+            vec!["exp_avg", "exp_avg_sq"]
+        })
+    }
+    fn from_group(g: &Bound<'_, PyDict>, grad: GradIn) -> Result<Self> {
+        let (beta1, beta2) = betas(g)?;
+        Ok(Adam {
+            lr: float(g, "lr")?,
+            beta1,
+            beta2,
+            eps: float(g, "eps")?,
+            weight_decay: float(g, "weight_decay")?,
+            amsgrad: flag(g, "amsgrad")?,
+            maximize: flag(g, "maximize")?,
+            decoupled_weight_decay: flag(g, "decoupled_weight_decay")?,
+            grad,
+        })
+    }
+    fn scalars(&self, step: Option<f64>, _: bool) -> Self::Scalars {
+        Adam::scalars(self, step.unwrap_or(1.0))
+    }
+}
+
+impl Fused for Sgd {
+    const SPEC: Spec = Spec {
+        name: "sgd",
+        label: "SGD",
+        has_step: false,
+        sparse: Sparse::Torch,
+    };
+    fn state_keys(g: &Bound<'_, PyDict>) -> Result<Vec<&'static str>> {
+        Ok(if float(g, "momentum")? != 0.0 {
+            vec!["momentum_buffer"]
+        } else {
+            vec![]
+        })
+    }
+    fn from_group(g: &Bound<'_, PyDict>, grad: GradIn) -> Result<Self> {
+        Ok(Sgd {
+            lr: float(g, "lr")?,
+            momentum: float(g, "momentum")?,
+            dampening: float(g, "dampening")?,
+            weight_decay: float(g, "weight_decay")?,
+            nesterov: flag(g, "nesterov")?,
+            maximize: flag(g, "maximize")?,
+            grad,
+        })
+    }
+    fn scalars(&self, _: Option<f64>, first: bool) -> Self::Scalars {
+        SgdScalars { first_step: first }
+    }
+}
+
+impl Fused for RmsProp {
+    const SPEC: Spec = Spec {
+        name: "rmsprop",
+        label: "RMSprop",
+        has_step: true,
+        sparse: Sparse::Reject("RMSprop does not support sparse gradients"),
+    };
+    fn state_keys(g: &Bound<'_, PyDict>) -> Result<Vec<&'static str>> {
+        let mut keys = vec!["square_avg"];
+        if float(g, "momentum")? > 0.0 {
+            keys.push("momentum_buffer");
+        }
+        if flag(g, "centered")? {
+            keys.push("grad_avg");
+        }
+        Ok(keys)
+    }
+    fn from_group(g: &Bound<'_, PyDict>, grad: GradIn) -> Result<Self> {
+        Ok(RmsProp {
+            lr: float(g, "lr")?,
+            alpha: float(g, "alpha")?,
+            eps: float(g, "eps")?,
+            weight_decay: float(g, "weight_decay")?,
+            momentum: float(g, "momentum")?,
+            centered: flag(g, "centered")?,
+            maximize: flag(g, "maximize")?,
+            grad,
+        })
+    }
+    fn scalars(&self, _: Option<f64>, _: bool) -> Self::Scalars {}
+}
+
+impl Fused for Adagrad {
+    const SPEC: Spec = Spec {
+        name: "adagrad",
+        label: "Adagrad",
+        has_step: true,
+        sparse: Sparse::Torch,
+    };
+    fn state_keys(_: &Bound<'_, PyDict>) -> Result<Vec<&'static str>> {
+        Ok(vec!["sum"])
+    }
+    fn from_group(g: &Bound<'_, PyDict>, grad: GradIn) -> Result<Self> {
+        Ok(Adagrad {
+            lr: float(g, "lr")?,
+            lr_decay: float(g, "lr_decay")?,
+            weight_decay: float(g, "weight_decay")?,
+            eps: float(g, "eps")?,
+            maximize: flag(g, "maximize")?,
+            grad,
+        })
+    }
+    fn scalars(&self, step: Option<f64>, _: bool) -> Self::Scalars {
+        Adagrad::scalars(self, step.unwrap_or(1.0))
+    }
+}

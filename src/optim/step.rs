@@ -1,0 +1,264 @@
+//! One optimizer step for one param group, read fresh from Python at every call.
+//!
+//! Under the GIL: the group's `params` list, each parameter's `.grad`, its entry in
+//! `optimizer.state` and the state tensors are looked up as they are now (no plan survives
+//! from one step to the next, so replaced, moved, cleared or re-shaped state is always
+//! seen). Without the GIL: every tensor's metadata is checked, the memory of the whole
+//! group is checked for overlap, and only then are the step counters bumped and the kernel
+//! run. Any error leaves everything untouched.
+
+use ferrotorch_kernels::{common::GradIn, Job, MAX_STATES};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+use tch::Tensor;
+
+use super::algos::{Fused, Sparse};
+use crate::access::{any_overlap, check_grad_matches, extent, flat, plain_tensor, Flat, StepCounter};
+use crate::errors::{enter, Error, Result};
+
+/// One parameter with a grad and complete state, as the Python objects hold them now.
+struct Entry {
+    /// Position in `group["params"]`.
+    index: usize,
+    /// None when the parameter, its grad or a state is not a plain tensor: torch steps it.
+    tensors: Option<Tensors>,
+    first: bool,
+}
+
+struct Tensors {
+    param: Tensor,
+    grad: Tensor,
+    states: Vec<Tensor>,
+    step: Option<Tensor>,
+}
+
+/// What the step did: `missing` lists parameters that have a grad but no (complete)
+/// state — nothing was changed, Python creates their state and calls again; `slow` lists
+/// `(index, first)` for parameters torch must step; `serial` means memory is shared
+/// within the group, so nothing was changed and torch must step the whole group in order.
+#[derive(Default)]
+pub struct Outcome {
+    pub missing: Vec<usize>,
+    pub slow: Vec<(usize, bool)>,
+    pub serial: bool,
+}
+
+/// Reads the group as it is now. Returns Err(missing) when some state must be created.
+fn gather(
+    state: &Bound<'_, PyDict>,
+    group: &Bound<'_, PyDict>,
+    keys: &[&'static str],
+    has_step: bool,
+    first: &[usize],
+) -> PyResult<std::result::Result<Vec<Entry>, Vec<usize>>> {
+    let params = group
+        .get_item("params")?
+        .ok_or_else(|| Error::Value("param_group has no 'params'".into()))?;
+    let params = params
+        .downcast::<PyList>()
+        .map_err(|_| Error::Type("param_group['params'] must be a list".into()))?;
+    let stateful = has_step || !keys.is_empty();
+    let mut entries = Vec::with_capacity(params.len());
+    let mut missing = Vec::new();
+    for (index, p) in params.iter().enumerate() {
+        let grad = p.getattr(pyo3::intern!(p.py(), "grad"))?;
+        if grad.is_none() {
+            continue;
+        }
+        let st = if stateful {
+            match state.get_item(&p)? {
+                Some(s) => Some(
+                    s.downcast_into::<PyDict>()
+                        .map_err(|_| Error::Type(format!("optimizer.state of parameter {index} must be a dict")))?,
+                ),
+                None => None,
+            }
+        } else {
+            None
+        };
+        let lookup = |key: &str| -> PyResult<Option<Bound<'_, PyAny>>> {
+            match &st {
+                Some(s) => Ok(s.get_item(key)?.filter(|v| !v.is_none())),
+                None => Ok(None),
+            }
+        };
+        let mut objs = Vec::with_capacity(keys.len());
+        let mut complete = !stateful || st.is_some();
+        for key in keys {
+            match lookup(key)? {
+                Some(v) => objs.push(v),
+                None => complete = false,
+            }
+        }
+        let step_obj = if has_step { lookup("step")? } else { None };
+        // A float step (old checkpoints) is turned into a tensor by Python first.
+        if has_step && !step_obj.as_ref().is_some_and(is_tensor) {
+            complete = false;
+        }
+        if !complete {
+            missing.push(index);
+            continue;
+        }
+        if !missing.is_empty() {
+            continue;
+        }
+        let tensors = (|| -> PyResult<Option<Tensors>> {
+            let (Some(param), Some(grad)) = (plain_tensor(&p)?, plain_tensor(&grad)?) else {
+                return Ok(None);
+            };
+            let mut states = Vec::with_capacity(objs.len());
+            for o in &objs {
+                match plain_tensor(o)? {
+                    Some(t) => states.push(t),
+                    None => return Ok(None),
+                }
+            }
+            let step = match &step_obj {
+                Some(s) => match plain_tensor(s)? {
+                    Some(t) => Some(t),
+                    None => return Ok(None),
+                },
+                None => None,
+            };
+            Ok(Some(Tensors { param, grad, states, step }))
+        })()?;
+        entries.push(Entry { index, tensors, first: first.binary_search(&index).is_ok() });
+    }
+    Ok(if missing.is_empty() { Ok(entries) } else { Err(missing) })
+}
+
+/// Any torch.Tensor, subclasses included (torch steps those).
+fn is_tensor(s: &Bound<'_, PyAny>) -> bool {
+    // SAFETY: unpack checks the type first and only reads the object.
+    unsafe { Tensor::pyobject_unpack(s.as_ptr() as *mut tch::python::CPyObject) }
+        .ok()
+        .flatten()
+        .is_some()
+}
+
+/// A parameter the kernel can step, with every buffer read at this call.
+struct Ready {
+    param: Flat,
+    grad: Flat,
+    states: [Flat; MAX_STATES],
+    step: Option<StepCounter>,
+    first: bool,
+}
+
+/// The kernel's view of an entry, or None (torch steps it). Errors are torch's.
+fn classify<A: Fused>(e: &Entry, n_states: usize, ranges: &mut Vec<(usize, usize)>) -> Result<Option<Ready>> {
+    let Some(t) = &e.tensors else {
+        return Ok(None);
+    };
+    if t.grad.is_sparse() {
+        return match A::SPEC.sparse {
+            Sparse::Reject(msg) => Err(Error::Runtime(msg.to_string())),
+            Sparse::Torch => Ok(None),
+        };
+    }
+    check_grad_matches(e.index, &t.param, &t.grad)?;
+    if t.states.len() != n_states {
+        return Err(Error::Runtime(format!(
+            "{}: parameter {} has {} state tensors, the group's settings need {n_states}",
+            A::SPEC.label,
+            e.index,
+            t.states.len()
+        )));
+    }
+    let slow = |ranges: &mut Vec<(usize, usize)>| {
+        // torch steps it after the kernel: its memory still counts for overlap.
+        ranges.extend(std::iter::once(&t.param).chain([&t.grad]).chain(&t.states).chain(&t.step).filter_map(extent));
+        Ok(None)
+    };
+    let shape = t.param.size();
+    let Some(param) = flat(&t.param) else { return slow(ranges) };
+    let Some(grad) = flat(&t.grad) else { return slow(ranges) };
+    if grad.dtype != param.dtype {
+        return slow(ranges);
+    }
+    let empty = Flat { dtype: param.dtype, numel: 0, ptr: std::ptr::null_mut() };
+    let mut states = [empty; MAX_STATES];
+    for (slot, s) in states.iter_mut().zip(&t.states) {
+        match flat(s) {
+            Some(f) if f.dtype == param.dtype && s.size() == shape => *slot = f,
+            _ => return slow(ranges),
+        }
+    }
+    let step = match &t.step {
+        Some(s) => match StepCounter::of(s) {
+            Some(c) => Some(c),
+            None => return slow(ranges),
+        },
+        None if A::SPEC.has_step => return slow(ranges),
+        None => None,
+    };
+    ranges.push(param.range());
+    ranges.push(grad.range());
+    ranges.extend(states[..n_states].iter().map(Flat::range));
+    ranges.extend(step.as_ref().map(StepCounter::range));
+    Ok(Some(Ready { param, grad, states, step, first: e.first }))
+}
+
+fn run_entries<A: Fused>(algo: &A, entries: &[Entry], n_states: usize, threads: usize) -> Result<Outcome> {
+    let mut ranges = Vec::with_capacity(entries.len() * (3 + n_states));
+    let mut ready = Vec::with_capacity(entries.len());
+    let mut slow = Vec::new();
+    for e in entries {
+        match classify::<A>(e, n_states, &mut ranges)? {
+            Some(r) => ready.push(r),
+            None => slow.push((e.index, e.first)),
+        }
+    }
+    if any_overlap(&mut ranges) {
+        return Ok(Outcome { serial: true, ..Outcome::default() });
+    }
+    // Every check passed and no two buffers share memory: the kernel may write.
+    let jobs: Vec<Job<A::Scalars>> = ready
+        .iter()
+        .map(|r| {
+            // SAFETY: the counter's tensor is held by `entries` and overlaps nothing.
+            let step = r.step.as_ref().map(|c| unsafe { c.bump() });
+            Job {
+                dtype: r.param.dtype,
+                numel: r.param.numel,
+                param: r.param.ptr,
+                grad: r.grad.ptr,
+                states: [r.states[0].ptr, r.states[1].ptr, r.states[2].ptr],
+                scalars: algo.scalars(step, r.first),
+            }
+        })
+        .collect();
+    // SAFETY: every buffer was read from a live plain CPU tensor held by `entries`, is
+    // contiguous with `numel` elements of `dtype`, and no two overlap (checked above).
+    unsafe { ferrotorch_kernels::run(algo, &jobs, threads, &crate::parallel::TorchThreads)? };
+    Ok(Outcome { slow, ..Outcome::default() })
+}
+
+/// The step of one group for algorithm `A` (see [`Outcome`]).
+pub fn step_group<A: Fused>(
+    py: Python<'_>,
+    state: &Bound<'_, PyDict>,
+    group: &Bound<'_, PyDict>,
+    grad: GradIn,
+    first: &[usize],
+) -> PyResult<Outcome> {
+    let algo = A::from_group(group, grad)?;
+    let mut first = first.to_vec();
+    first.sort_unstable();
+    let keys = A::state_keys(group)?;
+    let entries = match gather(state, group, &keys, A::SPEC.has_step, &first)? {
+        Ok(entries) => entries,
+        Err(missing) => return Ok(Outcome { missing, ..Outcome::default() }),
+    };
+    let n_states = algo.n_states();
+    if n_states != keys.len() {
+        return Err(Error::Runtime(format!(
+            "{}: the kernel needs {n_states} state tensors, the declaration lists {}",
+            A::SPEC.label,
+            keys.len()
+        ))
+        .into());
+    }
+    let threads = tch::get_num_threads().max(1) as usize;
+    enter(py, A::SPEC.label, move || run_entries(&algo, &entries, n_states, threads))
+}
