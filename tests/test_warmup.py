@@ -134,6 +134,97 @@ def test_radam_warmup_rejects_small_beta2_like_pytorch_warmup():
     assert str(ours.value) == str(ref.value)
 
 
+# ---- pytorch_warmup 0.2.0's functions and warmup_factor signatures (issue #12) --------------
+
+BETA2S = [0.6000001, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9999]
+
+
+def test_module_exports_every_pytorch_warmup_name():
+    assert set(pytorch_warmup.__all__) <= set(fwarm.__all__)
+    for name in pytorch_warmup.__all__:
+        assert callable(getattr(fwarm, name)), name
+
+
+@pytest.mark.parametrize("beta2", BETA2S)
+def test_radam_helpers_equal_pytorch_warmup(beta2):
+    rho_inf = fwarm.rho_inf_fn(beta2)
+    assert rho_inf == pytorch_warmup.rho_inf_fn(beta2)
+    for t in list(range(1, 60)) + [100, 1000, 10_000]:
+        assert fwarm.rho_fn(t, beta2, rho_inf) == pytorch_warmup.rho_fn(t, beta2, rho_inf)
+        # rho_inf need not be rho_inf_fn(beta2): the functions take it as given.
+        assert fwarm.rho_fn(t, beta2, rho_inf + 3.5) == pytorch_warmup.rho_fn(t, beta2, rho_inf + 3.5)
+    assert fwarm.get_offset(beta2, rho_inf) == pytorch_warmup.get_offset(beta2, rho_inf)
+    assert fwarm.get_offset(beta2=beta2, rho_inf=rho_inf + 2) == pytorch_warmup.get_offset(beta2=beta2, rho_inf=rho_inf + 2)
+    # RAdamWarmup's parameters are built from these.
+    opt = fopt.Adam([torch.zeros(1, requires_grad=True)], betas=(0.9, beta2))
+    assert fwarm.RAdamWarmup(opt).warmup_params == pytorch_warmup.RAdamWarmup(opt).warmup_params
+
+
+@pytest.mark.parametrize("beta2", [0.6, 0.5, 0.0])
+def test_get_offset_rejects_small_beta2_like_pytorch_warmup(beta2):
+    with pytest.raises(ValueError) as ref:
+        pytorch_warmup.get_offset(beta2, 5.0)
+    with pytest.raises(ValueError) as ours:
+        fwarm.get_offset(beta2, 5.0)
+    assert str(ours.value) == str(ref.value)
+
+
+@pytest.mark.parametrize("name", list(WARMUPS))
+def test_warmup_factor_takes_pytorch_warmups_arguments(name):
+    wo = getattr(fwarm, name)(optimizer("ferro"), **WARMUPS[name])
+    wr = getattr(pytorch_warmup, name)(optimizer("torch"), **WARMUPS[name])
+    for params in wr.warmup_params:
+        for step in [0, 1, 2, 5, 17, 49, 50, 51, 300, 5000]:
+            ref = wr.warmup_factor(step, **params)
+            assert wo.warmup_factor(step, **params) == pytest.approx(ref, rel=1e-14, abs=0)
+            # positionally, in the order of the signature (step, warmup_period) / (step, beta2, rho_inf, offset)
+            assert wo.warmup_factor(step, *params.values()) == pytest.approx(wr.warmup_factor(step, *params.values()), rel=1e-14, abs=0)
+    if name in ("LinearWarmup", "ExponentialWarmup"):
+        for period in (1, 7, 2000):
+            for step in (0, 3, 6, 1999, 2000):
+                assert wo.warmup_factor(step, period) == pytest.approx(wr.warmup_factor(step, period), rel=1e-14, abs=0)
+
+
+def test_base_warmup_raises_not_implemented_like_pytorch_warmup():
+    for mod in (pytorch_warmup, fwarm):
+        opt = optimizer("ferro")
+        with pytest.raises(NotImplementedError):
+            mod.BaseWarmup(opt, [dict(warmup_period=3)] * 2)
+        lrs = [g["lr"] for g in opt.param_groups]
+        with pytest.raises(NotImplementedError):
+            mod.BaseWarmup.warmup_factor(object(), 0, warmup_period=3)
+        assert [g["lr"] for g in opt.param_groups] == lrs
+
+
+def test_seed_style_subclass_of_base_warmup_runs_the_same():
+    """Seed 001 shows BaseWarmup's source; a user's own subclass works on ours as on theirs."""
+    from pytorch_warmup.base import get_warmup_params as ref_params
+
+    def make(base, get_params):
+        class SquareWarmup(base):
+            def __init__(self, optimizer, warmup_period, last_step=-1):
+                super().__init__(optimizer, get_params(warmup_period, len(optimizer.param_groups)), last_step)
+
+            def warmup_factor(self, step, warmup_period):
+                return min(1.0, ((step + 1) / warmup_period) ** 2)
+
+        return SquareWarmup
+
+    runs = []
+    for base, get_params, sched_mod in ((fwarm.BaseWarmup, fwarm.get_warmup_params, fls), (pytorch_warmup.BaseWarmup, ref_params, tls)):
+        opt = optimizer("ferro")
+        sched = sched_mod.CosineAnnealingLR(opt, T_max=80)
+        warm = make(base, get_params)(opt, [10, 25])
+        lrs = []
+        for _ in range(60):
+            opt.step()
+            with warm.dampening():
+                sched.step()
+            lrs.extend(g["lr"] for g in opt.param_groups)
+        runs.append(lrs)
+    assert runs[0] == pytest.approx(runs[1], rel=1e-12)
+
+
 transformers_opt = pytest.importorskip("transformers.optimization")
 
 HF = {

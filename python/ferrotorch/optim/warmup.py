@@ -1,8 +1,16 @@
-"""Learning-rate warm-up, compatible with the ``pytorch_warmup`` package (same classes,
-arguments, ``dampening()`` protocol, state and error texts), factors computed in Rust.
+"""Learning-rate warm-up, compatible with the ``pytorch_warmup`` 0.2.0 package (same classes,
+functions, arguments, ``dampening()`` protocol, state and error texts), factors computed in
+Rust.
 
     warmup = ferrotorch.optim.warmup.LinearWarmup(optimizer, warmup_period=2000)
     with warmup.dampening(): lr_scheduler.step()
+
+``import pytorch_warmup as warmup`` → ``import ferrotorch.optim.warmup as warmup``. Each
+class's ``warmup_factor`` takes pytorch_warmup's arguments (``LinearWarmup.warmup_factor(step,
+warmup_period)``, ``RAdamWarmup.warmup_factor(step, beta2, rho_inf, offset)``), and
+``BaseWarmup.warmup_factor`` raises ``NotImplementedError`` for a subclass to override. The
+RAdam helpers ``rho_inf_fn``, ``rho_fn`` and ``get_offset`` are pytorch_warmup's scalar
+formulas, written in Python as there (the per-step factors are Rust's).
 """
 
 from __future__ import annotations
@@ -22,6 +30,9 @@ __all__ = [
     "UntunedLinearWarmup",
     "UntunedExponentialWarmup",
     "RAdamWarmup",
+    "rho_fn",
+    "rho_inf_fn",
+    "get_offset",
     "get_warmup_params",
 ]
 
@@ -94,7 +105,9 @@ class BaseWarmup:
         self.dampen()
 
     def warmup_factor(self, step: int, **params: Any) -> float:
-        return _native.warmup_factor(self._kind, step, params)
+        """The warm-up factor ω_t of step ``step`` for one group's ``warmup_params``;
+        :meth:`dampen` calls it. Subclasses implement it (as in pytorch_warmup)."""
+        raise NotImplementedError
 
 
 class LinearWarmup(BaseWarmup):
@@ -110,6 +123,10 @@ class LinearWarmup(BaseWarmup):
         params = get_warmup_params(warmup_period, len(optimizer.param_groups))
         super().__init__(optimizer, params, last_step)
 
+    def warmup_factor(self, step: int, warmup_period: int) -> float:  # type: ignore[override]
+        """min(1, (step + 1) / warmup_period)."""
+        return _native.warmup_factor(self._kind, step, {"warmup_period": warmup_period})
+
 
 class ExponentialWarmup(BaseWarmup):
     """ω_t = 1 - exp(-(t + 1) / warmup_period).
@@ -123,6 +140,10 @@ class ExponentialWarmup(BaseWarmup):
         _check_optimizer(optimizer)
         params = get_warmup_params(warmup_period, len(optimizer.param_groups))
         super().__init__(optimizer, params, last_step)
+
+    def warmup_factor(self, step: int, warmup_period: int) -> float:  # type: ignore[override]
+        """1 - exp(-(step + 1) / warmup_period)."""
+        return _native.warmup_factor(self._kind, step, {"warmup_period": warmup_period})
 
 
 class UntunedLinearWarmup(LinearWarmup):
@@ -165,3 +186,32 @@ class RAdamWarmup(BaseWarmup):
             rho_inf, offset = _native.radam_warmup_params(beta2)
             params.append(dict(beta2=beta2, rho_inf=rho_inf, offset=offset))
         super().__init__(optimizer, params, last_step)
+
+    def warmup_factor(self, step: int, beta2: float, rho_inf: float, offset: int) -> float:  # type: ignore[override]
+        """RAdam's rectification factor at ``step + offset``."""
+        return _native.warmup_factor(self._kind, step, {"beta2": beta2, "rho_inf": rho_inf, "offset": offset})
+
+
+# ---- RAdam helpers (pytorch_warmup.radam's functions) -------------------------------------
+
+
+def rho_inf_fn(beta2: float) -> float:
+    """RAdam's constant ρ_∞ = 2 / (1 - β₂) - 1."""
+    return 2.0 / (1 - beta2) - 1
+
+
+def rho_fn(t: int, beta2: float, rho_inf: float) -> float:
+    """RAdam's ρ_t = ρ_∞ - 2 t β₂ᵗ / (1 - β₂ᵗ) at iteration ``t``."""
+    b2t = beta2**t
+    return rho_inf - 2 * t * b2t / (1 - b2t)
+
+
+def get_offset(beta2: float, rho_inf: float) -> int:
+    """The smallest offset δ ≥ 1 with ρ_δ > 4 (``ValueError`` unless β₂ > 0.6)."""
+    if not beta2 > 0.6:
+        raise ValueError("beta2 ({}) must be greater than 0.6".format(beta2))
+    offset = 1
+    while True:
+        if rho_fn(offset, beta2, rho_inf) > 4:
+            return offset
+        offset += 1
