@@ -8,7 +8,12 @@ torch's numbers bit for bit. Two things go further than torch:
   ConstantLR/LinearLR/SequentialLR rebuilt on a restored optimizer does not apply its
   factor twice (torch's does);
 * ``SequentialLR`` and ``ChainedScheduler`` accept ``ReduceLROnPlateau`` (call
-  ``step(metric)``), so a warm-up can run in front of a plateau schedule.
+  ``step(metric)``), so a warm-up can run in front of a plateau schedule;
+* the schedulers that took ``verbose`` in torch ≤ 2.6 still take it (keyword or last
+  positional argument): it warns as torch 2.2–2.6 did (``UserWarning``, "The verbose
+  parameter is deprecated...") and ``verbose=True`` prints the lr changes in torch 2.1's
+  words ("Adjusting learning rate of group 0 to 1.0000e-01.", "Epoch 00012: reducing
+  learning rate of group 0 to 1.0000e-04."), so older scripts run unchanged.
 
 Every scheduler can also return its curve without touching the optimizer:
 
@@ -19,6 +24,8 @@ Every scheduler can also return its curve without touching the optimizer:
 from __future__ import annotations
 
 import copy
+import inspect
+import warnings
 from bisect import bisect_right
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -100,6 +107,7 @@ def lr_curve(scheduler: Any, steps: int, key: str = "lr", metrics: Sequence[floa
     ghost = _GhostOptimizer(groups, dict(getattr(real, "defaults", {})))
     ghost._opt_called = True  # type: ignore[attr-defined]
     twin = copy.deepcopy(scheduler, memo={id(real): ghost})
+    _silence(twin)
     plateau = isinstance(scheduler, _tls.ReduceLROnPlateau) or any(
         isinstance(s, _tls.ReduceLROnPlateau) for s in getattr(scheduler, "_schedulers", [])
     )
@@ -119,11 +127,80 @@ def lr_curve(scheduler: Any, steps: int, key: str = "lr", metrics: Sequence[floa
     return out
 
 
+# ---- torch's removed ``verbose`` argument ----------------------------------------------------
+
+_VERBOSE_DEPRECATED = (
+    "The verbose parameter is deprecated. Please use get_last_lr() to access the learning rate."
+)
+_UNSET: Any = object()
+_INIT_ARITY: dict[type, int] = {}
+
+
+def _check_verbose(verbose: Any, stacklevel: int) -> bool:
+    """torch 2.2–2.6's ``_check_verbose_deprecated_warning``: any value but the default
+    ``"deprecated"`` warns; returns whether to print."""
+    if isinstance(verbose, str) and verbose == "deprecated":
+        return False
+    warnings.warn(_VERBOSE_DEPRECATED, UserWarning, stacklevel=stacklevel + 1)
+    return bool(verbose)
+
+
+def _epoch_str(epoch: float) -> str:
+    """torch 2.1's epoch format in its verbose messages."""
+    return ("%.2f" if isinstance(epoch, float) else "%.5d") % epoch
+
+
+def _print_lr(sched: Any, epoch: float | None) -> None:
+    """torch 2.1's ``LRScheduler.print_lr`` for every group, when ``verbose`` is on."""
+    if not getattr(sched, "verbose", False):
+        return
+    for i, group in enumerate(sched.optimizer.param_groups):
+        lr = float(group["lr"])
+        if epoch is None:
+            print(f"Adjusting learning rate of group {i} to {lr:.4e}.")
+        else:
+            print(f"Epoch {_epoch_str(epoch)}: adjusting learning rate of group {i} to {lr:.4e}.")
+
+
+def _silence(sched: Any) -> None:
+    """No verbose output from a copy (``lr_curve``'s twin) or its members."""
+    if "verbose" in vars(sched):
+        sched.verbose = False
+    for s in getattr(sched, "_schedulers", []):
+        _silence(s)
+
+
+def _torch_init_arity(cls: type) -> int:
+    """How many arguments (after self) the ``__init__`` behind ``_Ferro`` takes."""
+    if cls not in _INIT_ARITY:
+        mro = cls.__mro__
+        nxt = next(c for c in mro[mro.index(_Ferro) + 1 :] if "__init__" in vars(c))
+        params = list(inspect.signature(vars(nxt)["__init__"]).parameters.values())[1:]
+        _INIT_ARITY[cls] = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+    return _INIT_ARITY[cls]
+
+
 class _Ferro:
-    """Mixin for ferrotorch schedulers: exact resume, state checks, ``lr_curve``."""
+    """Mixin for ferrotorch schedulers: exact resume, state checks, ``lr_curve``, and
+    torch's removed ``verbose`` argument."""
 
     #: Attributes a state dict of this class must carry (checked on load).
     _ft_required: ClassVar[tuple[str, ...]] = ("last_epoch", "_last_lr")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # torch <= 2.6 took ``verbose`` last (after last_epoch / eps), by keyword or position.
+        verbose = kwargs.pop("verbose", _UNSET)
+        if verbose is _UNSET and len(args) == _torch_init_arity(type(self)) + 1:
+            *args_list, verbose = args
+            args = tuple(args_list)
+        if verbose is not _UNSET:
+            # Set before torch's __init__: its initial step already prints (as torch 2.1's).
+            self.verbose = _check_verbose(verbose, stacklevel=2)
+        super().__init__(*args, **kwargs)
+
+    def _update_lr(self, epoch: int | None = None) -> None:
+        super()._update_lr(epoch)  # type: ignore[misc]
+        _print_lr(self, epoch)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a state dict written by this class or its torch twin, and puts the saved
@@ -343,6 +420,8 @@ class CosineAnnealingWarmRestarts(_Ferro, _tls.CosineAnnealingWarmRestarts):
         for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
             _update_param_group_val(group, "lr", lr)
         self._last_lr = _param_groups_val_list(self.optimizer, "lr")
+        # torch 2.1 printed the epoch it stepped to (the one passed, else the new last_epoch).
+        _print_lr(self, self.last_epoch if epoch is None else epoch)
 
 
 class CyclicLR(_Ferro, _tls.CyclicLR):
@@ -422,8 +501,6 @@ class ReduceLROnPlateau(_Ferro, _tls.ReduceLROnPlateau):
         if epoch is None:
             epoch = self.last_epoch + 1
         else:
-            import warnings
-
             warnings.warn(_tls.EPOCH_DEPRECATION_WARNING, UserWarning, stacklevel=2)
         self.last_epoch = epoch
         self.best, self.num_bad_epochs, self.cooldown_counter, reduce = _native.plateau_step(
@@ -441,9 +518,11 @@ class ReduceLROnPlateau(_Ferro, _tls.ReduceLROnPlateau):
                 return
             self.min_lrs = [self.default_min_lr] * len(self.optimizer.param_groups)
         new = _native.plateau_reduce(_lrs(self), float(self.factor), _floats(self.min_lrs), float(self.eps))
-        for group, lr in zip(self.optimizer.param_groups, new):
+        for i, (group, lr) in enumerate(zip(self.optimizer.param_groups, new)):
             if lr is not None:
                 _update_param_group_val(group, "lr", lr)
+                if getattr(self, "verbose", False):  # torch 2.1's message
+                    print(f"Epoch {_epoch_str(epoch)}: reducing learning rate of group {i} to {lr:.4e}.")
 
 
 def _is_plateau(s: Any) -> bool:
@@ -463,8 +542,16 @@ class SequentialLR(_Ferro, _tls.SequentialLR):
     _ft_required = ("last_epoch", "_last_lr", "_milestones", "_schedulers")
 
     def __init__(
-        self, optimizer: Optimizer, schedulers: list[Any], milestones: list[int], last_epoch: int = -1
+        self,
+        optimizer: Optimizer,
+        schedulers: list[Any],
+        milestones: list[int],
+        last_epoch: int = -1,
+        verbose: Any = "deprecated",
     ) -> None:
+        # torch <= 2.6 took verbose here too (and printed nothing for SequentialLR itself).
+        if not (isinstance(verbose, str) and verbose == "deprecated"):
+            self.verbose = _check_verbose(verbose, stacklevel=2)
         if any(b <= a for a, b in zip(milestones, milestones[1:])) or any(m < 0 for m in milestones):
             raise FerrotorchValueError(f"SequentialLR: milestones must be non-negative and strictly increasing, got {list(milestones)}")
         plateaus = [i for i, s in enumerate(schedulers) if _is_plateau(s)]
