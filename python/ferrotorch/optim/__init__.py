@@ -4,11 +4,63 @@ schedulers, torch's API.
     import ferrotorch.optim as optim                      # instead of torch.optim
     opt = optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
     sched = optim.lr_scheduler.CosineAnnealingLR(opt, T_max=100)
+
+Every public name of ``torch.optim`` resolves here, so a script keeps running after the
+import swap:
+
+* native (fused Rust kernels): ``Adam``, ``AdamW``, ``SGD``, ``RMSprop``, ``Adagrad``;
+* ``lr_scheduler``: every torch scheduler, schedule math in Rust;
+* ``swa_utils``: torch's ``AveragedModel``, ``SWALR``, ``update_bn``, ... re-exported
+  (computed by torch);
+* computed by torch; no native kernel yet — re-exported from ``torch.optim`` as they are,
+  so ``optim.NAdam(...)`` gives torch's NAdam: ``ASGD``, ``Adadelta``, ``Adafactor``,
+  ``Adamax``, ``LBFGS``, ``Muon``, ``NAdam``, ``RAdam``, ``Rprop``, ``SparseAdam``, and
+  ``Optimizer`` and ``swap_in_optimizer_params_and_state`` (torch's base class and helper).
+  Any other name a later torch adds to ``torch.optim.__all__`` is re-exported the same way.
+
+ferrotorch's additions: ``warmup`` (pytorch_warmup's API).
 """
 
-from torch.optim import Optimizer
+import torch.optim as _torch_optim
 
-from . import lr_scheduler, warmup
+# Computed by torch; no native kernel yet (re-exported unchanged from torch.optim).
+from torch.optim import (
+    ASGD,
+    LBFGS,
+    Adadelta,
+    Adafactor,
+    Adamax,
+    Muon,
+    NAdam,
+    Optimizer,
+    RAdam,
+    Rprop,
+    SparseAdam,
+    swap_in_optimizer_params_and_state,
+)
+
+from . import lr_scheduler, swa_utils, warmup
 from .optimizers import SGD, Adagrad, Adam, AdamW, RMSprop
 
-__all__ = ["Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Optimizer", "lr_scheduler", "warmup"]
+#: The optimizers ferrotorch runs with its own fused kernels.
+NATIVE = ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad")
+#: torch.optim's names that are torch's own objects here (no native kernel yet).
+TORCH_COMPUTED = tuple(
+    n for n in _torch_optim.__all__ if n not in NATIVE and n not in ("lr_scheduler", "swa_utils")
+)
+
+# A name a later torch adds to torch.optim.__all__ resolves too (torch's object).
+for _name in TORCH_COMPUTED:
+    globals().setdefault(_name, getattr(_torch_optim, _name))
+
+__all__ = [
+    "Adam",
+    "AdamW",
+    "SGD",
+    "RMSprop",
+    "Adagrad",
+    "lr_scheduler",
+    "swa_utils",
+    "warmup",
+    *TORCH_COMPUTED,
+]
