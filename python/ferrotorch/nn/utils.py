@@ -17,27 +17,29 @@ import torch
 from torch import Tensor
 
 from .. import _native
+from .._gate import bump_version, disjoint, modes_active, native_ok
 
 __all__ = ["clip_grad_norm_", "clip_grad_value_", "get_total_norm", "clip_coefficient"]
 
-_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# Norms the kernels compute: 0, inf and -inf exactly; 1 and 2 accumulated in float64.
+_NATIVE_NORMS = (0.0, 1.0, 2.0, math.inf, -math.inf)
 
 
 def _fast(tensors: list[Tensor]) -> bool:
-    """Tensors the Rust kernels read directly: dense contiguous CPU floats of one dtype."""
-    if not tensors:
+    """Tensors the Rust kernels may touch: plain contiguous CPU floats of one dtype that do
+    not overlap and are not part of a graph (create_graph), outside any torch mode."""
+    if not tensors or modes_active():
         return False
     dtype = tensors[0].dtype
-    return all(
-        t.dtype == dtype and t.dtype in _FLOATS and t.device.type == "cpu" and t.layout == torch.strided and t.is_contiguous()
-        for t in tensors
-    )
+    return all(t.dtype == dtype and not t.requires_grad and native_ok(t) for t in tensors) and disjoint(tensors)
 
 
 def _torch_handles(tensors: list[Tensor], norm_type: float) -> bool:
-    """Cases torch's own implementation must decide (it raises for an infinity norm of an
-    empty tensor, which has no identity)."""
-    return not _fast(tensors) or (math.isinf(norm_type) and any(t.numel() == 0 for t in tensors))
+    """Cases torch's own implementation must decide: other norm types, and an infinity
+    norm of an empty tensor (torch raises: it has no identity)."""
+    if norm_type not in _NATIVE_NORMS or not _fast(tensors):
+        return True
+    return math.isinf(norm_type) and any(t.numel() == 0 for t in tensors)
 
 
 def _as_list(tensors: Tensor | Iterable[Tensor]) -> list[Tensor]:
@@ -95,6 +97,7 @@ def clip_grad_norm_(
     coef = float(clip_coefficient(max_norm, total_norm))
     if coef != 1.0:  # multiplying by exactly 1 changes nothing
         _native.scale_grads(grads, coef)
+    bump_version(grads)  # torch's mul_ always counts as an in-place write
     return total_norm
 
 
@@ -107,7 +110,8 @@ def clip_grad_value_(parameters: Tensor | Iterable[Tensor], clip_value: float, f
     params = _as_list(parameters)
     clip_value = float(clip_value)
     grads = [p.grad for p in params if p.grad is not None]
-    if not _fast(grads):
+    if math.isnan(clip_value) or not _fast(grads):  # a NaN bound: torch makes every element NaN
         torch.nn.utils.clip_grad_value_(params, clip_value, foreach)
         return
     _native.clamp_grads(grads, clip_value)
+    bump_version(grads)

@@ -14,6 +14,7 @@ from copy import deepcopy
 import torch
 
 from .. import _native
+from .._gate import bump_version, modes_active, native_ok
 from ..errors import FerrotorchValueError
 
 __all__ = ["ModelEMA"]
@@ -84,17 +85,27 @@ class ModelEMA(torch.nn.Module):
         if step is not None and self.update_every > 1 and step % self.update_every:
             return
         weight = 1.0 - self.get_decay(step)
-        fast_e, fast_m = [], []
+        native = not modes_active()
+        fast_e: list[torch.Tensor] = []
+        fast_m: list[torch.Tensor] = []
+
+        def flush() -> None:  # the kernel's pairs, before any later pair (list order, as timm)
+            if fast_e:
+                _native.ema_update(fast_e, fast_m, weight)
+                bump_version(fast_e)
+                fast_e.clear()
+                fast_m.clear()
+
         for e, m in self._pairs(model):
             if not e.is_floating_point():
                 e.copy_(m)
-            elif e.device.type == "cpu" and m.device.type == "cpu" and e.dtype == m.dtype and e.is_contiguous() and m.is_contiguous():
+            elif native and e.dtype == m.dtype and e.shape == m.shape and native_ok(e) and native_ok(m):
                 fast_e.append(e)
                 fast_m.append(m)
             else:
+                flush()
                 e.lerp_(m.to(device=e.device, dtype=e.dtype), weight)
-        if fast_e:
-            _native.ema_update(fast_e, fast_m, weight)
+        flush()
         if self.exclude_buffers:
             for eb, mb in zip(self.module.buffers(), model.buffers()):
                 eb.copy_(mb)
