@@ -130,4 +130,4 @@ def test_swa_loop_with_ferrotorch_sgd_equals_torch(avg):
     for k in state:
         torch.testing.assert_close(state[k], ref_state[k], rtol=1e-12, atol=1e-14, msg=k)
     torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-14)
-    assert int(state["n_averaged"]) == 6
+    assert int(state["n_averaged"]) == int(ref_state["n_averaged"]) > 1  # it did average
