@@ -420,3 +420,260 @@ def case_ema_meta_and_fake() -> None:
         assert outs[0] == outs[1] == ("returned", None), outs
         for x, y in zip(ours.module.state_dict().values(), ref.module.state_dict().values()):
             assert_same_tensor(x, y)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def ckpt_model():
+    torch.manual_seed(0)
+    return torch.nn.Linear(4, 3)
+
+
+def case_ckpt_child(directory: str, metrics: list, block_at: int, kind: str, which: str) -> None:
+    """Saves ``metrics`` with a CheckpointManager on ``directory``; at save ``block_at`` it
+    stops inside the ``which`` file's write (``kind``: "write", half the bytes written to
+    the temporary file; "replaced", just after the rename), says "blocked" and waits to be
+    killed."""
+    import ferrotorch.train.checkpoint as ck
+    from ferrotorch.train import CheckpointManager
+
+    state = {"i": -1}
+
+    def block():
+        print("blocked", flush=True)
+        sys.stdin.read()  # until killed (or the parent is gone)
+        os._exit(1)
+
+    real_save, real_replace = torch.save, os.replace
+
+    def save(obj, f, *a, **k):
+        if state["i"] == block_at and kind == "write" and which in Path(f.name).name:
+            import io
+
+            buf = io.BytesIO()
+            real_save(obj, buf, *a, **k)
+            f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+            f.flush()
+            block()
+        return real_save(obj, f, *a, **k)
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        if state["i"] == block_at and kind == "replaced" and Path(dst).name.startswith(which):
+            block()
+
+    torch.save, ck.os.replace = save, replace
+    mgr = CheckpointManager(directory, keep_best=3, mode="min")
+    model = ckpt_model()
+    for i, metric in enumerate(metrics):
+        state["i"] = i
+        with torch.no_grad():
+            model.weight.fill_(metric)
+        mgr.save(metric, model=model, epoch=i)
+        print("saved", i, flush=True)
+
+
+def metric_of(path) -> float:
+    return torch.load(path, weights_only=True)["metric"]
+
+
+def test_checkpoint_manager_recovers_after_kills(tmp_path):
+    """A run SIGKILLed inside its saves, again and again: each restart ranks the best
+    checkpoints as one uninterrupted manager fed the committed saves (the reference), never
+    replaces a better one by a worse one, and no temporary file survives."""
+    import random
+    import signal
+
+    from ferrotorch.train import CheckpointManager
+
+    run, ref_dir = tmp_path / "run", tmp_path / "ref"
+    ref = CheckpointManager(ref_dir, keep_best=3, mode="min")
+    rng = random.Random(0)
+    last_metric, kills = None, 0
+    for attempt in range(12):
+        metrics = [round(rng.uniform(0.0, 2.0), 1) for _ in range(4)]  # ties happen
+        block_at, kind, which = rng.randrange(4), rng.choice(["write", "replaced"]), rng.choice(["last", "best"])
+        code = (
+            f"import sys; sys.path.insert(0, {str(HERE)!r}); import test_safety_helpers as t; "
+            f"t.case_ckpt_child({str(run)!r}, {metrics!r}, {block_at}, {kind!r}, {which!r})"
+        )
+        child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        saved, blocked = 0, False
+        for line in child.stdout:
+            if line.startswith("saved"):
+                saved += 1
+            elif line.startswith("blocked"):
+                blocked = True
+                child.send_signal(signal.SIGKILL)
+                break
+        child.stdin.close()
+        rc = child.wait(timeout=600)
+        assert rc == (-signal.SIGKILL if blocked else 0), (attempt, rc)
+        kills += blocked
+        # the saves that completed, and what the killed one committed
+        for m in metrics[:saved]:
+            ref.save(m)
+            last_metric = m
+        if blocked:
+            m = metrics[saved]
+            if which == "best" or kind == "replaced":
+                last_metric = m  # last.pt is written first
+            if which == "best" and kind == "replaced":
+                ref.save(m)
+        mgr = CheckpointManager(run, keep_best=3, mode="min")
+        assert not [p.name for p in run.iterdir() if ".tmp-" in p.name]
+        assert [metric_of(p) for p in mgr.kept()] == [metric_of(p) for p in ref.kept()]
+        assert metric_of(mgr.last()) == last_metric
+    assert kills >= 8
+    # worse checkpoints do not replace better ones; a better one becomes the best
+    kept = {p: p.read_bytes() for p in mgr.kept()}
+    worst = max(metric_of(p) for p in kept)
+    mgr.save(worst + 1.0, model=ckpt_model())
+    assert {p: p.read_bytes() for p in mgr.kept()} == kept
+    mgr.save(-1.0, model=ckpt_model())
+    assert metric_of(mgr.best()) == -1.0 and len(mgr.kept()) == 3
+    assert len(list(run.glob("best-*.pt"))) == 3
+
+
+def test_checkpoint_manager_leaves_others_files(tmp_path):
+    """Only its own temporary files whose writer is gone are removed: not those of a live
+    process, of another host, of other names, nor anything else."""
+    from ferrotorch.train import CheckpointManager
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        names = {
+            f".last.pt.tmp-{dead.pid}": False,  # legacy name: this host
+            f".best-7.pt.tmp-{dead.pid}@{socket.gethostname()}": False,
+            f".last.pt.tmp-{live.pid}@{socket.gethostname()}": True,
+            f".last.pt.tmp-{os.getpid()}@{socket.gethostname()}": True,
+            f".best-2.pt.tmp-{dead.pid}@another-host": True,
+            f".mine.pt.tmp-{dead.pid}": True,
+            "notes.txt": True,
+            "best-x.pt": True,
+            ".best-3.pt.tmp-12x": True,
+        }
+        for name in names:
+            (tmp_path / name).write_bytes(b"x")
+        (tmp_path / "best-5.pt").write_bytes(b"not a checkpoint")
+        mgr = CheckpointManager(tmp_path, keep_best=2)
+        assert {n for n, keep in names.items() if keep} | {"best-5.pt"} == {p.name for p in tmp_path.iterdir()}
+        assert mgr.best() is None and mgr.last() is None
+        p = mgr.save(1.0, model=ckpt_model())
+        assert p.name == "best-8.pt"  # after the numbers already used (7: a temporary file)
+        assert (tmp_path / "best-5.pt").read_bytes() == b"not a checkpoint"
+    finally:
+        live.stdin.close()
+        live.wait()
+
+
+def full_state(*objs):
+    """Every tensor and value of the objects' state_dicts (deep copies) and the RNG states."""
+    import copy
+    import random
+
+    import numpy as np
+
+    return [copy.deepcopy(o.state_dict()) for o in objs] + [torch.get_rng_state(), np.random.get_state(), random.getstate()]
+
+
+def assert_same_state(a, b) -> None:
+    if isinstance(a, torch.Tensor):
+        assert type(a) is type(b) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert list(a) == list(b)
+        for k in a:
+            assert_same_state(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same_state(x, y)
+    elif hasattr(a, "dtype") and hasattr(a, "shape"):  # numpy
+        assert (a == b).all()
+    else:
+        assert a == b or (a != a and b != b), (a, b)
+
+
+def training_objects(opt_cls, hidden=5, groups=1, seed=0):
+    from ferrotorch.train import EarlyStopping
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, hidden), torch.nn.BatchNorm1d(hidden), torch.nn.Linear(hidden, 2))
+    ps = list(model.parameters())
+    opt = opt_cls([{"params": ps[:2]}, {"params": ps[2:], "lr": 0.05}] if groups == 2 else ps, lr=0.01)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=64.0)
+    stopper = EarlyStopping(patience=3)
+    ema = ModelEMA(model, decay=0.5)
+    for step in range(3 + seed):
+        opt.zero_grad()
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        opt.step()
+        sched.step()
+        ema.update(model)
+        stopper.step(1.0 / (step + 1))
+    return dict(model=model, optimizer=opt, scheduler=sched, scaler=scaler, early_stopping=stopper, ema=ema)
+
+
+def optimizer_classes():
+    import ferrotorch.optim as fopt
+
+    return [torch.optim.AdamW, fopt.AdamW]
+
+
+@pytest.mark.parametrize("opt_cls", optimizer_classes(), ids=lambda c: c.__module__.split(".")[0] + "." + c.__name__)
+@pytest.mark.parametrize(
+    "bad",
+    ["optimizer_groups", "model_shape", "model_missing_key", "scheduler", "scaler", "early_stopping", "ema_shape", "rng"],
+)
+def test_failed_load_changes_nothing(tmp_path, opt_cls, bad):
+    """Whatever part of a checkpoint does not fit, load_checkpoint raises the error torch's
+    own load_state_dict raises for it (or a ValueError naming it) and leaves the model,
+    optimizer, scheduler, scaler, early stopping, EMA and RNG states exactly as they were."""
+    import copy
+
+    import ferrotorch.train.checkpoint as ck
+
+    hidden, groups = 6 if bad in ("model_shape", "ema_shape") else 5, 2 if bad == "optimizer_groups" else 1
+    src = training_objects(opt_cls, hidden, groups, seed=1)
+    if bad == "ema_shape":
+        src["model"] = training_objects(opt_cls, seed=1)["model"]
+    path = tmp_path / "c.pt"
+    ck.save_checkpoint(path, epoch=1, **src)
+    payload = torch.load(path, weights_only=True)
+    if bad == "model_missing_key":
+        del payload["model"]["0.bias"]
+    elif bad == "scheduler":
+        payload["scheduler"] = "not a dict"
+    elif bad == "scaler":
+        payload["scaler"] = {}
+    elif bad == "early_stopping":
+        del payload["early_stopping"]["best"]
+    elif bad == "rng":
+        payload["rng"]["torch"] = torch.zeros(3, dtype=torch.uint8)
+    torch.save(payload, path)
+
+    dst = training_objects(opt_cls)
+    twin = copy.deepcopy(dst)  # torch's error, raised by the first part that does not fit
+    expected = None
+    for name, obj in twin.items():
+        o = outcome(lambda: obj.load_state_dict(ck._restore(payload[name])))
+        if o[0] == "raised":
+            expected = o
+            break
+    if expected is None:  # only the RNG state is bad
+        expected = outcome(lambda: ck._set_rng_state(payload["rng"]))
+    assert expected[0] == "raised"
+
+    before = full_state(*dst.values())
+    got = outcome(lambda: ck.load_checkpoint(path, **dst))
+    assert got[:3] == expected[:3]
+    assert_same_state(full_state(*dst.values()), before)
+    # and the objects still work: a good checkpoint loads and training goes on
+    ck.save_checkpoint(tmp_path / "good.pt", **training_objects(opt_cls, seed=2))
+    ck.load_checkpoint(tmp_path / "good.pt", **dst)
+    dst["optimizer"].zero_grad()
+    dst["model"](torch.randn(8, 4)).sum().backward()
+    dst["optimizer"].step()
