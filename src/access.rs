@@ -77,10 +77,17 @@ impl Flat {
     }
 }
 
-/// A strided CPU tensor with real storage and no lazy negation: its bytes are exactly its
-/// values. Sparse, mkldnn, meta and device tensors fail.
+/// A strided CPU tensor with real storage and no lazy negation whose bytes are exactly its
+/// values, and which torch lets ops modify in place here. Sparse, mkldnn, meta, device and
+/// inference tensors fail (torch refuses in-place updates to the latter outside
+/// inference mode; its own function then raises that error).
 fn cpu_strided(t: &Tensor) -> bool {
-    t.defined() && !t.is_sparse() && !t.is_mkldnn() && t.device() == Device::Cpu && !t.is_neg()
+    t.defined()
+        && !t.is_sparse()
+        && !t.is_mkldnn()
+        && t.device() == Device::Cpu
+        && !t.is_neg()
+        && !t.is_inference()
 }
 
 /// `t` as a flat buffer of the kernels' dtypes: plain strided CPU, contiguous, with a data
@@ -90,7 +97,7 @@ pub fn flat(t: &Tensor) -> Option<Flat> {
         return None;
     }
     let dtype = kernel_dtype(t)?;
-    let numel = t.numel();
+    let numel = Shape::of(t)?.numel();
     let ptr = t.data_ptr() as *mut u8;
     if ptr.is_null() && numel > 0 {
         return None;
@@ -136,6 +143,31 @@ pub fn any_overlap(ranges: &mut [(usize, usize)]) -> bool {
     false
 }
 
+/// A tensor's sizes, read without allocating (tensors of more than 8 dims compare unequal
+/// to everything, which only sends them to torch).
+#[derive(PartialEq, Eq, Clone, Copy)]
+pub struct Shape {
+    dim: usize,
+    sizes: [i64; 8],
+}
+
+impl Shape {
+    pub fn numel(&self) -> usize {
+        self.sizes[..self.dim].iter().map(|&n| n.max(0) as usize).product()
+    }
+
+    pub fn of(t: &Tensor) -> Option<Shape> {
+        let dim = t.dim();
+        if dim > 8 {
+            return None;
+        }
+        let mut sizes = [0i64; 8];
+        // SAFETY: `t` is a defined tensor handle and `sizes` has room for its `dim` sizes.
+        unsafe { torch_sys::at_shape(t.as_ptr() as *mut _, sizes.as_mut_ptr()) };
+        Some(Shape { dim, sizes })
+    }
+}
+
 /// Torch's error for a gradient that cannot belong to its parameter (sparse grads pass).
 pub fn check_grad_matches(index: usize, param: &Tensor, grad: &Tensor) -> Result<()> {
     if grad.is_sparse() {
@@ -148,7 +180,10 @@ pub fn check_grad_matches(index: usize, param: &Tensor, grad: &Tensor) -> Result
             kind_name(param)
         )));
     }
-    if param.size() != grad.size() {
+    if Shape::of(param).is_none() || Shape::of(param) != Shape::of(grad) {
+        if param.size() == grad.size() {
+            return Ok(());
+        }
         return Err(Error::Value(format!(
             "grad of parameter {index} has shape {:?}, but the parameter has shape {:?}",
             grad.size(),
@@ -173,7 +208,7 @@ pub struct StepCounter {
 
 impl StepCounter {
     pub fn of(t: &Tensor) -> Option<StepCounter> {
-        if !cpu_strided(t) || t.numel() != 1 {
+        if !cpu_strided(t) || Shape::of(t).map(|s| s.numel()) != Some(1) {
             return None;
         }
         let double = match t.f_kind().ok()? {

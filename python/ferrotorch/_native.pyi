@@ -8,7 +8,9 @@ import torch
 __all__ = [
     "__version__",
     "TORCH_VERSION",
-    "GroupPlan",
+    "OptimizerSpec",
+    "optimizer_spec",
+    "optimizer_names",
     "uses_torch_threads",
     "schedule_lrs",
     "scale_lrs",
@@ -48,23 +50,32 @@ class FerrotorchTypeError(TypeError): ...
 class FerrotorchRuntimeError(RuntimeError): ...
 
 @final
-class GroupPlan:
-    """One param group resolved into the tensors the fused kernel updates."""
+class OptimizerSpec:
+    """One fused algorithm, declared once in Rust: its state, step counter and kernel."""
 
-    def __new__(
-        cls,
-        kind: str,
-        indices: Sequence[int],
-        params: Sequence[torch.Tensor],
-        states: Sequence[Sequence[torch.Tensor]],
-        steps: Sequence[torch.Tensor] | None,
-        first: Sequence[bool],
-        pending: Sequence[torch.Tensor],
-    ) -> GroupPlan: ...
-    def __len__(self) -> int: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def label(self) -> str: ...
+    @property
+    def has_step(self) -> bool: ...
+    @property
+    def sparse_grads(self) -> bool: ...
+    def state_keys(self, group: dict[str, object]) -> list[str]: ...
     def step(
-        self, group: dict[str, object], grad_scale: float | None = None, clip_coef: float | None = None
-    ) -> tuple[bool, list[tuple[int, bool]]]: ...
+        self,
+        state: dict[torch.Tensor, dict[str, object]],
+        group: dict[str, object],
+        grad_scale: float | None = None,
+        clip_coef: float | None = None,
+        first: Sequence[int] = ...,
+    ) -> tuple[list[int], list[tuple[int, bool]], bool]: ...
+
+def optimizer_spec(name: str) -> OptimizerSpec:
+    """The fused optimizer called ``name`` ("adam", "sgd", "rmsprop", "adagrad")."""
+
+def optimizer_names() -> list[str]:
+    """Names of every fused optimizer."""
 
 # ---- schedule math (ferrotorch.optim.lr_scheduler / warmup call these) ----------------
 

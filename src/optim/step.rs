@@ -13,13 +13,15 @@ use pyo3::types::{PyDict, PyList};
 use tch::Tensor;
 
 use super::algos::{Fused, Sparse};
-use crate::access::{any_overlap, check_grad_matches, extent, flat, plain_tensor, Flat, StepCounter};
+use crate::access::{any_overlap, check_grad_matches, extent, flat, plain_tensor, Flat, Shape, StepCounter};
 use crate::errors::{enter, Error, Result};
 
 /// One parameter with a grad and complete state, as the Python objects hold them now.
 struct Entry {
     /// Position in `group["params"]`.
     index: usize,
+    /// The Python objects this entry writes (param, states, step), as `written[objs.0..objs.1]`.
+    objs: (usize, usize),
     /// None when the parameter, its grad or a state is not a plain tensor: torch steps it.
     tensors: Option<Tensors>,
     first: bool,
@@ -41,16 +43,24 @@ pub struct Outcome {
     pub missing: Vec<usize>,
     pub slow: Vec<(usize, bool)>,
     pub serial: bool,
+    /// Positions (in the gathered entries) of the parameters the kernel stepped.
+    stepped: Vec<usize>,
+}
+
+/// What [`gather`] found: the entries, and the objects they write.
+struct Gathered<'py> {
+    entries: Vec<Entry>,
+    written: Vec<Bound<'py, PyAny>>,
 }
 
 /// Reads the group as it is now. Returns Err(missing) when some state must be created.
-fn gather(
-    state: &Bound<'_, PyDict>,
-    group: &Bound<'_, PyDict>,
+fn gather<'py>(
+    state: &Bound<'py, PyDict>,
+    group: &Bound<'py, PyDict>,
     keys: &[&'static str],
     has_step: bool,
     first: &[usize],
-) -> PyResult<std::result::Result<Vec<Entry>, Vec<usize>>> {
+) -> PyResult<std::result::Result<Gathered<'py>, Vec<usize>>> {
     let params = group
         .get_item("params")?
         .ok_or_else(|| Error::Value("param_group has no 'params'".into()))?;
@@ -59,6 +69,7 @@ fn gather(
         .map_err(|_| Error::Type("param_group['params'] must be a list".into()))?;
     let stateful = has_step || !keys.is_empty();
     let mut entries = Vec::with_capacity(params.len());
+    let mut written = Vec::with_capacity(params.len() * (2 + keys.len()));
     let mut missing = Vec::new();
     for (index, p) in params.iter().enumerate() {
         let grad = p.getattr(pyo3::intern!(p.py(), "grad"))?;
@@ -122,9 +133,16 @@ fn gather(
             };
             Ok(Some(Tensors { param, grad, states, step }))
         })()?;
-        entries.push(Entry { index, tensors, first: first.binary_search(&index).is_ok() });
+        let start = written.len();
+        if tensors.is_some() {
+            written.push(p);
+            written.extend(objs);
+            written.extend(step_obj);
+        }
+        let objs = (start, written.len());
+        entries.push(Entry { index, objs, tensors, first: first.binary_search(&index).is_ok() });
     }
-    Ok(if missing.is_empty() { Ok(entries) } else { Err(missing) })
+    Ok(if missing.is_empty() { Ok(Gathered { entries, written }) } else { Err(missing) })
 }
 
 /// Any torch.Tensor, subclasses included (torch steps those).
@@ -170,7 +188,7 @@ fn classify<A: Fused>(e: &Entry, n_states: usize, ranges: &mut Vec<(usize, usize
         ranges.extend(std::iter::once(&t.param).chain([&t.grad]).chain(&t.states).chain(&t.step).filter_map(extent));
         Ok(None)
     };
-    let shape = t.param.size();
+    let Some(shape) = Shape::of(&t.param) else { return slow(ranges) };
     let Some(param) = flat(&t.param) else { return slow(ranges) };
     let Some(grad) = flat(&t.grad) else { return slow(ranges) };
     if grad.dtype != param.dtype {
@@ -180,7 +198,7 @@ fn classify<A: Fused>(e: &Entry, n_states: usize, ranges: &mut Vec<(usize, usize
     let mut states = [empty; MAX_STATES];
     for (slot, s) in states.iter_mut().zip(&t.states) {
         match flat(s) {
-            Some(f) if f.dtype == param.dtype && s.size() == shape => *slot = f,
+            Some(f) if f.dtype == param.dtype && Shape::of(s) == Some(shape) => *slot = f,
             _ => return slow(ranges),
         }
     }
@@ -202,10 +220,14 @@ fn classify<A: Fused>(e: &Entry, n_states: usize, ranges: &mut Vec<(usize, usize
 fn run_entries<A: Fused>(algo: &A, entries: &[Entry], n_states: usize, threads: usize) -> Result<Outcome> {
     let mut ranges = Vec::with_capacity(entries.len() * (3 + n_states));
     let mut ready = Vec::with_capacity(entries.len());
+    let mut stepped = Vec::with_capacity(entries.len());
     let mut slow = Vec::new();
-    for e in entries {
+    for (k, e) in entries.iter().enumerate() {
         match classify::<A>(e, n_states, &mut ranges)? {
-            Some(r) => ready.push(r),
+            Some(r) => {
+                ready.push(r);
+                stepped.push(k);
+            }
             None => slow.push((e.index, e.first)),
         }
     }
@@ -231,7 +253,27 @@ fn run_entries<A: Fused>(algo: &A, entries: &[Entry], n_states: usize, threads: 
     // SAFETY: every buffer was read from a live plain CPU tensor held by `entries`, is
     // contiguous with `numel` elements of `dtype`, and no two overlap (checked above).
     unsafe { ferrotorch_kernels::run(algo, &jobs, threads, &crate::parallel::TorchThreads)? };
-    Ok(Outcome { slow, ..Outcome::default() })
+    Ok(Outcome { slow, stepped, ..Outcome::default() })
+}
+
+static SET_VERSIONS: pyo3::sync::GILOnceCell<Py<PyAny>> = pyo3::sync::GILOnceCell::new();
+
+/// `t._version += 1` for every tensor the kernel wrote, as torch's in-place ops do, so
+/// autograd refuses a saved parameter that a step changed before backward.
+fn bump_versions(py: Python<'_>, written: &[Bound<'_, PyAny>]) -> PyResult<()> {
+    if written.is_empty() {
+        return Ok(());
+    }
+    let set = SET_VERSIONS.get_or_try_init(py, || {
+        PyResult::Ok(py.import("ferrotorch._compat")?.getattr("set_version_counters")?.unbind())
+    })?;
+    let version = pyo3::intern!(py, "_version");
+    let versions = written
+        .iter()
+        .map(|t| Ok(t.getattr(version)?.extract::<i64>()? + 1))
+        .collect::<PyResult<Vec<i64>>>()?;
+    set.call1(py, (pyo3::types::PyTuple::new(py, written)?, pyo3::types::PyTuple::new(py, versions)?))?;
+    Ok(())
 }
 
 /// The step of one group for algorithm `A` (see [`Outcome`]).
@@ -246,8 +288,8 @@ pub fn step_group<A: Fused>(
     let mut first = first.to_vec();
     first.sort_unstable();
     let keys = A::state_keys(group)?;
-    let entries = match gather(state, group, &keys, A::SPEC.has_step, &first)? {
-        Ok(entries) => entries,
+    let Gathered { entries, written } = match gather(state, group, &keys, A::SPEC.has_step, &first)? {
+        Ok(g) => g,
         Err(missing) => return Ok(Outcome { missing, ..Outcome::default() }),
     };
     let n_states = algo.n_states();
@@ -260,5 +302,19 @@ pub fn step_group<A: Fused>(
         .into());
     }
     let threads = tch::get_num_threads().max(1) as usize;
-    enter(py, A::SPEC.label, move || run_entries(&algo, &entries, n_states, threads))
+    // The handles come back and are dropped with the GIL held: releasing a handle to a
+    // tensor that Python also owns takes the GIL, once per tensor otherwise.
+    let (out, entries) = enter(py, A::SPEC.label, move || {
+        let out = run_entries(&algo, &entries, n_states, threads);
+        Ok((out, entries))
+    })?;
+    let out = out?;
+    let objs: Vec<Bound<'_, PyAny>> = out
+        .stepped
+        .iter()
+        .flat_map(|&k| written[entries[k].objs.0..entries[k].objs.1].iter().cloned())
+        .collect();
+    drop(entries);
+    bump_versions(py, &objs)?;
+    Ok(out)
 }

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from .._gate import bump_version, disjoint, modes_active, native_ok
+from .._compat import bump_version, disjoint, modes_active, native_ok
 
 __all__ = ["clip_grad_norm_", "clip_grad_value_", "get_total_norm", "clip_coefficient"]
 

@@ -55,6 +55,8 @@ class _FusedOptimizer:
     def _prepare_state(self, group: dict[str, Any], p: torch.Tensor, keys: list[str]) -> bool:
         """Creates missing state for ``p`` (which has a grad); True if a state tensor was
         created, so the kernel seeds it from the gradient where torch does (SGD)."""
+        if group.get("fused"):
+            _compat.check_fused(p)  # torch's error for what its fused kernels cannot take
         state = self.state[p]
         if self._spec.has_step:
             step = state.get("step")
@@ -71,6 +73,13 @@ class _FusedOptimizer:
 
     def _step_group(self, group: dict[str, Any], scale: float | None, clip: float | None) -> None:
         spec = self._spec
+        if group.get("fused") and not spec.has_step and not spec.state_keys(group):
+            # Stateless (SGD without momentum): torch checks until one step passed.
+            if getattr(self, "_need_device_dtype_check_for_fused", True):
+                for p in group["params"]:
+                    if p.grad is not None:
+                        _compat.check_fused(p)
+                self._need_device_dtype_check_for_fused = False
         first: list[int] = []
         before: dict[int, dict[str, Any] | None] = {}
         try:
@@ -110,7 +119,7 @@ class _FusedOptimizer:
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Performs a single optimization step; returns the closure's loss if one is given."""
-        if _compat.is_compiling() or any(g.get("differentiable") or g.get("capturable") for g in self.param_groups):
+        if _compat.modes_active() or any(g.get("differentiable") or g.get("capturable") for g in self.param_groups):
             clip = self.__dict__.pop("_ft_clip_coef", None)
             if clip is not None:
                 for g in self.param_groups:

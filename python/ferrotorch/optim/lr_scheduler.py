@@ -34,14 +34,12 @@ import numpy as np
 import torch
 from torch.optim import Optimizer
 from torch.optim import lr_scheduler as _tls
-from torch.optim.lr_scheduler import (
-    LRScheduler,
-    _param_groups_val_list,
-    _update_param_group_val,
-    _warn_get_lr_called_within_step,
-)
+from torch.optim.lr_scheduler import LRScheduler
 
 from .. import _native
+from .._compat import param_groups_val_list as _param_groups_val_list
+from .._compat import update_param_group_val as _update_param_group_val
+from .._compat import warn_get_lr_called_within_step as _warn_get_lr_called_within_step
 from ..errors import FerrotorchTypeError, FerrotorchValueError
 
 __all__ = [

@@ -14,7 +14,7 @@ from copy import deepcopy
 import torch
 
 from .. import _native
-from .._gate import bump_version, modes_active, native_ok
+from .._compat import bump_version, modes_active, native_ok
 from ..errors import FerrotorchValueError
 
 __all__ = ["ModelEMA"]

@@ -1,0 +1,359 @@
+"""Whatever a user does to tensors, state and param groups between two steps, the next
+step gives torch.optim's result (foreach=False) or torch's error: never a crash, a write
+into another tensor, a race or a silently ignored change (issue #11).
+
+Each class of mutation runs in its own subprocess (`python tests/test_safety.py CLASS`), so
+a crash fails one test instead of the whole run; the subprocess runs every variant for
+every optimizer and compares with torch.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+OPTIMIZERS = {
+    "Adam": {"lr": 0.1},
+    "AdamW": {"lr": 0.1, "amsgrad": True},
+    "SGD": {"lr": 0.1, "momentum": 0.9, "nesterov": True},
+    "RMSprop": {"lr": 0.01, "momentum": 0.5, "centered": True},
+    "Adagrad": {"lr": 0.1},
+}
+
+
+def _make(mod, name, params, **extra):
+    kw = dict(OPTIMIZERS[name], **extra)
+    if mod is torch.optim:
+        kw["foreach"] = False
+    return getattr(mod, name)(params, **kw)
+
+
+def _grads(params, step):
+    g = torch.Generator().manual_seed(1000 + step)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+
+
+def _run(name, shapes, mutate, steps=3, extra=None, build=None):
+    """Runs the same loop with torch.optim and ferrotorch.optim; `mutate(opt, params, step)`
+    is applied to both after each step. Returns (torch_params, ferro_params, states)."""
+    import ferrotorch.optim as fopt
+
+    out = []
+    for mod in (torch.optim, fopt):
+        g = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = build(mod, params) if build else _make(mod, name, params, **(extra or {}))
+        result = None
+        try:
+            for step in range(steps):
+                _grads([p for grp in opt.param_groups for p in grp["params"]], step)
+                opt.step()
+                mutate(opt, params, step)
+        except Exception as e:  # noqa: BLE001
+            result = e
+        live = [p for grp in opt.param_groups for p in grp["params"]]
+        out.append((result, [p.detach().clone() for p in live], opt))
+    (te, tp, topt), (fe, fp, fopt_) = out
+    if te is not None or fe is not None:
+        assert type(te) is type(fe) or (te is not None and fe is not None and isinstance(fe, type(te))), (
+            f"torch raised {te!r}, ferrotorch raised {fe!r}"
+        )
+        return
+    for a, b in zip(tp, fp):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    tlive = [p for grp in topt.param_groups for p in grp["params"]]
+    flive = [p for grp in fopt_.param_groups for p in grp["params"]]
+    for tp_, fp_ in zip(tlive, flive):
+        ts, fs = topt.state.get(tp_, {}), fopt_.state.get(fp_, {})
+        assert ts.keys() == fs.keys(), (ts.keys(), fs.keys())
+        for key, v in ts.items():
+            if torch.is_tensor(v):
+                torch.testing.assert_close(fs[key], v, rtol=1e-5, atol=1e-6, check_dtype=False)
+
+
+def _each_state_tensor(opt, fn, with_step=True):
+    for st in opt.state.values():
+        for k, v in list(st.items()):
+            if torch.is_tensor(v) and (with_step or k != "step"):
+                fn(st, k, v)
+
+
+# ---- classes of mutation ---------------------------------------------------------------
+def _moved_state(name):
+    """Class 1: state memory moves under a cached pointer."""
+    def clone_data(opt, params, step):
+        _each_state_tensor(opt, lambda st, k, v: setattr(v, "data", v.data.clone()))
+        import gc
+        gc.collect()
+
+    def share(opt, params, step):
+        _each_state_tensor(opt, lambda st, k, v: v.share_memory_())
+
+    def bf16_round_trip(opt, params, step):
+        _each_state_tensor(opt, lambda st, k, v: setattr(v, "data", v.data.bfloat16().float()), with_step=False)
+
+    def step_data(opt, params, step):
+        for st in opt.state.values():
+            if "step" in st:
+                st["step"].data = st["step"].data.clone() + 0
+
+    def swap(opt, params, step):
+        _each_state_tensor(opt, lambda st, k, v: torch.utils.swap_tensors(v, v.clone() * 1.0), with_step=False)
+
+    for m in (clone_data, share, bf16_round_trip, step_data, swap):
+        _run(name, [(40,), (8, 5)], m, steps=4)
+
+
+def _stale_plan(name):
+    """Class 2: changes torch re-reads every step."""
+    def clear(opt, params, step):
+        if step == 1:
+            opt.state.clear()
+
+    def delete_one(opt, params, step):
+        opt.state.pop(params[0], None)
+
+    def replace_state(opt, params, step):
+        for st in opt.state.values():
+            for k in list(st):
+                if k != "step" and torch.is_tensor(st[k]):
+                    st[k] = torch.full_like(st[k], 0.5)
+
+    def replace_param(opt, params, step):
+        if step == 0:
+            new = torch.nn.Parameter(torch.ones(40))
+            opt.param_groups[0]["params"][0] = new
+
+    def transpose(opt, params, step):
+        if step == 0:
+            params[1].data = params[1].data.t().contiguous()
+        if step == 1:
+            params[1].t_()
+
+    def shrink(opt, params, step):
+        if step == 0:
+            params[0].data = params[0].data[:10]
+            opt.state.pop(params[0], None)
+
+    def reshape(opt, params, step):
+        if step == 0:
+            params[0].data = torch.zeros(5, 8)
+            opt.state.pop(params[0], None)
+
+    for m in (clear, delete_one, replace_state, replace_param, transpose, shrink, reshape):
+        _run(name, [(40,), (6, 6)], m, steps=4)
+
+
+def _aliasing(name):
+    """Class 3: the same memory twice in one group."""
+    def same_param_twice(mod, params):
+        return _make(mod, name, [params[0], params[0], params[1]])
+
+    _run(name, [(30,), (30,)], lambda *a: None, build=same_param_twice, steps=3)
+
+    def grad_is_other_param(opt, params, step):
+        pass
+
+    import ferrotorch.optim as fopt
+
+    results = []
+    for mod in (torch.optim, fopt):
+        g = torch.Generator().manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(30, generator=g)) for _ in range(3)]
+        opt = _make(mod, name, ps)
+        for step in range(3):
+            ps[0].grad = torch.randn(30, generator=g)
+            ps[1].grad = ps[0].detach()  # another parameter's memory, updated in the same step
+            ps[2].grad = ps[0].grad  # one grad shared by two parameters
+            opt.step()
+        results.append([p.detach().clone() for p in ps])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    # a view of one parameter used as another
+    base = []
+    for mod in (torch.optim, fopt):
+        w = torch.randn(60, generator=torch.Generator().manual_seed(3))
+        a, b = torch.nn.Parameter(w[:40].clone()), None
+        b = torch.nn.Parameter(a.detach()[20:])  # overlaps a's second half
+        opt = _make(mod, name, [a, b])
+        for step in range(3):
+            _grads([a, b], step)
+            opt.step()
+        base.append((a.detach().clone(), b.detach().clone()))
+    torch.testing.assert_close(base[1][0], base[0][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(base[1][1], base[0][1], rtol=1e-5, atol=1e-6)
+
+
+class _Logged(torch.Tensor):
+    """A `__torch_function__` subclass that must be stepped by torch, not by raw pointers."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def _subclasses(name):
+    """Class 4: tensor subclasses and tensors without storage never reach the kernels."""
+    import ferrotorch.optim as fopt
+
+    results = []
+    for mod in (torch.optim, fopt):
+        g = torch.Generator().manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(20, generator=g).as_subclass(_Logged))
+        q = torch.nn.Parameter(torch.randn(20, generator=g))
+        opt = _make(mod, name, [p, q])
+        for step in range(3):
+            _grads([p, q], step)
+            opt.step()
+        results.append([p.detach().clone().as_subclass(torch.Tensor), q.detach().clone()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a)
+    # meta params: torch's result (or its error)
+    errs = []
+    for mod in (torch.optim, fopt):
+        p = torch.nn.Parameter(torch.empty(10, device="meta"))
+        p.grad = torch.empty(10, device="meta")
+        opt = _make(mod, name, [p])
+        try:
+            opt.step()
+            errs.append(None)
+        except Exception as e:  # noqa: BLE001
+            errs.append(type(e))
+    assert errs[0] == errs[1] or (errs[0] and errs[1] and issubclass(errs[1], errs[0])), errs
+    # fused=True on params the fused path cannot take: torch's error, at the same call
+    if name in ("Adam", "AdamW", "SGD", "Adagrad"):
+        got = []
+        for mod in (torch.optim, fopt):
+            p = torch.nn.Parameter(torch.empty(10, device="meta"))
+            try:
+                opt = getattr(mod, name)([p], **dict(OPTIMIZERS[name], fused=True))
+                p.grad = torch.empty(10, device="meta")
+                opt.step()
+                got.append(None)
+            except Exception as e:  # noqa: BLE001
+                got.append((type(e), str(e)[:40]))
+        assert got[0] == got[1] or (got[0] and got[1] and issubclass(got[1][0], got[0][0])), got
+
+
+def _hooks(name):
+    """Class 6: hooks run and updates are all-or-nothing."""
+    import ferrotorch.optim as fopt
+
+    # A migration pre-hook fixes an old checkpoint before ferrotorch's own check sees it.
+    p = torch.nn.Parameter(torch.randn(5))
+    src = _make(torch.optim, name, [p])
+    p.grad = torch.randn(5)
+    src.step()
+    sd = src.state_dict()
+    old = {"state": sd["state"], "param_groups": [{k: v for k, v in g.items() if k not in ("lr",)} | {"learning_rate": g["lr"]} for g in sd["param_groups"]]}
+
+    def migrate(opt, state_dict):
+        groups = [dict(g) for g in state_dict["param_groups"]]
+        for g in groups:
+            g["lr"] = g.pop("learning_rate")
+        return {"state": state_dict["state"], "param_groups": groups}
+
+    for mod in (torch.optim, fopt):
+        opt = _make(mod, name, [p])
+        opt.register_load_state_dict_pre_hook(migrate)
+        opt.load_state_dict(old)
+        assert opt.param_groups[0]["lr"] == sd["param_groups"][0]["lr"]
+    # clip_grad_norm_and_step with a stride-0 grad: the result of clipping then stepping.
+    results = []
+    for mod in ("torch", "ferro"):
+        g = torch.Generator().manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(8, generator=g)) for _ in range(3)]
+        opt = _make(torch.optim if mod == "torch" else fopt, name, ps)
+        for step in range(2):
+            _grads(ps, step)
+            ps[1].grad = torch.randn(1, generator=torch.Generator().manual_seed(step)).expand(8)
+            if mod == "torch":
+                total = torch.nn.utils.get_total_norm([p.grad for p in ps])
+                coef = torch.clamp(0.5 / (total + 1e-6), max=1.0)
+                for p in ps:
+                    p.grad = p.grad * coef
+                opt.step()
+            else:
+                opt.clip_grad_norm_and_step(0.5)
+        results.append([p.detach().clone() for p in ps])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def _compiled(name):
+    """Class 5: torch.compile(opt.step) in a process that never built a torch.optim optimizer."""
+    import ferrotorch.optim as fopt
+
+    p = torch.nn.Parameter(torch.randn(16))
+    ref = p.detach().clone().requires_grad_()
+    opt = _make(fopt, name, [p])
+    step = torch.compile(opt.step, backend="eager")
+    ropt = _make(torch.optim, name, [ref])
+    for i in range(3):
+        g = torch.randn(16, generator=torch.Generator().manual_seed(i))
+        p.grad, ref.grad = g.clone(), g.clone()
+        step()
+        ropt.step()
+    # Dynamo traces torch's own (capturable) formula: the same math, rounded differently.
+    torch.testing.assert_close(p.detach(), ref.detach(), rtol=1e-4, atol=1e-5)
+
+
+CLASSES = {
+    "moved_state": _moved_state,
+    "stale_plan": _stale_plan,
+    "aliasing": _aliasing,
+    "subclasses": _subclasses,
+    "hooks": _hooks,
+    "compiled": _compiled,
+}
+
+
+@pytest.mark.parametrize("cls", sorted(CLASSES))
+def test_mutation_class_matches_torch(cls):
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    r = subprocess.run([sys.executable, __file__, cls], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, f"rc={r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    assert "OK" in r.stdout
+
+
+@pytest.mark.parametrize("repeat", range(3))
+def test_aliasing_is_deterministic(repeat):
+    """Duplicates in one group give the same numbers on every run (no race)."""
+    import ferrotorch.optim as fopt
+
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(1 << 17))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = fopt.Adam([p, p], lr=0.1)
+        ref = torch.nn.Parameter(p.detach().clone())
+        ropt = torch.optim.Adam([ref, ref], lr=0.1, foreach=False)
+    for _ in range(3):
+        g = torch.randn(1 << 17)
+        p.grad, ref.grad = g.clone(), g.clone()
+        opt.step()
+        ropt.step()
+    assert torch.equal(p.detach(), ref.detach())
+
+
+if __name__ == "__main__":
+    failures = []
+    for opt_name in OPTIMIZERS:
+        try:
+            CLASSES[sys.argv[1]](opt_name)
+        except Exception as e:  # noqa: BLE001
+            import traceback
+
+            failures.append(opt_name)
+            print(f"FAIL {opt_name}: {e!r}")
+            traceback.print_exc()
+    print("OK" if not failures else f"FAILED {failures}")
+    sys.exit(1 if failures else 0)
