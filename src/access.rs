@@ -37,6 +37,41 @@ pub fn is_plain(obj: &Bound<'_, PyAny>) -> PyResult<bool> {
     Ok(ty.is(tensor.bind(obj.py())) || ty.is(param.bind(obj.py())))
 }
 
+static DTENSOR: GILOnceCell<Option<Py<PyType>>> = GILOnceCell::new();
+
+/// A DTensor (FSDP2, tensor parallel) split into what an elementwise step needs: its local
+/// shard (a plain tensor object) and its layout (device mesh, placements).
+pub struct Sharded<'py> {
+    pub local: Bound<'py, PyAny>,
+    mesh: Bound<'py, PyAny>,
+    placements: Bound<'py, PyAny>,
+}
+
+impl<'py> Sharded<'py> {
+    /// `obj` as a DTensor (exactly that type), or None.
+    pub fn of(obj: &Bound<'py, PyAny>) -> PyResult<Option<Sharded<'py>>> {
+        let py = obj.py();
+        let ty = DTENSOR.get_or_init(py, || {
+            let m = py.import("torch.distributed.tensor").ok()?;
+            Some(m.getattr("DTensor").ok()?.downcast_into::<PyType>().ok()?.unbind())
+        });
+        let Some(ty) = ty else { return Ok(None) };
+        if !obj.get_type().is(ty.bind(py)) {
+            return Ok(None);
+        }
+        Ok(Some(Sharded {
+            local: obj.getattr(pyo3::intern!(py, "_local_tensor"))?,
+            mesh: obj.getattr(pyo3::intern!(py, "device_mesh"))?,
+            placements: obj.getattr(pyo3::intern!(py, "placements"))?,
+        }))
+    }
+
+    /// Same mesh and placements: elementwise math on the local shards is the global math.
+    pub fn same_layout(&self, other: &Sharded<'py>) -> PyResult<bool> {
+        Ok(self.mesh.is(&other.mesh) && self.placements.eq(&other.placements)?)
+    }
+}
+
 /// The libtorch handle of a plain tensor object; None for anything else (subclasses, None,
 /// non-tensors). The handle shares the object's TensorImpl, so metadata read through it
 /// later in the same call is the object's own.

@@ -13,7 +13,9 @@ use pyo3::types::{PyDict, PyList};
 use tch::Tensor;
 
 use super::algos::{Fused, Sparse};
-use crate::access::{any_overlap, check_grad_matches, extent, flat, plain_tensor, Flat, Shape, StepCounter};
+use crate::access::{
+    any_overlap, check_grad_matches, extent, flat, plain_tensor, Flat, Shape, Sharded, StepCounter,
+};
 use crate::errors::{enter, Error, Result};
 
 /// One parameter with a grad and complete state, as the Python objects hold them now.
@@ -113,13 +115,32 @@ fn gather<'py>(
         if !missing.is_empty() {
             continue;
         }
+        // Plain tensors, or DTensors of one layout stepped through their local shards.
+        let mut locals = Vec::new();
         let tensors = (|| -> PyResult<Option<Tensors>> {
-            let (Some(param), Some(grad)) = (plain_tensor(&p)?, plain_tensor(&grad)?) else {
+            let sharded = Sharded::of(&p)?;
+            // `written`: the local shard is written by the step (not the grad's).
+            let mut unwrap = |o: &Bound<'py, PyAny>, written: bool| -> PyResult<Option<Tensor>> {
+                match &sharded {
+                    None => plain_tensor(o),
+                    Some(sp) => match Sharded::of(o)? {
+                        Some(so) if so.same_layout(sp)? => {
+                            let t = plain_tensor(&so.local)?;
+                            if written {
+                                locals.push(so.local);
+                            }
+                            Ok(t)
+                        }
+                        _ => Ok(None),
+                    },
+                }
+            };
+            let (Some(param), Some(grad)) = (unwrap(&p, true)?, unwrap(&grad, false)?) else {
                 return Ok(None);
             };
             let mut states = Vec::with_capacity(objs.len());
             for o in &objs {
-                match plain_tensor(o)? {
+                match unwrap(o, true)? {
                     Some(t) => states.push(t),
                     None => return Ok(None),
                 }
@@ -138,6 +159,7 @@ fn gather<'py>(
             written.push(p);
             written.extend(objs);
             written.extend(step_obj);
+            written.extend(locals);
         }
         let objs = (start, written.len());
         entries.push(Entry { index, objs, tensors, first: first.binary_search(&index).is_ok() });
