@@ -344,6 +344,93 @@ def test_aliasing_is_deterministic(repeat):
     assert torch.equal(p.detach(), ref.detach())
 
 
+ACTIONS = [
+    "step", "clone_state", "clear_state", "pop_state", "replace_state", "transpose_param", "replace_param",
+    "shrink_param", "share_memory", "lr", "grad_none", "grad_is_param", "grad_noncontig", "swap_state",
+]
+
+
+def _apply(action, opt, params, rng):
+    group = opt.param_groups[0]
+    ps = group["params"]
+    i = rng % len(ps)
+    p = ps[i]
+    if action == "clone_state":
+        _each_state_tensor(opt, lambda st, k, v: setattr(v, "data", v.data.clone()))
+    elif action == "clear_state":
+        opt.state.clear()
+    elif action == "pop_state":
+        opt.state.pop(p, None)
+    elif action == "replace_state":
+        for k, v in list(opt.state.get(p, {}).items()):
+            if torch.is_tensor(v) and k != "step":
+                opt.state[p][k] = v.clone() * 0.5
+    elif action == "transpose_param" and p.dim() == 2:
+        p.data = p.data.t()  # non-contiguous: torch's path
+        opt.state.pop(p, None)
+    elif action == "replace_param":
+        ps[i] = torch.nn.Parameter(torch.full_like(p, 0.25))
+    elif action == "shrink_param" and p.dim() == 1 and p.numel() > 2:
+        p.data = p.data[: p.numel() // 2]
+        opt.state.pop(p, None)
+    elif action == "share_memory":
+        _each_state_tensor(opt, lambda st, k, v: v.share_memory_())
+    elif action == "lr":
+        group["lr"] = group["lr"] * 0.5
+    elif action == "swap_state":
+        _each_state_tensor(opt, lambda st, k, v: torch.utils.swap_tensors(v, v.clone()), with_step=False)
+
+
+def _grads_for(action, ps, step, rng):
+    _grads(ps, step)
+    if action == "grad_none":
+        ps[rng % len(ps)].grad = None
+    elif action == "grad_is_param" and len(ps) > 1:
+        a, b = ps[rng % len(ps)], ps[(rng + 1) % len(ps)]
+        if a.shape == b.shape and a is not b:
+            a.grad = b.detach()
+    elif action == "grad_noncontig":
+        p = ps[rng % len(ps)]
+        if p.dim() == 2:
+            p.grad = torch.randn(p.shape[::-1], generator=torch.Generator().manual_seed(step)).t()
+
+
+try:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(
+        name=st.sampled_from(sorted(OPTIMIZERS)),
+        actions=st.lists(st.tuples(st.sampled_from(ACTIONS), st.integers(0, 7)), min_size=1, max_size=8),
+    )
+    def test_random_mutations_between_steps_match_torch(name, actions):
+        """A hypothesis sweep: random mutations of params, state and groups between steps."""
+        import ferrotorch.optim as fopt
+
+        results = []
+        for mod in (torch.optim, fopt):
+            g = torch.Generator().manual_seed(0)
+            params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in [(12,), (4, 4), (4, 4)]]
+            opt = _make(mod, name, params)
+            err = None
+            try:
+                for step, (action, rng) in enumerate(actions):
+                    _grads_for(action, opt.param_groups[0]["params"], step, rng)
+                    opt.step()
+                    _apply(action, opt, params, rng)
+            except Exception as e:  # noqa: BLE001
+                err = type(e)
+            results.append((err, [p.detach().clone() for p in opt.param_groups[0]["params"]]))
+        (te, tp), (fe, fp) = results
+        assert te == fe or (te and fe and issubclass(fe, te)), (te, fe)
+        for a, b in zip(tp, fp):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+except ImportError:  # hypothesis is part of the test extra
+    pass
+
+
 if __name__ == "__main__":
     failures = []
     for opt_name in OPTIMIZERS:
