@@ -22,7 +22,8 @@ use crate::errors::{enter, Error, Result};
 struct Entry {
     /// Position in `group["params"]`.
     index: usize,
-    /// The Python objects this entry writes (param, states, step), as `written[objs.0..objs.1]`.
+    /// The parameter objects this entry writes (with a DTensor's local shard), as
+    /// `written[objs.0..objs.1]`.
     objs: (usize, usize),
     /// None when the parameter, its grad or a state is not a plain tensor: torch steps it.
     tensors: Option<Tensors>,
@@ -126,8 +127,8 @@ fn gather<'py>(
                     Some(sp) => match Sharded::of(o)? {
                         Some(so) if so.same_layout(sp)? => {
                             let t = plain_tensor(&so.local)?;
-                            if written {
-                                locals.push(so.local);
+                            if written && locals.is_empty() {
+                                locals.push(so.local); // the parameter's shard
                             }
                             Ok(t)
                         }
@@ -156,9 +157,10 @@ fn gather<'py>(
         })()?;
         let start = written.len();
         if tensors.is_some() {
+            // Only the parameter's version is bumped: autograd saves parameters, never
+            // optimizer state (differentiable optimizers take torch's path), and reading and
+            // setting a version costs as much as the whole check of a small tensor.
             written.push(p);
-            written.extend(objs);
-            written.extend(step_obj);
             written.extend(locals);
         }
         let objs = (start, written.len());
