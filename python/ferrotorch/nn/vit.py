@@ -9,9 +9,12 @@ ways; training works in an ordinary loop (``loss.backward()`` fills every ``.gra
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import _native
@@ -24,14 +27,48 @@ def _pair(t: int | tuple[int, int]) -> tuple[int, int]:
     return t if isinstance(t, tuple) else (t, t)
 
 
+class _Patchify(nn.Module):
+    """``'b c (h p1) (w p2) -> b (h w) (p1 p2 c)'``: vit-pytorch's ``Rearrange`` (no parameters)."""
+
+    def __init__(self, ph: int, pw: int) -> None:
+        super().__init__()
+        self.ph, self.pw = ph, pw
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        b, c, hh, ww = img.shape
+        gh, gw = hh // self.ph, ww // self.pw
+        return img.reshape(b, c, gh, self.ph, gw, self.pw).permute(0, 2, 4, 3, 5, 1).reshape(b, gh * gw, self.ph * self.pw * c)
+
+    def extra_repr(self) -> str:
+        return f"'b c (h p1) (w p2) -> b (h w) (p1 p2 c)', p1={self.ph}, p2={self.pw}"
+
+
+# The submodules below are vit-pytorch's, with its forward methods. The native kernels do
+# not call them; ViT's module-by-module path does (hooks, parametrizations, replaced
+# modules), so it computes exactly what vit-pytorch does with the same modules.
+
+
 class _Attention(nn.Module):
     def __init__(self, dim: int, heads: int, dim_head: int, dropout: float, qkv_bias: bool, eps: float) -> None:
         super().__init__()
         inner = dim_head * heads
         self.project_out = not (heads == 1 and dim_head == dim)
+        self.heads = heads
+        self.scale = dim_head**-0.5
         self.norm = nn.LayerNorm(dim, eps=eps)
+        self.attend = nn.Softmax(dim=-1)
+        self.dropout = nn.Dropout(dropout)
         self.to_qkv = nn.Linear(dim, inner * 3, bias=qkv_bias)
         self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout)) if self.project_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        qkv = self.to_qkv(x).chunk(3, dim=-1)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in qkv)  # b n (h d) -> b h n d
+        dots = torch.matmul(q, k.transpose(-1, -2)) * self.scale
+        attn = self.dropout(self.attend(dots))
+        out = torch.matmul(attn, v).transpose(1, 2).flatten(2)  # b h n d -> b n (h d)
+        return self.to_out(out)
 
 
 class _FeedForward(nn.Module):
@@ -39,26 +76,314 @@ class _FeedForward(nn.Module):
         super().__init__()
         self.net = nn.Sequential(nn.LayerNorm(dim, eps=eps), nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim), nn.Dropout(dropout))
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
 
 class _Transformer(nn.Module):
-    def __init__(self, dim: int, depth: int, heads: int, dim_head: int, mlp_dim: int, dropout: float, qkv_bias: bool, eps: float) -> None:
+    def __init__(self, dim: int, depth: int, heads: int, dim_head: int, mlp_dim: int, dropout: float, qkv_bias: bool, eps: float, norm_tokens: bool = True) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim, eps=eps)
+        #: The final norm runs on every token here (vit-pytorch); timm's fc_norm runs it on the pooled vector instead.
+        self.norm_tokens = norm_tokens
         self.layers = nn.ModuleList(
             [nn.ModuleList([_Attention(dim, heads, dim_head, dropout, qkv_bias, eps), _FeedForward(dim, mlp_dim, dropout, eps)]) for _ in range(depth)]
         )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layers: Any = self.layers
+        for attn, ff in layers:
+            x = attn(x) + x
+            x = ff(x) + x
+        return self.norm(x) if self.norm_tokens else x
+
+
+# ---------------------------------------------------------------------------------------
+# What the native kernels accept. They read parameters as flat buffers of the sizes the
+# configuration implies, so every tensor is checked against `_layout` before they run.
+
+_M32 = 0xFFFFFFFF
+_M64 = (1 << 64) - 1
+
+
+_LAYOUT_KEYS = ("patch", "channels", "dim", "depth", "heads", "dim_head", "cls_token", "patch_norm", "qkv_bias", "project_out")
+
+
+def _layout(cfg: dict[str, Any], image_hw: tuple[int, int]) -> tuple[tuple[str, tuple[int | str, ...]], ...]:
+    """``(state_dict name, expected shape)`` of every tensor ``vit_forward`` takes, in the
+    order it takes them, for images of ``image_hw``. A str in a shape is a width the
+    configuration leaves free (the head's classes, each layer's MLP width): it must be
+    positive and the same wherever it appears."""
+    return _layout_of(tuple(cfg[k] for k in _LAYOUT_KEYS), tuple(image_hw))
+
+
+@functools.lru_cache(maxsize=64)
+def _layout_of(key: tuple[Any, ...], image_hw: tuple[int, int]) -> tuple[tuple[str, tuple[int | str, ...]], ...]:
+    cfg = dict(zip(_LAYOUT_KEYS, key))
+    ph, pw = cfg["patch"]
+    dim, heads, dim_head = cfg["dim"], cfg["heads"], cfg["dim_head"]
+    inner, patch_dim = heads * dim_head, cfg["channels"] * ph * pw
+    ncls = 1 if cfg["cls_token"] else 0
+    seq = (image_hw[0] // ph) * (image_hw[1] // pw) + ncls
+    out: list[tuple[str, tuple[int | str, ...]]] = []
+    pe = "to_patch_embedding."
+    if cfg["patch_norm"]:
+        out += [(pe + "1.weight", (patch_dim,)), (pe + "1.bias", (patch_dim,))]
+    out += [(pe + "2.weight", (dim, patch_dim)), (pe + "2.bias", (dim,))]
+    if cfg["patch_norm"]:
+        out += [(pe + "3.weight", (dim,)), (pe + "3.bias", (dim,))]
+    if cfg["cls_token"]:
+        out.append(("cls_token", (1, dim)))
+    out.append(("pos_embedding", (seq, dim)))
+    for i in range(cfg["depth"]):
+        a, f, hid = f"transformer.layers.{i}.0.", f"transformer.layers.{i}.1.net.", f"mlp_dim of layer {i}"
+        out += [(a + "norm.weight", (dim,)), (a + "norm.bias", (dim,)), (a + "to_qkv.weight", (3 * inner, dim))]
+        if cfg["qkv_bias"]:
+            out.append((a + "to_qkv.bias", (3 * inner,)))
+        if cfg["project_out"]:
+            out += [(a + "to_out.0.weight", (dim, inner)), (a + "to_out.0.bias", (dim,))]
+        out += [(f + "0.weight", (dim,)), (f + "0.bias", (dim,)), (f + "1.weight", (hid, dim)), (f + "1.bias", (hid,)), (f + "4.weight", (dim, hid)), (f + "4.bias", (dim,))]
+    out += [("transformer.norm.weight", (dim,)), ("transformer.norm.bias", (dim,)), ("mlp_head.weight", ("num_classes", dim)), ("mlp_head.bias", ("num_classes",))]
+    return tuple(out)
+
+
+_is_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
+_is_functional = getattr(torch, "_is_functional_tensor", lambda t: False)
+
+
+def _plain_problem(t: object) -> str | None:
+    """Why the kernels cannot read ``t`` as a flat buffer (None: they can, once contiguous)."""
+    if not isinstance(t, torch.Tensor):
+        return f"is {type(t).__name__}, not a tensor"
+    if type(t) is not torch.Tensor and type(t) is not nn.Parameter:
+        return f"is a {type(t).__name__} (a tensor subclass), not a plain tensor"
+    if t.layout != torch.strided or t.is_nested:
+        return f"has layout {t.layout}, not torch.strided"
+    if _is_functorch_wrapped(t) or _is_functional(t):
+        return "is wrapped by a torch.func transform or functionalization"
+    try:
+        if t.data_ptr() == 0 and t.numel():
+            return "has no storage"
+    except (RuntimeError, NotImplementedError):
+        return "has no storage"
+    return None
+
+
+class _Problems:
+    """What keeps tensors from the kernels: ``hard`` problems (a device that differs, meta)
+    are errors on every path; ``shape`` and ``dtype`` ones are errors unless torch itself
+    accepts the model (the module path); ``other`` ones only send it to the module path."""
+
+    def __init__(self) -> None:
+        self.hard: list[str] = []
+        self.shape: list[str] = []
+        self.dtype: list[str] = []
+        self.other: list[str] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.hard or self.shape or self.dtype or self.other)
+
+    def error(self, where: str) -> Exception:
+        """The error to raise for the shape/dtype/hard problems (the first few named)."""
+        msgs = self.hard + self.shape + self.dtype + self.other
+        more = f" (and {len(msgs) - 3} more)" if len(msgs) > 3 else ""
+        text = f"{where}: " + "; ".join(msgs[:3]) + more
+        if self.hard or self.shape:
+            return FerrotorchValueError(text)
+        return FerrotorchTypeError(text)
+
+
+def _check_device(p: _Problems, name: str, t: torch.Tensor, device: torch.device) -> bool:
+    if t.device != device:
+        p.hard.append(f"parameter {name} is on {t.device}, the images on {device}")
+        return False
+    return True
+
+
+def _check_tensors(cfg: dict[str, Any], x: torch.Tensor, params: list[Any], any_float: bool = False) -> _Problems:
+    """Checks ``params`` (in ``vit_forward``'s order) against the layout ``cfg`` implies for
+    images ``x``: plain strided tensors with storage, on ``x``'s device, of ``x``'s dtype
+    (any floating dtype with ``any_float``, autocast casting them), of the expected shape."""
+    p = _Problems()
+    layout = _layout(cfg, (int(x.shape[-2]), int(x.shape[-1])))
+    if len(params) != len(layout):
+        p.shape.append(f"got {len(params)} parameters, the configuration uses {len(layout)}")
+        return p
+    free: dict[str, int] = {}
+    for (name, want), t in zip(layout, params):
+        why = _plain_problem(t)
+        if why is not None:
+            p.other.append(f"parameter {name} {why}")
+            continue
+        if not _check_device(p, name, t, x.device):
+            continue
+        if any_float:
+            if not t.is_floating_point():
+                p.dtype.append(f"parameter {name} has dtype {t.dtype}, expected a floating dtype")
+        elif t.dtype != x.dtype:
+            p.dtype.append(f"parameter {name} has dtype {t.dtype}, expected {x.dtype} (the images' dtype)")
+        got = tuple(t.shape)
+        ok = len(got) == len(want)
+        if ok:
+            for g, w in zip(got, want):
+                if isinstance(w, str):
+                    w = free.setdefault(w, g)
+                    ok = ok and g > 0
+                ok = ok and g == w
+        if not ok:
+            shown = tuple(free.get(w, w) if isinstance(w, str) else w for w in want)
+            p.shape.append(f"parameter {name} has shape {got}, expected {shown}".replace("'", ""))
+    return p
+
+
+def _check_images(cfg: dict[str, Any], x: Any) -> None:
+    """Images ``vit_forward`` may read: a plain strided floating tensor (B, channels, H, W),
+    H and W multiples of the patch."""
+    why = _plain_problem(x)
+    if why is not None:
+        raise FerrotorchTypeError(f"ViT: the images {why}")
+    if not x.is_floating_point():
+        raise FerrotorchTypeError(f"ViT: images must be floating point, got {x.dtype}")
+    ph, pw = cfg["patch"]
+    if x.dim() != 4 or x.shape[1] != cfg["channels"] or x.shape[2] % ph or x.shape[3] % pw:
+        raise FerrotorchValueError(f"ViT: expected images of shape (batch, {cfg['channels']}, H, W) with H, W multiples of {ph}x{pw}, got {tuple(x.shape)}")
+
+
+#: Put in a config (key "checked") by ViT.forward, which checked the tensors already.
+_CHECKED = object()
+
+
+def _native_args(cfg: dict[str, Any], x: torch.Tensor, params: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> tuple[dict[str, Any], torch.Tensor, list[torch.Tensor]]:
+    """``vit_forward``'s configuration and tensors: the images and parameters checked
+    (raising on any problem; skipped when ``cfg["checked"]`` is ``_CHECKED``), detached,
+    with negative views resolved (the kernels would read their memory as it is)."""
+    cfg = dict(cfg)
+    if cfg.pop("checked", None) is not _CHECKED:
+        _check_images(cfg, x)
+        problems = _check_tensors(cfg, x, list(params))
+        if problems:
+            raise problems.error("ViT")
+    return cfg, x.detach().resolve_neg(), [t.detach().resolve_neg() for t in params]
+
+
+# ---------------------------------------------------------------------------------------
+# The native math as torch ops, for double backward (create_graph=True): the same
+# parameters in the same order, the same dropout masks (a port of src/vit.rs's
+# `Run::drop` and `torch_mask`), the same pruned last layer.
+
+
+def _site_seed(seed: int, site: int) -> int:
+    """``Run::drop``'s per-site seed: splitmix64's finalizer of ``seed ^ (site+1)*golden``."""
+    z = (seed ^ (((site + 1) * 0x9E3779B97F4A7C15) & _M64)) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def _mask(p: float, seed: int, like: torch.Tensor) -> torch.Tensor:
+    """``torch_mask``: ``keep * 1/(1-p)`` shaped like ``like``, element i kept when two
+    ``lowbias32`` rounds of (i, seed) fall under the threshold (int64 ops wrap as u32 here)."""
+
+    def mix(v: torch.Tensor) -> torch.Tensor:
+        v = v ^ (v >> 16)
+        v = (v * 0x7FEB352D) & _M32
+        v = v ^ (v >> 15)
+        v = (v * 0x846CA68B) & _M32
+        return v ^ (v >> 16)
+
+    idx = torch.arange(like.numel(), dtype=torch.int64, device=like.device)
+    lo = (idx & _M32) ^ (seed & _M32)
+    hi = ((idx >> 32) * 0x9E3779B9) & _M32
+    v = mix(mix(lo) ^ (seed >> 32) ^ hi)
+    threshold = math.floor((1.0 - min(max(p, 0.0), 1.0)) * (1 << 24) + 0.5)
+    scale = 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
+    return ((v >> 8) < threshold).to(like.dtype).mul(scale).reshape(like.shape)
+
+
+def _functional_forward(cfg: dict[str, Any], x: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    """``vit_forward``'s logits as differentiable torch ops (``params`` in its order)."""
+    it = iter(params)
+    ph, pw = cfg["patch"]
+    dim, nh, dh, eps = cfg["dim"], cfg["heads"], cfg["dim_head"], cfg["eps"]
+    inner, scale = nh * dh, float(dh) ** -0.5
+    b, c, hh, ww = x.shape
+
+    def drop(t: torch.Tensor, p: float, site: int) -> torch.Tensor:
+        if not cfg["train"] or p <= 0:
+            return t
+        return t * _mask(p, _site_seed(cfg["seed"], site), t)
+
+    def ln(t: torch.Tensor) -> torch.Tensor:
+        w, bias = next(it), next(it)
+        return F.layer_norm(t, (t.shape[-1],), w, bias, eps)
+
+    def lin(t: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        w = next(it)
+        return F.linear(t, w, next(it) if bias else None)
+
+    h = _Patchify(ph, pw)(x)
+    if cfg["patch_norm"]:
+        h = ln(h)
+    h = lin(h)
+    if cfg["patch_norm"]:
+        h = ln(h)
+    ncls = 0
+    if cfg["cls_token"]:
+        cls = next(it)
+        ncls = cls.shape[0]
+        h = torch.cat([cls.unsqueeze(0).expand(b, ncls, dim), h], 1)
+    seq = h.shape[1]
+    h = drop(h + next(it)[:seq], cfg["emb_dropout"], 0)
+    p_drop = cfg["dropout"]
+    pruned = False
+    for i in range(cfg["depth"]):
+        a = ln(h)
+        w_qkv = next(it)
+        b_qkv = next(it) if cfg["qkv_bias"] else None
+        out = (next(it), next(it)) if cfg["project_out"] else None
+        if cfg["pool_cls"] and i + 1 == cfg["depth"]:
+            # the last layer on token 0 alone (its keys and values from every token)
+            pruned = True
+            q = F.linear(a[:, 0], w_qkv[:inner], None if b_qkv is None else b_qkv[:inner])
+            kv = F.linear(a, w_qkv[inner:], None if b_qkv is None else b_qkv[inner:]).reshape(b, seq, 2, nh, dh)
+            qh = q.reshape(b, nh, 1, dh) * scale
+            kh, vh = kv[:, :, 0].permute(0, 2, 1, 3), kv[:, :, 1].permute(0, 2, 1, 3)
+            probs = drop(torch.matmul(qh, kh.transpose(-1, -2)).softmax(-1), p_drop, 1 + 4 * i)
+            o = torch.matmul(probs, vh).reshape(b, inner)
+            h = h[:, 0]
+        else:
+            q, k, v = qkv = F.linear(a, w_qkv, b_qkv).reshape(b, seq, 3, nh, dh).permute(2, 0, 3, 1, 4).reshape(3, b * nh, seq, dh)
+            del qkv
+            probs = drop(torch.bmm(q * scale, k.transpose(-1, -2)).softmax(-1), p_drop, 1 + 4 * i)
+            o = torch.bmm(probs, v).reshape(b, nh, seq, dh).permute(0, 2, 1, 3).reshape(b, seq, inner)
+        h = h + (drop(F.linear(o, *out), p_drop, 2 + 4 * i) if out is not None else o)
+        g = drop(F.gelu(lin(ln(h))), p_drop, 3 + 4 * i)
+        h = h + drop(lin(g), p_drop, 4 + 4 * i)
+
+    def pool(t: torch.Tensor) -> torch.Tensor:
+        return t if pruned else t[:, 0] if cfg["pool_cls"] else t[:, ncls:].mean(1)
+
+    pooled = ln(pool(h)) if pruned or cfg["norm_after_pool"] else pool(ln(h))
+    return lin(pooled)
 
 
 class _ViTFunction(torch.autograd.Function):
     """Rust forward and backward. The activations the backward needs go through
     ``ctx.save_for_backward``, so torch frees them after ``backward()`` (or keeps them under
-    ``retain_graph=True``) and catches parameters modified in place before backward."""
+    ``retain_graph=True``) and catches parameters modified in place before backward.
+
+    Under ``create_graph=True`` (double backward: gradient penalties, Hessian products) the
+    backward recomputes the forward as torch ops and differentiates that, so the gradients
+    it returns are themselves differentiable."""
 
     @staticmethod
     def forward(ctx: Any, cfg: dict[str, Any], x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        logits, saved, run = _native.vit_forward(x.detach(), [p.detach() for p in params], **cfg)
-        ctx.run = run
+        cfg, xd, pd = _native_args(cfg, x, params)
+        logits, saved, run = _native.vit_forward(xd, pd, **cfg)
+        ctx.run, ctx.cfg = run, cfg
         ctx.n_params = len(params)
+        # kept only for double backward; not saved, as vit-pytorch does not keep the images
+        ctx.x, ctx.x_version = x, x._version
         ctx.save_for_backward(*params, *saved)
         return logits
 
@@ -66,8 +391,59 @@ class _ViTFunction(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         tensors = ctx.saved_tensors
         n = ctx.n_params
+        if torch.is_grad_enabled():
+            return (None, *_double_backward(ctx, grad, list(tensors[:n])))
         grads = _native.vit_backward(ctx.run, grad, list(tensors[:n]), list(tensors[n:]))
         return (None, *grads)
+
+
+def _double_backward(ctx: Any, grad: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """The gradients of ``_ViTFunction`` as a differentiable function of the images, the
+    parameters and ``grad``: the forward recomputed as torch ops and differentiated with
+    ``create_graph=True``."""
+    x = ctx.x
+    if x._version != ctx.x_version:
+        raise RuntimeError(
+            "one of the variables needed for gradient computation has been modified by an inplace operation: "
+            f"the ViT's input images are at version {x._version}; expected version {ctx.x_version} instead."
+        )
+    need = ctx.needs_input_grad[1:]
+    with torch.enable_grad():
+        # one alias per position, so a tensor passed twice gets each position's gradient
+        inputs = [t.view_as(t) for t in (x, *params)]
+        logits = _functional_forward(ctx.cfg, inputs[0], inputs[1:])
+    wanted = [i for i, w in enumerate(need) if w]
+    grads = torch.autograd.grad(logits, [inputs[i] for i in wanted], grad, create_graph=True, allow_unused=True)
+    out: list[torch.Tensor | None] = [None] * len(inputs)
+    for i, g in zip(wanted, grads):
+        out[i] = g
+    return out
+
+
+def _lookup(root: nn.Module, name: str) -> Any:
+    """``root``'s attribute at the dotted ``name`` (None where there is none)."""
+    *path, last = name.split(".")
+    obj: Any = root
+    for part in path:
+        sub = obj._modules.get(part) if isinstance(obj, nn.Module) else None
+        obj = sub if sub is not None else getattr(obj, part, None)
+    if isinstance(obj, nn.Module) and last in obj._parameters:
+        return obj._parameters[last]
+    return getattr(obj, last, None)
+
+
+def _modes_active() -> bool:
+    """A dispatch mode (FakeTensorMode...), a torch function mode other than
+    ``set_default_device``'s, or torch.compile tracing: torch ops must see every step."""
+    if torch._C._len_torch_dispatch_stack() > 0:
+        return True
+    if torch._C._is_torch_function_mode_enabled():
+        from torch.overrides import _get_current_function_mode_stack
+        from torch.utils._device import DeviceContext
+
+        if any(not isinstance(m, DeviceContext) for m in _get_current_function_mode_stack()):
+            return True
+    return bool(torch.compiler.is_compiling())
 
 
 class ViT(nn.Module):
@@ -140,44 +516,27 @@ class ViT(nn.Module):
         patch_dim = channels * ph * pw
         num_cls = 1 if class_token else 0
         eps = self.layer_norm_eps
-        # Index 0 stands where vit-pytorch's Rearrange is, so the keys match (.1, .2, .3).
+        # Index 0 is vit-pytorch's Rearrange, so the keys match (.1, .2, .3).
         norm_in: nn.Module = nn.LayerNorm(patch_dim, eps=eps) if patch_norm else nn.Identity()
         norm_out: nn.Module = nn.LayerNorm(dim, eps=eps) if patch_norm else nn.Identity()
-        self.to_patch_embedding = nn.Sequential(nn.Identity(), norm_in, nn.Linear(patch_dim, dim), norm_out)
+        self.to_patch_embedding = nn.Sequential(_Patchify(ph, pw), norm_in, nn.Linear(patch_dim, dim), norm_out)
         self.cls_token = nn.Parameter(torch.randn(num_cls, dim))
         self.pos_embedding = nn.Parameter(torch.randn(num_patches + num_cls, dim))
         self.dropout = nn.Dropout(emb_dropout)
-        self.transformer = _Transformer(dim, depth, heads, dim_head, mlp_dim, dropout, self.qkv_bias, eps)
+        self.transformer = _Transformer(dim, depth, heads, dim_head, mlp_dim, dropout, self.qkv_bias, eps, norm_tokens=not self.fc_norm)
         self.pool = pool
         self.to_latent = nn.Identity()
         self.mlp_head = nn.Linear(dim, num_classes)
 
     def _ordered_params(self) -> list[torch.Tensor]:
-        pe = self.to_patch_embedding
-        ps: list[torch.Tensor] = []
-        if self.patch_norm:
-            ps += [pe[1].weight, pe[1].bias]
-        ps += [pe[2].weight, pe[2].bias]
-        if self.patch_norm:
-            ps += [pe[3].weight, pe[3].bias]
-        if self.class_token:
-            ps.append(self.cls_token)
-        ps.append(self.pos_embedding)
-        for attn, ff in self.transformer.layers:
-            ps += [attn.norm.weight, attn.norm.bias, attn.to_qkv.weight]
-            if self.qkv_bias:
-                ps.append(attn.to_qkv.bias)
-            if attn.project_out:
-                ps += [attn.to_out[0].weight, attn.to_out[0].bias]
-            ps += [ff.net[0].weight, ff.net[0].bias, ff.net[1].weight, ff.net[1].bias, ff.net[4].weight, ff.net[4].bias]
-        ps += [self.transformer.norm.weight, self.transformer.norm.bias, self.mlp_head.weight, self.mlp_head.bias]
-        return ps
+        """The tensors ``vit_forward`` takes, in its order (``_layout``'s names)."""
+        return [_lookup(self, name) for name, _ in _layout(self._config(False, seed=False), self.image_size)]
 
-    def _config(self, train: bool) -> dict[str, Any]:
-        drop = train and (self.dropout_p > 0 or self.emb_dropout_p > 0)
+    def _config(self, train: bool, seed: bool = True) -> dict[str, Any]:
+        drop = seed and train and (self.dropout_p > 0 or self.emb_dropout_p > 0)
         # Dropout masks derive from one draw of torch's generator, so torch.manual_seed
         # makes them reproducible.
-        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64)) if drop else 0
+        seed_value = int(torch.randint(0, 2**62, (), dtype=torch.int64)) if drop else 0
         return dict(
             patch=self.patch_size,
             channels=self.channels,
@@ -187,7 +546,7 @@ class ViT(nn.Module):
             dim_head=self.dim_head,
             cls_token=self.class_token,
             pool_cls=self.pool == "cls",
-            project_out=self.transformer.layers[0][0].project_out,
+            project_out=not (self.heads == 1 and self.dim_head == self.dim),
             patch_norm=self.patch_norm,
             qkv_bias=self.qkv_bias,
             norm_after_pool=self.fc_norm,
@@ -195,7 +554,7 @@ class ViT(nn.Module):
             dropout=self.dropout_p,
             emb_dropout=self.emb_dropout_p,
             train=train,
-            seed=seed,
+            seed=seed_value,
             # big CPU matmuls go through oneDNN unless the user switched it off
             onednn=bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled),
         )
@@ -206,14 +565,28 @@ class ViT(nn.Module):
         want = (self.channels, *self.image_size)
         if img.dim() != 4 or tuple(img.shape[1:]) != want:
             raise FerrotorchValueError(f"ViT: expected images of shape (batch, {want[0]}, {want[1]}, {want[2]}), got {tuple(img.shape)}")
-        params = self._ordered_params()
-        p0 = params[0]
-        if img.device != p0.device:
-            raise FerrotorchValueError(f"ViT: images are on {img.device}, the model on {p0.device}")
         if not img.is_floating_point():
             raise FerrotorchTypeError(f"ViT: images must be floating point, got {img.dtype}")
+        if self._module_path_reason(img) is not None:
+            return self._module_forward(img)
         dev = img.device.type
-        if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+        autocast = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
+        params = self._ordered_params()
+        if not autocast:
+            dtypes = {p.dtype for p in params if isinstance(p, torch.Tensor)}
+            if len(dtypes) == 1 and img.dtype not in dtypes:
+                raise FerrotorchTypeError(f"ViT: images have dtype {img.dtype}, the model's parameters {dtypes.pop()}")
+        problems = _check_tensors(self._config(False, seed=False), img, params, any_float=autocast)
+        if problems:
+            # Not what the kernels read (a resized or retyped parameter...): torch decides,
+            # as vit-pytorch would; its error, if any, is reported by parameter.
+            try:
+                return self._module_forward(img)
+            except Exception as e:
+                if problems.hard or problems.shape or problems.dtype:
+                    raise problems.error("ViT") from e
+                raise
+        if autocast:
             # Autocast: run the whole model in the autocast dtype (matmuls there, LayerNorm,
             # softmax and GELU computed in fp32 inside the kernels); the casts are autograd
             # ops, so fp32 parameters get fp32 gradients.
@@ -222,17 +595,129 @@ class ViT(nn.Module):
             img = img.to(dt)
             with torch.autocast(dev, enabled=False):
                 return self._run(img, params)
-        if img.dtype != p0.dtype:
-            raise FerrotorchTypeError(f"ViT: images have dtype {img.dtype}, the model's parameters {p0.dtype}")
         return self._run(img, params)
 
     def _run(self, img: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
         cfg = self._config(self.training)
+        cfg["checked"] = _CHECKED  # by forward, just now
         if torch.is_grad_enabled() and (img.requires_grad or any(p.requires_grad for p in params)):
             return _ViTFunction.apply(cfg, img, *params)
         # Nothing to differentiate (torch.no_grad(), inference_mode, frozen model): no
         # activations are kept, and the batch runs in cache-sized chunks.
-        return _native.vit_forward(img.detach(), [p.detach() for p in params], **cfg, infer_chunk=self.inference_chunk)[0]
+        cfg, xd, pd = _native_args(cfg, img, params)
+        return _native.vit_forward(xd, pd, **cfg, infer_chunk=self.inference_chunk)[0]
+
+    # -- the module-by-module path ---------------------------------------------------------
+
+    def _module_path_reason(self, img: torch.Tensor) -> str | None:
+        """Why this call must run module by module in torch (None: the kernels may run it):
+        hooks, an active torch mode or transform, images the kernels cannot read, or modules
+        other than the ones the configuration describes."""
+        # Any tensor on another device (meta included: torch would read garbage) is an error
+        # on every path.
+        dev, hooked = img.device, None
+        for m in self.modules():
+            for t in (*m._parameters.values(), *m._buffers.values()):
+                if t is not None and t.device != dev:
+                    name = next(n for n, u in (*self.named_parameters(), *self.named_buffers()) if u is t)
+                    raise FerrotorchValueError(f"ViT: images are on {dev}, the model's {name} on {t.device}")
+            if hooked is None and m is not self and (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks):
+                hooked = m
+        if hooked is not None:
+            return "hooks on " + next(n for n, m in self.named_modules() if m is hooked)
+        mod = torch.nn.modules.module
+        if mod._global_forward_hooks or mod._global_forward_pre_hooks or mod._global_backward_hooks or mod._global_backward_pre_hooks:
+            return "global module hooks"
+        if _modes_active():
+            return "a torch mode or torch.compile"
+        why = _plain_problem(img)
+        if why is not None:
+            return f"the images {why}"
+        return self._structure_problem(img)
+
+    def _structure_problem(self, img: torch.Tensor) -> str | None:
+        """The first module or attribute that differs from what the configuration describes
+        (and the kernels compute), or None."""
+        dim, eps, p = self.dim, self.layer_norm_eps, self.dropout_p
+
+        def ln(m: object) -> bool:
+            return type(m) is nn.LayerNorm and m.elementwise_affine and m.bias is not None and len(m.normalized_shape) == 1 and m.eps == eps
+
+        def dropout(m: object, rate: float) -> bool:
+            return type(m) is nn.Dropout and m.p == rate and m.training == self.training
+
+        def lin(m: object, bias: bool = True) -> bool:
+            return type(m) is nn.Linear and (m.bias is not None) == bias
+
+        checks: list[tuple[str, object]] = []
+        pe = self.to_patch_embedding
+        checks.append(("to_patch_embedding", type(pe) is nn.Sequential and len(pe) == 4))
+        if checks[-1][1]:
+            norm = ln if self.patch_norm else (lambda m: type(m) is nn.Identity)
+            checks += [
+                ("to_patch_embedding.0", type(pe[0]) is _Patchify and (pe[0].ph, pe[0].pw) == self.patch_size),
+                ("to_patch_embedding.1", norm(pe[1])),
+                ("to_patch_embedding.2", lin(pe[2])),
+                ("to_patch_embedding.3", norm(pe[3])),
+            ]
+        checks += [
+            ("pool", self.pool in ("cls", "mean") and (self.pool == "mean" or self.class_token)),
+            ("dropout", dropout(self.dropout, self.emb_dropout_p)),
+            ("to_latent", type(self.to_latent) is nn.Identity),
+            ("mlp_head", lin(self.mlp_head)),
+        ]
+        if not self.class_token:
+            # not passed to the kernels; vit-pytorch concatenates it all the same
+            t = self.cls_token
+            checks.append(("cls_token", type(t) in (torch.Tensor, nn.Parameter) and tuple(t.shape) == (0, dim) and t.dtype == img.dtype))
+        tr = self.transformer
+        checks.append(("transformer", type(tr) is _Transformer and ln(tr.norm) and tr.norm_tokens == (not self.fc_norm)))
+        checks.append(("transformer.layers", type(tr.layers) is nn.ModuleList and len(tr.layers) == self.depth))
+        project_out = not (self.heads == 1 and self.dim_head == dim)
+        layers: Any = tr.layers if checks[-1][1] else []
+        for i, layer in enumerate(layers):
+            where = f"transformer.layers.{i}"
+            if not (type(layer) is nn.ModuleList and len(layer) == 2 and type(layer[0]) is _Attention and type(layer[1]) is _FeedForward):
+                checks.append((where, False))
+                continue
+            a: Any = layer[0]
+            f: Any = layer[1]
+            if project_out:
+                to_out = type(a.to_out) is nn.Sequential and len(a.to_out) == 2 and lin(a.to_out[0]) and dropout(a.to_out[1], p)
+            else:
+                to_out = type(a.to_out) is nn.Identity
+            checks.append((f"{where}.0", ln(a.norm) and lin(a.to_qkv, self.qkv_bias) and to_out and a.heads == self.heads and a.scale == self.dim_head**-0.5))
+            checks.append((f"{where}.0.attend", type(a.attend) is nn.Softmax and a.attend.dim in (-1, 3)))
+            checks.append((f"{where}.0.dropout", dropout(a.dropout, p)))
+            net = f.net
+            ok: object = type(net) is nn.Sequential and len(net) == 6
+            ok = ok and ln(net[0]) and lin(net[1]) and type(net[2]) is nn.GELU and net[2].approximate == "none"
+            checks.append((f"{where}.1.net", ok and dropout(net[3], p) and lin(net[4]) and dropout(net[5], p)))
+        for name, good in checks:
+            if not good:
+                return f"{name} is not what the configuration describes"
+        return None
+
+    def _module_forward(self, img: torch.Tensor) -> torch.Tensor:
+        """vit-pytorch's forward with this model's own submodules (their hooks run), plus the
+        timm options: the class token left out of mean pooling, the final norm after it."""
+        batch = img.shape[0]
+        x = self.to_patch_embedding(img)
+        cls_tokens = self.cls_token.unsqueeze(0).expand(batch, *self.cls_token.shape)  # '... d -> b ... d'
+        x = torch.cat((cls_tokens, x), dim=1)
+        x = x + self.pos_embedding[: x.shape[1]]
+        x = self.dropout(x)
+        x = self.transformer(x)
+        if self.mlp_head is None:
+            return x
+        if self.pool == "mean":
+            x = x[:, cls_tokens.shape[1] :].mean(dim=1) if self.class_token else x.mean(dim=1)
+        else:
+            x = x[:, 0]
+        if self.fc_norm:
+            x = self.transformer.norm(x)
+        x = self.to_latent(x)
+        return self.mlp_head(x)
 
     @classmethod
     def from_timm(cls, model: nn.Module) -> "ViT":
