@@ -53,7 +53,13 @@ impl<'py> Sharded<'py> {
         let py = obj.py();
         let ty = DTENSOR.get_or_init(py, || {
             let m = py.import("torch.distributed.tensor").ok()?;
-            Some(m.getattr("DTensor").ok()?.downcast_into::<PyType>().ok()?.unbind())
+            Some(
+                m.getattr("DTensor")
+                    .ok()?
+                    .downcast_into::<PyType>()
+                    .ok()?
+                    .unbind(),
+            )
         });
         let Some(ty) = ty else { return Ok(None) };
         if !obj.get_type().is(ty.bind(py)) {
@@ -188,7 +194,10 @@ pub struct Shape {
 
 impl Shape {
     pub fn numel(&self) -> usize {
-        self.sizes[..self.dim].iter().map(|&n| n.max(0) as usize).product()
+        self.sizes[..self.dim]
+            .iter()
+            .map(|&n| n.max(0) as usize)
+            .product()
     }
 
     pub fn of(t: &Tensor) -> Option<Shape> {

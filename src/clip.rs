@@ -14,8 +14,15 @@ pub fn plain_list(objs: &[Bound<'_, PyAny>], what: &str) -> PyResult<Vec<Tensor>
         .enumerate()
         .map(|(i, o)| {
             plain_tensor(o)?.ok_or_else(|| {
-                let ty = o.get_type().name().map(|n| n.to_string()).unwrap_or_default();
-                Error::Type(format!("{what}[{i}]: expected a plain torch.Tensor, got {ty}")).into()
+                let ty = o
+                    .get_type()
+                    .name()
+                    .map(|n| n.to_string())
+                    .unwrap_or_default();
+                Error::Type(format!(
+                    "{what}[{i}]: expected a plain torch.Tensor, got {ty}"
+                ))
+                .into()
             })
         })
         .collect()
@@ -34,16 +41,26 @@ fn bufs(grads: &[Tensor]) -> Result<Vec<Buf>> {
                 )));
             }
             let f = flat(t).ok_or_else(|| {
-                Error::Value(format!("grads[{i}]: expected a dense, contiguous CPU tensor"))
+                Error::Value(format!(
+                    "grads[{i}]: expected a dense, contiguous CPU tensor"
+                ))
             })?;
-            Ok(Buf { dtype: f.dtype, numel: f.numel, ptr: f.ptr })
+            Ok(Buf {
+                dtype: f.dtype,
+                numel: f.numel,
+                ptr: f.ptr,
+            })
         })
         .collect()
 }
 
 /// The `norm_type`-norm of each of `grads`, in f64.
 #[pyfunction]
-pub fn grad_norms(py: Python<'_>, grads: Vec<Bound<'_, PyAny>>, norm_type: f64) -> PyResult<Vec<f64>> {
+pub fn grad_norms(
+    py: Python<'_>,
+    grads: Vec<Bound<'_, PyAny>>,
+    norm_type: f64,
+) -> PyResult<Vec<f64>> {
     if norm_type.is_nan() {
         return Err(Error::Value("norm_type must not be NaN".into()).into());
     }

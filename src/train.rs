@@ -9,7 +9,11 @@ use crate::clip::plain_list;
 use crate::errors::{enter, Error, Result};
 
 fn buf(f: Flat) -> Buf {
-    Buf { dtype: f.dtype, numel: f.numel, ptr: f.ptr }
+    Buf {
+        dtype: f.dtype,
+        numel: f.numel,
+        ptr: f.ptr,
+    }
 }
 
 /// `ema.lerp_(model, weight)` for one pair through torch's own op.
@@ -69,7 +73,9 @@ pub fn ema_update(
     let ema_t = plain_list(&ema_tensors, "ema_tensors")?;
     let model_t = plain_list(&model_tensors, "model_tensors")?;
     let threads = tch::get_num_threads().max(1) as usize;
-    enter(py, "ema_update", move || lerp_pairs(&ema_t, &model_t, weight, threads))
+    enter(py, "ema_update", move || {
+        lerp_pairs(&ema_t, &model_t, weight, threads)
+    })
 }
 
 /// timm ModelEmaV3's decay at `step` (None: the configured decay).

@@ -17,6 +17,9 @@ OPTIMIZERS = {
     "SGD": (fopt.SGD, torch.optim.SGD),
     "RMSprop": (fopt.RMSprop, torch.optim.RMSprop),
     "Adagrad": (fopt.Adagrad, torch.optim.Adagrad),
+    "Adamax": (fopt.Adamax, torch.optim.Adamax),
+    "RAdam": (fopt.RAdam, torch.optim.RAdam),
+    "Adadelta": (fopt.Adadelta, torch.optim.Adadelta),
 }
 
 
@@ -63,6 +66,31 @@ def random_config(name: str, rng: random.Random) -> dict:
             weight_decay=wd,
             initial_accumulator_value=rng.choice([0.0, 0.1]),
             eps=rng.choice([1e-10, 1e-6]),
+            maximize=rng.random() < 0.3,
+        )
+    if name == "Adamax":
+        return dict(
+            lr=rng.choice([2e-3, 1e-2]),
+            betas=(rng.choice([0.9, 0.5, 0.0]), rng.choice([0.999, 0.9])),
+            eps=rng.choice([1e-8, 1e-3]),
+            weight_decay=wd,
+            maximize=rng.random() < 0.3,
+        )
+    if name == "RAdam":
+        return dict(
+            lr=rng.choice([1e-3, 1e-2]),
+            betas=(rng.choice([0.9, 0.5]), rng.choice([0.999, 0.9])),
+            eps=rng.choice([1e-8, 1e-6]),
+            weight_decay=wd,
+            decoupled_weight_decay=rng.random() < 0.5,
+            maximize=rng.random() < 0.3,
+        )
+    if name == "Adadelta":
+        return dict(
+            lr=rng.choice([1.0, 0.1]),
+            rho=rng.choice([0.9, 0.5]),
+            eps=rng.choice([1e-6, 1e-3]),
+            weight_decay=wd,
             maximize=rng.random() < 0.3,
         )
     raise KeyError(name)

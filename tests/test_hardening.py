@@ -22,7 +22,7 @@ from hypothesis import strategies as st  # noqa: E402
 import ferrotorch.optim as fopt  # noqa: E402
 from ferrotorch.optim import lr_scheduler as fls  # noqa: E402
 
-OPTS = ["Adam", "AdamW", "SGD", "RMSprop", "Adagrad"]
+OPTS = ["Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adamax", "RAdam", "Adadelta"]
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 FORBIDDEN = (SystemError, MemoryError)
 
@@ -48,6 +48,9 @@ KWARGS = {
     "SGD": ["lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize"],
     "RMSprop": ["lr", "alpha", "eps", "weight_decay", "momentum", "centered", "maximize"],
     "Adagrad": ["lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps", "maximize"],
+    "Adamax": ["lr", "betas", "eps", "weight_decay", "maximize"],
+    "RAdam": ["lr", "betas", "eps", "weight_decay", "decoupled_weight_decay", "maximize"],
+    "Adadelta": ["lr", "rho", "eps", "weight_decay", "maximize"],
 }
 
 

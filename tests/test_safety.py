@@ -23,6 +23,9 @@ OPTIMIZERS = {
     "SGD": {"lr": 0.1, "momentum": 0.9, "nesterov": True},
     "RMSprop": {"lr": 0.01, "momentum": 0.5, "centered": True},
     "Adagrad": {"lr": 0.1},
+    "Adamax": {"lr": 0.02, "weight_decay": 0.01},
+    "RAdam": {"lr": 0.01, "decoupled_weight_decay": True, "weight_decay": 0.1},
+    "Adadelta": {"lr": 1.0, "rho": 0.8},
 }
 
 

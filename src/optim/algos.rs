@@ -3,8 +3,8 @@
 //! validation, dispatch) is derived from these declarations.
 
 use ferrotorch_kernels::{
-    adagrad::Adagrad, adam::Adam, common::GradIn, rmsprop::RmsProp, sgd::Sgd, sgd::SgdScalars,
-    Algorithm,
+    adadelta::Adadelta, adagrad::Adagrad, adam::Adam, adamax::Adamax, common::GradIn, radam::RAdam,
+    rmsprop::RmsProp, sgd::Sgd, sgd::SgdScalars, Algorithm,
 };
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -47,14 +47,22 @@ pub trait Fused: Algorithm + Send + Sized + 'static {
 fn get<'py>(g: &Bound<'py, PyDict>, key: &str) -> Result<Bound<'py, PyAny>> {
     g.get_item(key)
         .map_err(|e| Error::Runtime(e.to_string()))?
-        .ok_or_else(|| Error::Value(format!("param_group is missing the hyper-parameter '{key}'")))
+        .ok_or_else(|| {
+            Error::Value(format!(
+                "param_group is missing the hyper-parameter '{key}'"
+            ))
+        })
 }
 
 /// A hyper-parameter as a float; 1-element tensors (lr, betas, weight_decay) are accepted.
 fn float(g: &Bound<'_, PyDict>, key: &str) -> Result<f64> {
     let v = get(g, key)?;
     v.extract::<f64>().map_err(|_| {
-        let ty = v.get_type().name().map(|n| n.to_string()).unwrap_or_default();
+        let ty = v
+            .get_type()
+            .name()
+            .map(|n| n.to_string())
+            .unwrap_or_default();
         Error::Type(format!(
             "param_group['{key}'] must be a float or a 1-element tensor, got {ty}"
         ))
@@ -74,7 +82,10 @@ fn betas(g: &Bound<'_, PyDict>) -> Result<(f64, f64)> {
     let v = get(g, "betas")?;
     let bad = || Error::Type("param_group['betas'] must be a pair of floats".to_string());
     let item = |i: usize| -> Result<f64> {
-        v.get_item(i).map_err(|_| bad())?.extract::<f64>().map_err(|_| bad())
+        v.get_item(i)
+            .map_err(|_| bad())?
+            .extract::<f64>()
+            .map_err(|_| bad())
     };
     Ok((item(0)?, item(1)?))
 }
@@ -199,4 +210,82 @@ impl Fused for Adagrad {
     fn scalars(&self, step: Option<f64>, _: bool) -> Self::Scalars {
         Adagrad::scalars(self, step.unwrap_or(1.0))
     }
+}
+
+impl Fused for Adamax {
+    const SPEC: Spec = Spec {
+        name: "adamax",
+        label: "Adamax",
+        has_step: true,
+        sparse: Sparse::Reject("Adamax does not support sparse gradients"),
+    };
+    fn state_keys(_: &Bound<'_, PyDict>) -> Result<Vec<&'static str>> {
+        Ok(vec!["exp_avg", "exp_inf"])
+    }
+    fn from_group(g: &Bound<'_, PyDict>, grad: GradIn) -> Result<Self> {
+        let (beta1, beta2) = betas(g)?;
+        Ok(Adamax {
+            lr: float(g, "lr")?,
+            beta1,
+            beta2,
+            eps: float(g, "eps")?,
+            weight_decay: float(g, "weight_decay")?,
+            maximize: flag(g, "maximize")?,
+            grad,
+        })
+    }
+    fn scalars(&self, step: Option<f64>, _: bool) -> Self::Scalars {
+        Adamax::scalars(self, step.unwrap_or(1.0))
+    }
+}
+
+impl Fused for RAdam {
+    const SPEC: Spec = Spec {
+        name: "radam",
+        label: "RAdam",
+        has_step: true,
+        sparse: Sparse::Reject("RAdam does not support sparse gradients"),
+    };
+    fn state_keys(_: &Bound<'_, PyDict>) -> Result<Vec<&'static str>> {
+        Ok(vec!["exp_avg", "exp_avg_sq"])
+    }
+    fn from_group(g: &Bound<'_, PyDict>, grad: GradIn) -> Result<Self> {
+        let (beta1, beta2) = betas(g)?;
+        Ok(RAdam {
+            lr: float(g, "lr")?,
+            beta1,
+            beta2,
+            eps: float(g, "eps")?,
+            weight_decay: float(g, "weight_decay")?,
+            decoupled_weight_decay: flag(g, "decoupled_weight_decay")?,
+            maximize: flag(g, "maximize")?,
+            grad,
+        })
+    }
+    fn scalars(&self, step: Option<f64>, _: bool) -> Self::Scalars {
+        RAdam::scalars(self, step.unwrap_or(1.0))
+    }
+}
+
+impl Fused for Adadelta {
+    const SPEC: Spec = Spec {
+        name: "adadelta",
+        label: "Adadelta",
+        has_step: true,
+        sparse: Sparse::Reject("Adadelta does not support sparse gradients"),
+    };
+    fn state_keys(_: &Bound<'_, PyDict>) -> Result<Vec<&'static str>> {
+        Ok(vec!["square_avg", "acc_delta"])
+    }
+    fn from_group(g: &Bound<'_, PyDict>, grad: GradIn) -> Result<Self> {
+        Ok(Adadelta {
+            lr: float(g, "lr")?,
+            rho: float(g, "rho")?,
+            eps: float(g, "eps")?,
+            weight_decay: float(g, "weight_decay")?,
+            maximize: flag(g, "maximize")?,
+            grad,
+        })
+    }
+    fn scalars(&self, _: Option<f64>, _: bool) -> Self::Scalars {}
 }

@@ -7,7 +7,10 @@
 mod algos;
 mod step;
 
-use ferrotorch_kernels::{adagrad::Adagrad, adam::Adam, common::GradIn, rmsprop::RmsProp, sgd::Sgd};
+use ferrotorch_kernels::{
+    adadelta::Adadelta, adagrad::Adagrad, adam::Adam, adamax::Adamax, common::GradIn, radam::RAdam,
+    rmsprop::RmsProp, sgd::Sgd,
+};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -32,11 +35,23 @@ struct Entry {
 }
 
 const fn entry<A: Fused>() -> Entry {
-    Entry { spec: &A::SPEC, keys: A::state_keys, step: step_group::<A> }
+    Entry {
+        spec: &A::SPEC,
+        keys: A::state_keys,
+        step: step_group::<A>,
+    }
 }
 
 /// Every fused optimizer. Adding one is a kernel, a `Fused` impl and a line here.
-static REGISTRY: [Entry; 4] = [entry::<Adam>(), entry::<Sgd>(), entry::<RmsProp>(), entry::<Adagrad>()];
+static REGISTRY: [Entry; 7] = [
+    entry::<Adam>(),
+    entry::<Sgd>(),
+    entry::<RmsProp>(),
+    entry::<Adagrad>(),
+    entry::<Adamax>(),
+    entry::<RAdam>(),
+    entry::<Adadelta>(),
+];
 
 /// One fused algorithm: its declaration and its step.
 #[pyclass(module = "ferrotorch._native", frozen)]
@@ -88,7 +103,10 @@ impl OptimizerSpec {
         clip_coef: Option<f64>,
         first: Vec<usize>,
     ) -> PyResult<(Vec<usize>, Vec<(usize, bool)>, bool)> {
-        let grad = GradIn { grad_scale, clip_coef };
+        let grad = GradIn {
+            grad_scale,
+            clip_coef,
+        };
         let out = (self.entry.step)(py, state, group, grad, &first)?;
         Ok((out.missing, out.slow, out.serial))
     }
@@ -98,7 +116,7 @@ impl OptimizerSpec {
     }
 }
 
-/// The spec of the fused optimizer called `name` ("adam", "sgd", "rmsprop", "adagrad").
+/// The spec of the fused optimizer called `name` (see `optimizer_names()`).
 #[pyfunction]
 fn optimizer_spec(name: &str) -> PyResult<OptimizerSpec> {
     REGISTRY
@@ -107,7 +125,10 @@ fn optimizer_spec(name: &str) -> PyResult<OptimizerSpec> {
         .map(|entry| OptimizerSpec { entry })
         .ok_or_else(|| {
             let known: Vec<_> = REGISTRY.iter().map(|e| e.spec.name).collect();
-            Error::Value(format!("optimizer_spec: expected one of {known:?}, got {name:?}")).into()
+            Error::Value(format!(
+                "optimizer_spec: expected one of {known:?}, got {name:?}"
+            ))
+            .into()
         })
 }
 

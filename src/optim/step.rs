@@ -81,10 +81,11 @@ fn gather<'py>(
         }
         let st = if stateful {
             match state.get_item(&p)? {
-                Some(s) => Some(
-                    s.downcast_into::<PyDict>()
-                        .map_err(|_| Error::Type(format!("optimizer.state of parameter {index} must be a dict")))?,
-                ),
+                Some(s) => Some(s.downcast_into::<PyDict>().map_err(|_| {
+                    Error::Type(format!(
+                        "optimizer.state of parameter {index} must be a dict"
+                    ))
+                })?),
                 None => None,
             }
         } else {
@@ -153,7 +154,12 @@ fn gather<'py>(
                 },
                 None => None,
             };
-            Ok(Some(Tensors { param, grad, states, step }))
+            Ok(Some(Tensors {
+                param,
+                grad,
+                states,
+                step,
+            }))
         })()?;
         let start = written.len();
         if tensors.is_some() {
@@ -164,9 +170,18 @@ fn gather<'py>(
             written.extend(locals);
         }
         let objs = (start, written.len());
-        entries.push(Entry { index, objs, tensors, first: first.binary_search(&index).is_ok() });
+        entries.push(Entry {
+            index,
+            objs,
+            tensors,
+            first: first.binary_search(&index).is_ok(),
+        });
     }
-    Ok(if missing.is_empty() { Ok(Gathered { entries, written }) } else { Err(missing) })
+    Ok(if missing.is_empty() {
+        Ok(Gathered { entries, written })
+    } else {
+        Err(missing)
+    })
 }
 
 /// Any torch.Tensor, subclasses included (torch steps those).
@@ -188,7 +203,11 @@ struct Ready {
 }
 
 /// The kernel's view of an entry, or None (torch steps it). Errors are torch's.
-fn classify<A: Fused>(e: &Entry, n_states: usize, ranges: &mut Vec<(usize, usize)>) -> Result<Option<Ready>> {
+fn classify<A: Fused>(
+    e: &Entry,
+    n_states: usize,
+    ranges: &mut Vec<(usize, usize)>,
+) -> Result<Option<Ready>> {
     let Some(t) = &e.tensors else {
         return Ok(None);
     };
@@ -209,16 +228,32 @@ fn classify<A: Fused>(e: &Entry, n_states: usize, ranges: &mut Vec<(usize, usize
     }
     let slow = |ranges: &mut Vec<(usize, usize)>| {
         // torch steps it after the kernel: its memory still counts for overlap.
-        ranges.extend(std::iter::once(&t.param).chain([&t.grad]).chain(&t.states).chain(&t.step).filter_map(extent));
+        ranges.extend(
+            std::iter::once(&t.param)
+                .chain([&t.grad])
+                .chain(&t.states)
+                .chain(&t.step)
+                .filter_map(extent),
+        );
         Ok(None)
     };
-    let Some(shape) = Shape::of(&t.param) else { return slow(ranges) };
-    let Some(param) = flat(&t.param) else { return slow(ranges) };
-    let Some(grad) = flat(&t.grad) else { return slow(ranges) };
+    let Some(shape) = Shape::of(&t.param) else {
+        return slow(ranges);
+    };
+    let Some(param) = flat(&t.param) else {
+        return slow(ranges);
+    };
+    let Some(grad) = flat(&t.grad) else {
+        return slow(ranges);
+    };
     if grad.dtype != param.dtype {
         return slow(ranges);
     }
-    let empty = Flat { dtype: param.dtype, numel: 0, ptr: std::ptr::null_mut() };
+    let empty = Flat {
+        dtype: param.dtype,
+        numel: 0,
+        ptr: std::ptr::null_mut(),
+    };
     let mut states = [empty; MAX_STATES];
     for (slot, s) in states.iter_mut().zip(&t.states) {
         match flat(s) {
@@ -238,10 +273,21 @@ fn classify<A: Fused>(e: &Entry, n_states: usize, ranges: &mut Vec<(usize, usize
     ranges.push(grad.range());
     ranges.extend(states[..n_states].iter().map(Flat::range));
     ranges.extend(step.as_ref().map(StepCounter::range));
-    Ok(Some(Ready { param, grad, states, step, first: e.first }))
+    Ok(Some(Ready {
+        param,
+        grad,
+        states,
+        step,
+        first: e.first,
+    }))
 }
 
-fn run_entries<A: Fused>(algo: &A, entries: &[Entry], n_states: usize, threads: usize) -> Result<Outcome> {
+fn run_entries<A: Fused>(
+    algo: &A,
+    entries: &[Entry],
+    n_states: usize,
+    threads: usize,
+) -> Result<Outcome> {
     let mut ranges = Vec::with_capacity(entries.len() * (3 + n_states));
     let mut ready = Vec::with_capacity(entries.len());
     let mut stepped = Vec::with_capacity(entries.len());
@@ -256,7 +302,10 @@ fn run_entries<A: Fused>(algo: &A, entries: &[Entry], n_states: usize, threads: 
         }
     }
     if any_overlap(&mut ranges) {
-        return Ok(Outcome { serial: true, ..Outcome::default() });
+        return Ok(Outcome {
+            serial: true,
+            ..Outcome::default()
+        });
     }
     // Every check passed and no two buffers share memory: the kernel may write.
     let jobs: Vec<Job<A::Scalars>> = ready
@@ -277,7 +326,11 @@ fn run_entries<A: Fused>(algo: &A, entries: &[Entry], n_states: usize, threads: 
     // SAFETY: every buffer was read from a live plain CPU tensor held by `entries`, is
     // contiguous with `numel` elements of `dtype`, and no two overlap (checked above).
     unsafe { ferrotorch_kernels::run(algo, &jobs, threads, &crate::parallel::TorchThreads)? };
-    Ok(Outcome { slow, stepped, ..Outcome::default() })
+    Ok(Outcome {
+        slow,
+        stepped,
+        ..Outcome::default()
+    })
 }
 
 static SET_VERSIONS: pyo3::sync::GILOnceCell<Py<PyAny>> = pyo3::sync::GILOnceCell::new();
@@ -289,14 +342,24 @@ fn bump_versions(py: Python<'_>, written: &[Bound<'_, PyAny>]) -> PyResult<()> {
         return Ok(());
     }
     let set = SET_VERSIONS.get_or_try_init(py, || {
-        PyResult::Ok(py.import("ferrotorch._compat")?.getattr("set_version_counters")?.unbind())
+        PyResult::Ok(
+            py.import("ferrotorch._compat")?
+                .getattr("set_version_counters")?
+                .unbind(),
+        )
     })?;
     let version = pyo3::intern!(py, "_version");
     let versions = written
         .iter()
         .map(|t| Ok(t.getattr(version)?.extract::<i64>()? + 1))
         .collect::<PyResult<Vec<i64>>>()?;
-    set.call1(py, (pyo3::types::PyTuple::new(py, written)?, pyo3::types::PyTuple::new(py, versions)?))?;
+    set.call1(
+        py,
+        (
+            pyo3::types::PyTuple::new(py, written)?,
+            pyo3::types::PyTuple::new(py, versions)?,
+        ),
+    )?;
     Ok(())
 }
 
@@ -312,9 +375,15 @@ pub fn step_group<A: Fused>(
     let mut first = first.to_vec();
     first.sort_unstable();
     let keys = A::state_keys(group)?;
-    let Gathered { entries, written } = match gather(state, group, &keys, A::SPEC.has_step, &first)? {
+    let Gathered { entries, written } = match gather(state, group, &keys, A::SPEC.has_step, &first)?
+    {
         Ok(g) => g,
-        Err(missing) => return Ok(Outcome { missing, ..Outcome::default() }),
+        Err(missing) => {
+            return Ok(Outcome {
+                missing,
+                ..Outcome::default()
+            })
+        }
     };
     let n_states = algo.n_states();
     if n_states != keys.len() {
@@ -336,7 +405,11 @@ pub fn step_group<A: Fused>(
     let objs: Vec<Bound<'_, PyAny>> = out
         .stepped
         .iter()
-        .flat_map(|&k| written[entries[k].objs.0..entries[k].objs.1].iter().cloned())
+        .flat_map(|&k| {
+            written[entries[k].objs.0..entries[k].objs.1]
+                .iter()
+                .cloned()
+        })
         .collect();
     drop(entries);
     bump_versions(py, &objs)?;

@@ -6,14 +6,17 @@
 //! [`run`]; `run` splits every tensor into chunks, spreads them over a fork-safe thread pool
 //! and calls the algorithm's one generic `update` for each chunk.
 
+pub mod adadelta;
 pub mod adagrad;
 pub mod adam;
+pub mod adamax;
 pub mod clip;
 pub mod common;
 mod driver;
 pub mod elem;
 pub mod ema;
 pub mod pool;
+pub mod radam;
 pub mod rmsprop;
 pub mod schedule;
 pub mod sgd;

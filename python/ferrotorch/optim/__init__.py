@@ -8,13 +8,14 @@ schedulers, torch's API.
 Every public name of ``torch.optim`` resolves here, so a script keeps running after the
 import swap:
 
-* native (fused Rust kernels): ``Adam``, ``AdamW``, ``SGD``, ``RMSprop``, ``Adagrad``;
+* native (fused Rust kernels): ``Adam``, ``AdamW``, ``SGD``, ``RMSprop``, ``Adagrad``,
+  ``Adamax``, ``RAdam``, ``Adadelta``;
 * ``lr_scheduler``: every torch scheduler, schedule math in Rust;
 * ``swa_utils``: torch's ``AveragedModel``, ``SWALR``, ``update_bn``, ... re-exported
   (computed by torch);
 * computed by torch; no native kernel yet — re-exported from ``torch.optim`` as they are,
-  so ``optim.NAdam(...)`` gives torch's NAdam: ``ASGD``, ``Adadelta``, ``Adafactor``,
-  ``Adamax``, ``LBFGS``, ``Muon``, ``NAdam``, ``RAdam``, ``Rprop``, ``SparseAdam``, and
+  so ``optim.NAdam(...)`` gives torch's NAdam: ``ASGD``, ``Adafactor``, ``LBFGS``,
+  ``Muon``, ``NAdam``, ``Rprop``, ``SparseAdam``, and
   ``Optimizer`` and ``swap_in_optimizer_params_and_state`` (torch's base class and helper).
   Any other name a later torch adds to ``torch.optim.__all__`` is re-exported the same way.
 
@@ -27,23 +28,20 @@ import torch.optim as _torch_optim
 from torch.optim import (
     ASGD,
     LBFGS,
-    Adadelta,
     Adafactor,
-    Adamax,
     Muon,
     NAdam,
     Optimizer,
-    RAdam,
     Rprop,
     SparseAdam,
     swap_in_optimizer_params_and_state,
 )
 
 from . import lr_scheduler, swa_utils, warmup
-from .optimizers import SGD, Adagrad, Adam, AdamW, RMSprop
+from .optimizers import SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, RAdam, RMSprop
 
 #: The optimizers ferrotorch runs with its own fused kernels.
-NATIVE = ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad")
+NATIVE = ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adamax", "RAdam", "Adadelta")
 #: torch.optim's names that are torch's own objects here (no native kernel yet).
 TORCH_COMPUTED = tuple(
     n for n in _torch_optim.__all__ if n not in NATIVE and n not in ("lr_scheduler", "swa_utils")
@@ -59,6 +57,9 @@ __all__ = [
     "SGD",
     "RMSprop",
     "Adagrad",
+    "Adamax",
+    "RAdam",
+    "Adadelta",
     "lr_scheduler",
     "swa_utils",
     "warmup",

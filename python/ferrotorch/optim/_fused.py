@@ -177,14 +177,18 @@ class _FusedOptimizer:
 
     def _run_slow(self, group: dict[str, Any], slow: list[tuple[int, bool]], scale: float | None, clip: float | None) -> None:
         params = [group["params"][i] for i, _ in slow]
-        # Unscaled/clipped copies: the stored grads stay as they are, like the kernel's path,
-        # and nothing is written before torch's function runs.
+        # Unscaled/clipped copies, so nothing is written before torch's function has run.
         grads = [p.grad for p in params]
         if scale is not None:
             grads = [g / scale for g in grads]
+        unscaled = grads
         if clip is not None:
-            grads = [g * clip for g in grads]
+            grads = [g * clip for g in grads]  # the stored grads stay unclipped
         self._fallback(group, params, grads, [f for _, f in slow])
+        if scale is not None:
+            # GradScaler's contract for fused optimizers (and the kernel's): grads end unscaled.
+            for p, g in zip(params, unscaled):
+                p.grad = g
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a state dict written by this optimizer or by its ``torch.optim`` twin."""

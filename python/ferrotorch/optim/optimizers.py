@@ -12,8 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.optim import adadelta as _tadadelta
 from torch.optim import adagrad as _tadagrad
 from torch.optim import adam as _tadam
+from torch.optim import adamax as _tadamax
+from torch.optim import radam as _tradam
 from torch.optim import rmsprop as _trmsprop
 from torch.optim import sgd as _tsgd
 
@@ -21,7 +24,7 @@ from .._native import optimizer_spec
 from ._fused import _FusedOptimizer
 from .. import _compat
 
-__all__ = ["Adam", "AdamW", "SGD", "RMSprop", "Adagrad"]
+__all__ = ["Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adamax", "RAdam", "Adadelta"]
 
 
 def _complex(params: list[torch.Tensor]) -> bool:
@@ -173,5 +176,100 @@ class Adagrad(_FusedOptimizer, torch.optim.Adagrad):
             weight_decay=group["weight_decay"],
             lr_decay=group["lr_decay"],
             eps=group["eps"],
+            maximize=group["maximize"],
+        )
+
+
+class Adamax(_FusedOptimizer, torch.optim.Adamax):
+    """Adamax (Adam with an infinity-norm second moment), fused in Rust.
+
+        opt = ferrotorch.optim.Adamax(model.parameters(), lr=2e-3)
+        loss.backward(); opt.step()
+    """
+
+    _spec = optimizer_spec("adamax")
+    _state_key_set = frozenset({"step", "exp_avg", "exp_inf"})
+    _group_keys = ("lr", "betas", "eps", "weight_decay")
+
+    def _fallback(
+        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], first: list[bool]
+    ) -> None:
+        st = [self.state[p] for p in params]
+        beta1, beta2 = group["betas"]
+        _tadamax.adamax(
+            params,
+            grads,
+            [s["exp_avg"] for s in st],
+            [s["exp_inf"] for s in st],
+            [s["step"] for s in st],
+            has_complex=_complex(params),
+            eps=group["eps"],
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            maximize=group["maximize"],
+        )
+
+
+class RAdam(_FusedOptimizer, torch.optim.RAdam):
+    """RAdam (rectified Adam; ``decoupled_weight_decay=True`` for RAdamW), fused in Rust.
+
+        opt = ferrotorch.optim.RAdam(model.parameters(), lr=1e-3)
+        loss.backward(); opt.step()
+    """
+
+    _spec = optimizer_spec("radam")
+    _state_key_set = frozenset({"step", "exp_avg", "exp_avg_sq"})
+    _group_keys = ("lr", "betas", "eps", "weight_decay")
+
+    def _fallback(
+        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], first: list[bool]
+    ) -> None:
+        st = [self.state[p] for p in params]
+        beta1, beta2 = group["betas"]
+        _tradam.radam(
+            params,
+            grads,
+            [s["exp_avg"] for s in st],
+            [s["exp_avg_sq"] for s in st],
+            [s["step"] for s in st],
+            has_complex=_complex(params),
+            decoupled_weight_decay=group.get("decoupled_weight_decay", False),
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=group["maximize"],
+        )
+
+
+class Adadelta(_FusedOptimizer, torch.optim.Adadelta):
+    """Adadelta, fused in Rust.
+
+        opt = ferrotorch.optim.Adadelta(model.parameters(), lr=1.0, rho=0.9)
+        loss.backward(); opt.step()
+    """
+
+    _spec = optimizer_spec("adadelta")
+    _state_key_set = frozenset({"step", "square_avg", "acc_delta"})
+    _group_keys = ("lr", "rho", "eps", "weight_decay")
+
+    def _fallback(
+        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], first: list[bool]
+    ) -> None:
+        st = [self.state[p] for p in params]
+        _tadadelta.adadelta(
+            params,
+            grads,
+            [s["square_avg"] for s in st],
+            [s["acc_delta"] for s in st],
+            [s["step"] for s in st],
+            has_complex=_complex(params),
+            lr=group["lr"],
+            rho=group["rho"],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
             maximize=group["maximize"],
         )
