@@ -1,0 +1,46 @@
+//! Vision Transformer (vit-pytorch's `ViT`, or timm's plain `VisionTransformer`) forward
+//! and backward, written out by hand.
+//!
+//! No libtorch autograd is used. The forward pass returns the logits and the activations
+//! the backward pass needs; Python keeps those with `ctx.save_for_backward`, so torch frees
+//! them after `backward()` (or keeps them under `retain_graph=True`) exactly as it does for
+//! its own ops. Matmuls go through tch (oneDNN or MKL on CPU, see [`matmul_nt`]). On CPU
+//! everything between the matmuls is one fused Rust pass from `ferrotorch_kernels::vit`
+//! ([`Ops::Fused`]); on other devices the same math runs as tch ops ([`Ops::Torch`]).
+//! Dropout masks come from a counter-based hash of a seed drawn from torch's generator, so
+//! they are recomputed, never stored, and both paths draw the same masks.
+//!
+//! With cls pooling the last layer runs on the cls token alone ([`cls_layer`]); without a
+//! gradient to compute, the batch runs in cache-sized chunks and nothing is saved
+//! ([`infer`]).
+//!
+//! Parameter order (as `ferrotorch.nn.ViT._ordered_params` lists them): [patch LayerNorm
+//! w/b], patch Linear w/b, [embedding LayerNorm w/b], [cls token], pos embedding; per layer
+//! attention LayerNorm w/b, qkv w, [qkv b], [out w/b], feed-forward LayerNorm w/b, Linear 1
+//! w/b, Linear 2 w/b; then the final LayerNorm w/b and the head w/b.
+//!
+//! [`matmul_nt`]: matmul::matmul_nt
+//! [`Ops::Fused`]: ops::Ops::Fused
+//! [`Ops::Torch`]: ops::Ops::Torch
+//! [`cls_layer`]: cls::cls_layer
+//! [`infer`]: forward::infer
+
+use pyo3::prelude::*;
+
+mod attention;
+mod backward;
+mod bindings;
+mod cls;
+mod config;
+mod forward;
+mod matmul;
+mod ops;
+
+pub use bindings::{vit_backward, vit_forward, VitRun};
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<VitRun>()?;
+    m.add_function(wrap_pyfunction!(vit_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(vit_backward, m)?)?;
+    Ok(())
+}
