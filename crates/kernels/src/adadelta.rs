@@ -29,20 +29,22 @@ impl Algorithm for Adadelta {
         let (g, sq, acc) = (&mut g[..n], &mut sq[..n], &mut acc[..n]);
         let o = <E::Op as OpFloat>::of;
         let (scale, clip) = (self.grad.grad_scale.map(o), self.grad.clip_coef.map(o));
-        let l2 = (self.weight_decay != 0.0).then_some(o(self.weight_decay));
+        let l2 = (self.weight_decay != 0.0).then_some(E::store(o(self.weight_decay)).load()); // torch rounds add()'s alpha to the dtype
         let (rho, c, eps, neg_lr) = (o(self.rho), o(1.0 - self.rho), o(self.eps), o(-self.lr));
         for i in 0..n {
             let param = p[i].load();
             // `grad.add(param, alpha=weight_decay)` is a tensor of the grad's dtype in torch.
             let grad = E::store(l2_grad(&mut g[i], param, scale, clip, self.maximize, l2)).load();
-            let square_avg = E::store((c * grad).mul_add(grad, sq[i].load() * rho));
+            // square_avg.mul_(rho).addcmul_(grad, grad, value=1 - rho): two roundings.
+            let decayed = E::store(sq[i].load() * rho).load();
+            let square_avg = E::store((c * grad).mul_add(grad, decayed));
             sq[i] = square_avg;
             // std = (square_avg + eps).sqrt(); delta = (acc_delta + eps).sqrt() / std * grad
             let std = E::store(E::store(square_avg.load() + eps).load().sqrt()).load();
             let a = acc[i].load();
             let delta = E::store(E::store(a + eps).load().sqrt()).load();
             let delta = E::store(E::store(delta / std).load() * grad).load();
-            acc[i] = E::store((c * delta).mul_add(delta, a * rho));
+            acc[i] = E::store((c * delta).mul_add(delta, E::store(a * rho).load()));
             p[i] = E::store(delta.mul_add(neg_lr, param));
         }
     }

@@ -69,7 +69,8 @@ impl Algorithm for RAdam {
         let has_wd = self.weight_decay != 0.0;
         let decay =
             (has_wd && self.decoupled_weight_decay).then_some(o(1.0 - self.lr * self.weight_decay));
-        let l2 = (has_wd && !self.decoupled_weight_decay).then_some(o(self.weight_decay));
+        let l2 = (has_wd && !self.decoupled_weight_decay)
+            .then_some(E::store(o(self.weight_decay)).load()); // torch rounds add()'s alpha to the dtype
         let (w1, beta2, c2, eps, lr) = (
             o(1.0 - self.beta1),
             o(self.beta2),
@@ -87,7 +88,9 @@ impl Algorithm for RAdam {
             // `grad.add(param, alpha=weight_decay)` is a tensor of the grad's dtype in torch.
             let grad = E::store(l2_grad(&mut g[i], param, scale, clip, self.maximize, l2)).load();
             let exp_avg = E::store(lerp(m[i].load(), grad, w1));
-            let exp_avg_sq = E::store((c2 * grad).mul_add(grad, v[i].load() * beta2));
+            // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2): two roundings.
+            let decayed = E::store(v[i].load() * beta2).load();
+            let exp_avg_sq = E::store((c2 * grad).mul_add(grad, decayed));
             m[i] = exp_avg;
             v[i] = exp_avg_sq;
             // torch: bias_corrected_exp_avg * lr [* adaptive_lr * rect], each a tensor op.
