@@ -25,6 +25,8 @@ type StepFn = for<'py> fn(
     GradIn,
     &[usize],
 ) -> PyResult<Outcome>;
+/// `(missing, slow, serial)` as Python receives it.
+type StepResult = (Vec<usize>, Vec<(usize, bool)>, bool);
 type KeysFn = for<'py> fn(&Bound<'py, PyDict>) -> crate::errors::Result<Vec<&'static str>>;
 
 /// An algorithm's declaration with its step bound to its kernel.
@@ -102,7 +104,7 @@ impl OptimizerSpec {
         grad_scale: Option<f64>,
         clip_coef: Option<f64>,
         first: Vec<usize>,
-    ) -> PyResult<(Vec<usize>, Vec<(usize, bool)>, bool)> {
+    ) -> PyResult<StepResult> {
         let grad = GradIn {
             grad_scale,
             clip_coef,
