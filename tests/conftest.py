@@ -20,6 +20,7 @@ OPTIMIZERS = {
     "Adamax": (fopt.Adamax, torch.optim.Adamax),
     "RAdam": (fopt.RAdam, torch.optim.RAdam),
     "Adadelta": (fopt.Adadelta, torch.optim.Adadelta),
+    "Rprop": (fopt.Rprop, torch.optim.Rprop),
 }
 
 
@@ -91,6 +92,13 @@ def random_config(name: str, rng: random.Random) -> dict:
             rho=rng.choice([0.9, 0.5]),
             eps=rng.choice([1e-6, 1e-3]),
             weight_decay=wd,
+            maximize=rng.random() < 0.3,
+        )
+    if name == "Rprop":
+        return dict(
+            lr=rng.choice([1e-2, 1e-3]),
+            etas=(rng.choice([0.5, 0.3]), rng.choice([1.2, 1.5])),
+            step_sizes=(rng.choice([1e-6, 1e-4]), rng.choice([50.0, 0.05])),
             maximize=rng.random() < 0.3,
         )
     raise KeyError(name)

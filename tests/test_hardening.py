@@ -22,7 +22,7 @@ from hypothesis import strategies as st  # noqa: E402
 import ferrotorch.optim as fopt  # noqa: E402
 from ferrotorch.optim import lr_scheduler as fls  # noqa: E402
 
-OPTS = ["Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adamax", "RAdam", "Adadelta"]
+OPTS = ["Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adamax", "RAdam", "Adadelta", "Rprop"]
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 FORBIDDEN = (SystemError, MemoryError)
 
@@ -51,6 +51,7 @@ KWARGS = {
     "Adamax": ["lr", "betas", "eps", "weight_decay", "maximize"],
     "RAdam": ["lr", "betas", "eps", "weight_decay", "decoupled_weight_decay", "maximize"],
     "Adadelta": ["lr", "rho", "eps", "weight_decay", "maximize"],
+    "Rprop": ["lr", "etas", "step_sizes", "maximize"],
 }
 
 

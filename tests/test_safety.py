@@ -26,6 +26,7 @@ OPTIMIZERS = {
     "Adamax": {"lr": 0.02, "weight_decay": 0.01},
     "RAdam": {"lr": 0.01, "decoupled_weight_decay": True, "weight_decay": 0.1},
     "Adadelta": {"lr": 1.0, "rho": 0.8},
+    "Rprop": {"lr": 0.01, "etas": (0.4, 1.3)},
 }
 
 

@@ -4,7 +4,7 @@
 
 use ferrotorch_kernels::{
     adadelta::Adadelta, adagrad::Adagrad, adam::Adam, adamax::Adamax, common::GradIn, radam::RAdam,
-    rmsprop::RmsProp, sgd::Sgd, sgd::SgdScalars, Algorithm,
+    rmsprop::RmsProp, rprop::Rprop, sgd::Sgd, sgd::SgdScalars, Algorithm,
 };
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -283,6 +283,43 @@ impl Fused for Adadelta {
             rho: float(g, "rho")?,
             eps: float(g, "eps")?,
             weight_decay: float(g, "weight_decay")?,
+            maximize: flag(g, "maximize")?,
+            grad,
+        })
+    }
+    fn scalars(&self, _: Option<f64>, _: bool) -> Self::Scalars {}
+}
+
+fn pair(g: &Bound<'_, PyDict>, key: &str) -> Result<(f64, f64)> {
+    let v = get(g, key)?;
+    let bad = || Error::Type(format!("param_group['{key}'] must be a pair of floats"));
+    let item = |i: usize| -> Result<f64> {
+        v.get_item(i)
+            .map_err(|_| bad())?
+            .extract::<f64>()
+            .map_err(|_| bad())
+    };
+    Ok((item(0)?, item(1)?))
+}
+
+impl Fused for Rprop {
+    const SPEC: Spec = Spec {
+        name: "rprop",
+        label: "Rprop",
+        has_step: true,
+        sparse: Sparse::Reject("Rprop does not support sparse gradients"),
+    };
+    fn state_keys(_: &Bound<'_, PyDict>) -> Result<Vec<&'static str>> {
+        Ok(vec!["prev", "step_size"])
+    }
+    fn from_group(g: &Bound<'_, PyDict>, grad: GradIn) -> Result<Self> {
+        let (etaminus, etaplus) = pair(g, "etas")?;
+        let (step_size_min, step_size_max) = pair(g, "step_sizes")?;
+        Ok(Rprop {
+            etaminus,
+            etaplus,
+            step_size_min,
+            step_size_max,
             maximize: flag(g, "maximize")?,
             grad,
         })

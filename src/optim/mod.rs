@@ -9,7 +9,7 @@ mod step;
 
 use ferrotorch_kernels::{
     adadelta::Adadelta, adagrad::Adagrad, adam::Adam, adamax::Adamax, common::GradIn, radam::RAdam,
-    rmsprop::RmsProp, sgd::Sgd,
+    rmsprop::RmsProp, rprop::Rprop, sgd::Sgd,
 };
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -45,7 +45,7 @@ const fn entry<A: Fused>() -> Entry {
 }
 
 /// Every fused optimizer. Adding one is a kernel, a `Fused` impl and a line here.
-static REGISTRY: [Entry; 7] = [
+static REGISTRY: [Entry; 8] = [
     entry::<Adam>(),
     entry::<Sgd>(),
     entry::<RmsProp>(),
@@ -53,6 +53,7 @@ static REGISTRY: [Entry; 7] = [
     entry::<Adamax>(),
     entry::<RAdam>(),
     entry::<Adadelta>(),
+    entry::<Rprop>(),
 ];
 
 /// One fused algorithm: its declaration and its step.

@@ -18,6 +18,7 @@ pub mod ema;
 pub mod pool;
 pub mod radam;
 pub mod rmsprop;
+pub mod rprop;
 pub mod schedule;
 pub mod sgd;
 pub mod vit;

@@ -17,6 +17,7 @@ from torch.optim import adagrad as _tadagrad
 from torch.optim import adam as _tadam
 from torch.optim import adamax as _tadamax
 from torch.optim import radam as _tradam
+from torch.optim import rprop as _trprop
 from torch.optim import rmsprop as _trmsprop
 from torch.optim import sgd as _tsgd
 
@@ -24,7 +25,7 @@ from .._native import optimizer_spec
 from ._fused import _FusedOptimizer
 from .. import _compat
 
-__all__ = ["Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adamax", "RAdam", "Adadelta"]
+__all__ = ["Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adamax", "RAdam", "Adadelta", "Rprop"]
 
 
 def _complex(params: list[torch.Tensor]) -> bool:
@@ -271,5 +272,44 @@ class Adadelta(_FusedOptimizer, torch.optim.Adadelta):
             rho=group["rho"],
             eps=group["eps"],
             weight_decay=group["weight_decay"],
+            maximize=group["maximize"],
+        )
+
+
+class Rprop(_FusedOptimizer, torch.optim.Rprop):
+    """Rprop (resilient backpropagation), fused in Rust.
+
+        opt = ferrotorch.optim.Rprop(model.parameters(), lr=1e-2, etas=(0.5, 1.2))
+        loss.backward(); opt.step()
+    """
+
+    _spec = optimizer_spec("rprop")
+    _state_key_set = frozenset({"step", "prev", "step_size"})
+    _group_keys = ("lr", "etas", "step_sizes")
+
+    def _new_state(self, group: dict[str, Any], p: torch.Tensor, key: str) -> torch.Tensor:
+        if key == "step_size":  # torch: full_like(grad, lr)
+            lr = group["lr"]
+            lr = lr.item() if torch.is_tensor(lr) else lr
+            return torch.full_like(p.grad, complex(lr, lr) if p.is_complex() else lr, memory_format=torch.preserve_format)
+        return super()._new_state(group, p, key)
+
+    def _fallback(
+        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], first: list[bool]
+    ) -> None:
+        st = [self.state[p] for p in params]
+        etaminus, etaplus = group["etas"]
+        step_size_min, step_size_max = group["step_sizes"]
+        _trprop.rprop(
+            params,
+            grads,
+            [s["prev"] for s in st],
+            [s["step_size"] for s in st],
+            [s["step"] for s in st],
+            has_complex=_complex(params),
+            step_size_min=step_size_min,
+            step_size_max=step_size_max,
+            etaminus=etaminus,
+            etaplus=etaplus,
             maximize=group["maximize"],
         )
