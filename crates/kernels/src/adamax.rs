@@ -99,7 +99,7 @@ mod tests {
         assert!((t[0].param[0] - p1).abs() < 1e-12);
         t[0].grad[0] = -1.0;
         step(&a, a.scalars(2.0), &mut t, 1);
-        let m2 = 0.9 * m1 + 0.1 * -1.0;
+        let m2 = 0.9 * m1 - 0.1;
         let u2 = f64::max(0.99 * u1, 1.0 + 1e-8);
         let p2 = p1 - 0.1 / (1.0 - 0.81) * m2 / u2;
         assert!(
