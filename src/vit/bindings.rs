@@ -3,23 +3,66 @@
 
 use pyo3::prelude::*;
 use pyo3_tch::PyTensor;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use super::backward::backward;
-use super::config::{check_input, Cfg, Run};
+use super::config::{
+    check_grad, check_input, check_params, check_saved, dense, param_name, Cfg, Run, SavedSpec,
+    Widths,
+};
 use super::forward::{forward, infer};
 use super::matmul::with_onednn;
 use super::ops::Ops;
-use crate::access::kernel_dtype;
-use crate::errors::no_panic;
+use crate::access::{kernel_dtype, plain_tensor};
+use crate::errors::{no_panic, Error};
 
-/// What `backward` needs besides the saved tensors: the configuration and the batch's shape
-/// and dropout seed. Holds no tensors.
+/// What `backward` needs besides the saved tensors: the configuration, the batch's shape and
+/// dropout seed, and what forward was given and saved (dtype and device of the images, the
+/// parameters' free widths, each saved tensor's shape and dtype), to check backward's
+/// tensors against. Holds no tensors.
 #[pyclass(module = "ferrotorch._native", frozen)]
 pub struct VitRun {
     cfg: Cfg,
     run: Run,
     fused: bool,
+    like: (Kind, Device),
+    widths: Widths,
+    saved: SavedSpec,
+}
+
+/// The libtorch handle of `obj` if it is a plain `torch.Tensor`/`nn.Parameter` (subclasses
+/// such as FakeTensor, DTensor or `__torch_function__` types are refused: the pointers they
+/// report are not theirs, or they have none).
+fn plain(obj: &Bound<'_, PyAny>, what: impl FnOnce() -> String) -> PyResult<Tensor> {
+    plain_tensor(obj)?.ok_or_else(|| {
+        let ty = obj
+            .get_type()
+            .name()
+            .map(|n| n.to_string())
+            .unwrap_or_default();
+        Error::Type(format!(
+            "{} is a {ty}, expected a plain torch.Tensor or nn.Parameter",
+            what()
+        ))
+        .into()
+    })
+}
+
+/// [`plain`] for each parameter, errors naming it.
+fn plain_params(
+    objs: &[Bound<'_, PyAny>],
+    cfg: &Cfg,
+    hw: (i64, i64),
+    what: &str,
+) -> PyResult<Vec<Tensor>> {
+    objs.iter()
+        .enumerate()
+        .map(|(i, o)| {
+            plain(o, || {
+                format!("{what}: parameter {}", param_name(cfg, hw, i))
+            })
+        })
+        .collect()
 }
 
 fn pick_ops(x: &Tensor, params: &[Tensor], allow_fused: bool) -> Ops {
@@ -42,8 +85,8 @@ fn pick_ops(x: &Tensor, params: &[Tensor], allow_fused: bool) -> Ops {
 #[allow(clippy::too_many_arguments)]
 pub fn vit_forward(
     py: Python<'_>,
-    x: PyTensor,
-    params: Vec<PyTensor>,
+    x: Bound<'_, PyAny>,
+    params: Vec<Bound<'_, PyAny>>,
     patch: (i64, i64),
     channels: i64,
     dim: i64,
@@ -83,7 +126,13 @@ pub fn vit_forward(
         emb_dropout,
         onednn,
     };
-    let (b, c, hh, ww) = check_input(&cfg, &x.0)?;
+    // Every tensor is checked here, before any kernel runs: the kernels read them as raw
+    // buffers of the sizes the configuration implies.
+    let x = plain(&x, || "ViT: the images".into())?;
+    let ((b, c, hh, ww), xm) = check_input(&cfg, &x)?;
+    let like = (xm.kind, xm.device);
+    let params = plain_params(&params, &cfg, (hh, ww), "ViT")?;
+    let widths = check_params("ViT", &cfg, (hh, ww), like, &params, None)?;
     let mut run = Run {
         b,
         c,
@@ -94,20 +143,15 @@ pub fn vit_forward(
         seed,
         train,
     };
-    let params: Vec<Tensor> = params.into_iter().map(|t| t.0.shallow_clone()).collect();
-    let x = x.0.shallow_clone();
     let job = Job((x, params, cfg, run));
-    let (logits, saved, run_out, fused_used) = py
+    let (logits, saved, spec, run_out, fused_used) = py
         .allow_threads(move || {
             let Job((x, params, cfg, mut run)) = job;
             no_panic("ViT forward", || {
                 with_onednn(cfg.onednn, || {
                     tch::no_grad(|| {
-                        let x = x.f_contiguous()?;
-                        let params = params
-                            .iter()
-                            .map(|p| p.f_contiguous())
-                            .collect::<std::result::Result<Vec<_>, _>>()?;
+                        let x = dense(&x)?;
+                        let params = params.iter().map(dense).collect::<Result<Vec<_>, _>>()?;
                         let ops = pick_ops(&x, &params, fused);
                         let dropout_on = run.drop(cfg.dropout, 1).active()
                             || run.drop(cfg.emb_dropout, 0).active();
@@ -116,7 +160,12 @@ pub fn vit_forward(
                         } else {
                             forward(ops, &cfg, &x, &params, &mut run, true)?
                         };
-                        Ok(Job((logits, saved, run, matches!(ops, Ops::Fused { .. }))))
+                        let spec: SavedSpec = saved
+                            .iter()
+                            .map(|t| Ok((t.size(), t.f_kind()?)))
+                            .collect::<Result<_, Error>>()?;
+                        let fused = matches!(ops, Ops::Fused { .. });
+                        Ok(Job((logits, saved, spec, run, fused)))
                     })
                 })
             })
@@ -130,6 +179,9 @@ pub fn vit_forward(
             cfg,
             run,
             fused: fused_used,
+            like,
+            widths,
+            saved: spec,
         },
     ))
 }
@@ -141,19 +193,35 @@ struct Job<T>(T);
 unsafe impl<T> Send for Job<T> {}
 
 /// Backward pass: `[grad input, grad param 0, …]` from the logits' gradient, the parameters
-/// and the tensors `vit_forward` saved.
+/// and the tensors `vit_forward` saved. Each is checked against what that forward pass was
+/// given and saved first.
 #[pyfunction]
 pub fn vit_backward(
     py: Python<'_>,
     run: &VitRun,
-    grad_logits: PyTensor,
-    params: Vec<PyTensor>,
-    saved: Vec<PyTensor>,
+    grad_logits: Bound<'_, PyAny>,
+    params: Vec<Bound<'_, PyAny>>,
+    saved: Vec<Bound<'_, PyAny>>,
 ) -> PyResult<Vec<PyTensor>> {
     let (cfg, r, fused) = (run.cfg, run.run, run.fused);
-    let params: Vec<Tensor> = params.into_iter().map(|t| t.0.shallow_clone()).collect();
-    let saved: Vec<Tensor> = saved.into_iter().map(|t| t.0.shallow_clone()).collect();
-    let g = grad_logits.0.shallow_clone();
+    let g = plain(&grad_logits, || "ViT backward: grad_logits".into())?;
+    check_grad(&g, [r.b, run.widths.classes], run.like.1)?;
+    let hw = (r.hh, r.ww);
+    let params = plain_params(&params, &cfg, hw, "ViT backward")?;
+    check_params(
+        "ViT backward",
+        &cfg,
+        hw,
+        run.like,
+        &params,
+        Some(&run.widths),
+    )?;
+    let saved = saved
+        .iter()
+        .enumerate()
+        .map(|(i, o)| plain(o, || format!("ViT backward: saved tensor {i}")))
+        .collect::<PyResult<Vec<_>>>()?;
+    check_saved(&run.saved, run.like.1, &saved)?;
     let job = Job((g, params, saved));
     let grads = py
         .allow_threads(move || {
@@ -161,13 +229,10 @@ pub fn vit_backward(
             no_panic("ViT backward", || {
                 with_onednn(cfg.onednn, || {
                     tch::no_grad(|| {
-                        let g = g
-                            .f_contiguous()?
-                            .f_to_kind(saved.last().map_or(g.kind(), |t| t.kind()))?;
-                        let params = params
-                            .iter()
-                            .map(|p| p.f_contiguous())
-                            .collect::<std::result::Result<Vec<_>, _>>()?;
+                        let g =
+                            dense(&g)?.f_to_kind(saved.last().map_or(g.kind(), |t| t.kind()))?;
+                        let params = params.iter().map(dense).collect::<Result<Vec<_>, _>>()?;
+                        let saved = saved.iter().map(dense).collect::<Result<Vec<_>, _>>()?;
                         let ops = if fused {
                             pick_ops(&g, &params, true)
                         } else {

@@ -14,6 +14,12 @@
 //! gradient to compute, the batch runs in cache-sized chunks and nothing is saved
 //! ([`infer`]).
 //!
+//! The bindings never rely on the Python layer's checks: every tensor must be a plain
+//! `torch.Tensor`/`nn.Parameter`, and the images, the parameters (against the layout
+//! `ferrotorch.nn.vit._layout` describes, [`check_params`]), the saved activations and the
+//! logits' gradient (against what the forward pass was given and saved) are checked for shape,
+//! dtype, device and real strided storage before any kernel runs.
+//!
 //! Parameter order (as `ferrotorch.nn.ViT._ordered_params` lists them): [patch LayerNorm
 //! w/b], patch Linear w/b, [embedding LayerNorm w/b], [cls token], pos embedding; per layer
 //! attention LayerNorm w/b, qkv w, [qkv b], [out w/b], feed-forward LayerNorm w/b, Linear 1
@@ -24,6 +30,7 @@
 //! [`Ops::Torch`]: ops::Ops::Torch
 //! [`cls_layer`]: cls::cls_layer
 //! [`infer`]: forward::infer
+//! [`check_params`]: config::check_params
 
 use pyo3::prelude::*;
 
