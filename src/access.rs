@@ -244,14 +244,25 @@ pub fn kind_name(t: &Tensor) -> String {
     }
 }
 
-/// A scalar step counter the kernel reads and bumps: one f32 or f64 element on the CPU.
-pub struct StepCounter {
+/// A scalar state tensor (`step`, `mu_product`, `eta`…) the step reads and writes: one f32
+/// or f64 element on the CPU, updated in its own dtype as torch's ops on it would.
+#[derive(Clone, Copy)]
+pub struct Scalar {
     ptr: *mut u8,
     double: bool,
 }
 
-impl StepCounter {
-    pub fn of(t: &Tensor) -> Option<StepCounter> {
+impl Scalar {
+    /// An unused slot (never read or written).
+    pub const NONE: Scalar = Scalar {
+        ptr: std::ptr::null_mut(),
+        double: false,
+    };
+
+    /// # Safety
+    /// Until the last use of the returned value, `t` must stay alive with the same storage,
+    /// and no other buffer in use may overlap its element (the caller checks overlap).
+    pub unsafe fn of(t: &Tensor) -> Option<Scalar> {
         if !cpu_strided(t) || Shape::of(t).map(|s| s.numel()) != Some(1) {
             return None;
         }
@@ -261,7 +272,7 @@ impl StepCounter {
             _ => return None,
         };
         let ptr = t.data_ptr() as *mut u8;
-        (!ptr.is_null()).then_some(StepCounter { ptr, double })
+        (!ptr.is_null()).then_some(Scalar { ptr, double })
     }
 
     pub fn range(&self) -> (usize, usize) {
@@ -269,20 +280,48 @@ impl StepCounter {
         (s, s + if self.double { 8 } else { 4 })
     }
 
-    /// `step_t += 1` in the counter's own dtype, as torch does; returns the new value.
-    ///
-    /// # Safety
-    /// The tensor this counter was read from must be alive and unchanged since `of`, and no
-    /// other buffer of the call may overlap it.
-    pub unsafe fn bump(&self) -> f64 {
-        if self.double {
-            let p = self.ptr as *mut f64;
-            *p += 1.0;
-            *p
-        } else {
-            let p = self.ptr as *mut f32;
-            *p += 1.0;
-            *p as f64
+    pub fn get(&self) -> f64 {
+        // SAFETY: `of`'s contract keeps the element alive and unaliased.
+        unsafe {
+            if self.double {
+                *(self.ptr as *const f64)
+            } else {
+                *(self.ptr as *const f32) as f64
+            }
         }
+    }
+
+    /// `t.copy_(value)`: stored rounded to the tensor's dtype.
+    pub fn set(&self, value: f64) {
+        // SAFETY: as in `get`.
+        unsafe {
+            if self.double {
+                *(self.ptr as *mut f64) = value;
+            } else {
+                *(self.ptr as *mut f32) = value as f32;
+            }
+        }
+    }
+
+    /// `t *= factor` (a Python float) in the tensor's dtype; returns the new value.
+    pub fn mul(&self, factor: f64) -> f64 {
+        let v = if self.double {
+            self.get() * factor
+        } else {
+            (self.get() as f32 * factor as f32) as f64
+        };
+        self.set(v);
+        v
+    }
+
+    /// `step_t += 1` in the counter's own dtype, as torch does; returns the new value.
+    pub fn bump(&self) -> f64 {
+        let v = if self.double {
+            self.get() + 1.0
+        } else {
+            (self.get() as f32 + 1.0) as f64
+        };
+        self.set(v);
+        v
     }
 }

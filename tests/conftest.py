@@ -21,6 +21,8 @@ OPTIMIZERS = {
     "RAdam": (fopt.RAdam, torch.optim.RAdam),
     "Adadelta": (fopt.Adadelta, torch.optim.Adadelta),
     "Rprop": (fopt.Rprop, torch.optim.Rprop),
+    "NAdam": (fopt.NAdam, torch.optim.NAdam),
+    "ASGD": (fopt.ASGD, torch.optim.ASGD),
 }
 
 
@@ -99,6 +101,25 @@ def random_config(name: str, rng: random.Random) -> dict:
             lr=rng.choice([1e-2, 1e-3]),
             etas=(rng.choice([0.5, 0.3]), rng.choice([1.2, 1.5])),
             step_sizes=(rng.choice([1e-6, 1e-4]), rng.choice([50.0, 0.05])),
+            maximize=rng.random() < 0.3,
+        )
+    if name == "NAdam":
+        return dict(
+            lr=rng.choice([2e-3, 1e-2]),
+            betas=(rng.choice([0.9, 0.5]), rng.choice([0.999, 0.9])),
+            eps=rng.choice([1e-8, 1e-6]),
+            weight_decay=wd,
+            momentum_decay=rng.choice([4e-3, 0.1]),
+            decoupled_weight_decay=rng.random() < 0.5,
+            maximize=rng.random() < 0.3,
+        )
+    if name == "ASGD":
+        return dict(
+            lr=rng.choice([1e-2, 1e-3]),
+            lambd=rng.choice([1e-4, 1e-2]),
+            alpha=rng.choice([0.75, 0.5]),
+            t0=rng.choice([1e6, 3.0, 0.0]),
+            weight_decay=wd,
             maximize=rng.random() < 0.3,
         )
     raise KeyError(name)

@@ -14,8 +14,9 @@ import torch
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 
-NAMES = ["Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adamax", "RAdam", "Adadelta", "Rprop"]
-KW = {"Adam": {"lr": 0.1}, "AdamW": {"lr": 0.1, "amsgrad": True}, "SGD": {"lr": 0.1, "momentum": 0.9}, "RMSprop": {"lr": 0.01, "centered": True}, "Adagrad": {"lr": 0.1}, "Adamax": {"lr": 0.02}, "RAdam": {"lr": 0.01}, "Adadelta": {"lr": 1.0}, "Rprop": {"lr": 0.01}}
+# Not Rprop: torch's own Rprop cannot step DTensors (its masked index_put_ changes placement).
+NAMES = ["Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adamax", "RAdam", "Adadelta", "NAdam", "ASGD"]
+KW = {"Adam": {"lr": 0.1}, "AdamW": {"lr": 0.1, "amsgrad": True}, "SGD": {"lr": 0.1, "momentum": 0.9}, "RMSprop": {"lr": 0.01, "centered": True}, "Adagrad": {"lr": 0.1}, "Adamax": {"lr": 0.02}, "RAdam": {"lr": 0.01}, "Adadelta": {"lr": 1.0}, "Rprop": {"lr": 0.01}, "NAdam": {"lr": 0.01}, "ASGD": {"lr": 0.01, "t0": 1.0}}
 
 
 def _worker(rank: int, world: int, port: int) -> None:

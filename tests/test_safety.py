@@ -27,6 +27,8 @@ OPTIMIZERS = {
     "RAdam": {"lr": 0.01, "decoupled_weight_decay": True, "weight_decay": 0.1},
     "Adadelta": {"lr": 1.0, "rho": 0.8},
     "Rprop": {"lr": 0.01, "etas": (0.4, 1.3)},
+    "NAdam": {"lr": 0.01, "weight_decay": 0.01, "decoupled_weight_decay": True},
+    "ASGD": {"lr": 0.01, "t0": 1.0, "weight_decay": 0.01},
 }
 
 

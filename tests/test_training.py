@@ -310,7 +310,7 @@ def test_grad_with_wrong_dtype_is_a_type_error():
 
 
 
-@pytest.mark.parametrize("name", ["Adamax", "RAdam", "Adadelta", "Rprop"])
+@pytest.mark.parametrize("name", ["Adamax", "RAdam", "Adadelta", "Rprop", "NAdam", "ASGD"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_low_precision_matches_torch_single_tensor(name, dtype):
     """torch has no fused kernel for these: its reference is the single-tensor path, which

@@ -3,12 +3,14 @@
 //! validation, dispatch) is derived from these declarations.
 
 use ferrotorch_kernels::{
-    adadelta::Adadelta, adagrad::Adagrad, adam::Adam, adamax::Adamax, common::GradIn, radam::RAdam,
-    rmsprop::RmsProp, rprop::Rprop, sgd::Sgd, sgd::SgdScalars, Algorithm,
+    adadelta::Adadelta, adagrad::Adagrad, adam::Adam, adamax::Adamax, asgd::Asgd,
+    asgd::AsgdScalars, common::GradIn, nadam::NAdam, radam::RAdam, rmsprop::RmsProp, rprop::Rprop,
+    sgd::Sgd, sgd::SgdScalars, Algorithm,
 };
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
+use crate::access::Scalar;
 use crate::errors::{Error, Result};
 
 /// What an optimizer does with a sparse gradient.
@@ -27,9 +29,16 @@ pub struct Spec {
     pub name: &'static str,
     /// torch's class name, used in messages.
     pub label: &'static str,
-    /// Whether each parameter's state has a `step` counter the kernel bumps.
-    pub has_step: bool,
+    /// The per-parameter scalar state tensors (one element each) the step reads and
+    /// updates, `step` first where torch counts steps.
+    pub scalars: &'static [&'static str],
     pub sparse: Sparse,
+}
+
+impl Spec {
+    pub fn has_step(&self) -> bool {
+        self.scalars.first() == Some(&"step")
+    }
 }
 
 /// A kernel-backed optimizer: the kernel's [`Algorithm`] plus how a param group configures
@@ -39,9 +48,10 @@ pub trait Fused: Algorithm + Send + Sized + 'static {
     /// State keys in the kernel's order, for this group's settings.
     fn state_keys(g: &Bound<'_, PyDict>) -> Result<Vec<&'static str>>;
     fn from_group(g: &Bound<'_, PyDict>, grad: GradIn) -> Result<Self>;
-    /// Per-tensor scalars; `step` is the bumped counter (None without one), `first` tells
-    /// that the state was created for this step (SGD seeds its momentum with the grad).
-    fn scalars(&self, step: Option<f64>, first: bool) -> Self::Scalars;
+    /// Per-tensor kernel scalars, updating the scalar state (`SPEC.scalars`, in order: bump
+    /// `step`…) as torch does before its elementwise math; `first` tells that the state
+    /// was created for this step (SGD seeds its momentum with the grad).
+    fn scalars(&self, state: &[Scalar], first: bool) -> Self::Scalars;
 }
 
 fn get<'py>(g: &Bound<'py, PyDict>, key: &str) -> Result<Bound<'py, PyAny>> {
@@ -94,7 +104,7 @@ impl Fused for Adam {
     const SPEC: Spec = Spec {
         name: "adam",
         label: "Adam",
-        has_step: true,
+        scalars: &["step"],
         sparse: Sparse::Reject(
             "Adam does not support sparse gradients, please consider SparseAdam instead",
         ),
@@ -120,8 +130,8 @@ impl Fused for Adam {
             grad,
         })
     }
-    fn scalars(&self, step: Option<f64>, _: bool) -> Self::Scalars {
-        Adam::scalars(self, step.unwrap_or(1.0))
+    fn scalars(&self, s: &[Scalar], _: bool) -> Self::Scalars {
+        Adam::scalars(self, s[0].bump())
     }
 }
 
@@ -129,7 +139,7 @@ impl Fused for Sgd {
     const SPEC: Spec = Spec {
         name: "sgd",
         label: "SGD",
-        has_step: false,
+        scalars: &[],
         sparse: Sparse::Torch,
     };
     fn state_keys(g: &Bound<'_, PyDict>) -> Result<Vec<&'static str>> {
@@ -150,7 +160,7 @@ impl Fused for Sgd {
             grad,
         })
     }
-    fn scalars(&self, _: Option<f64>, first: bool) -> Self::Scalars {
+    fn scalars(&self, _: &[Scalar], first: bool) -> Self::Scalars {
         SgdScalars { first_step: first }
     }
 }
@@ -159,7 +169,7 @@ impl Fused for RmsProp {
     const SPEC: Spec = Spec {
         name: "rmsprop",
         label: "RMSprop",
-        has_step: true,
+        scalars: &["step"],
         sparse: Sparse::Reject("RMSprop does not support sparse gradients"),
     };
     fn state_keys(g: &Bound<'_, PyDict>) -> Result<Vec<&'static str>> {
@@ -184,14 +194,16 @@ impl Fused for RmsProp {
             grad,
         })
     }
-    fn scalars(&self, _: Option<f64>, _: bool) -> Self::Scalars {}
+    fn scalars(&self, s: &[Scalar], _: bool) -> Self::Scalars {
+        s[0].bump();
+    }
 }
 
 impl Fused for Adagrad {
     const SPEC: Spec = Spec {
         name: "adagrad",
         label: "Adagrad",
-        has_step: true,
+        scalars: &["step"],
         sparse: Sparse::Torch,
     };
     fn state_keys(_: &Bound<'_, PyDict>) -> Result<Vec<&'static str>> {
@@ -207,8 +219,8 @@ impl Fused for Adagrad {
             grad,
         })
     }
-    fn scalars(&self, step: Option<f64>, _: bool) -> Self::Scalars {
-        Adagrad::scalars(self, step.unwrap_or(1.0))
+    fn scalars(&self, s: &[Scalar], _: bool) -> Self::Scalars {
+        Adagrad::scalars(self, s[0].bump())
     }
 }
 
@@ -216,7 +228,7 @@ impl Fused for Adamax {
     const SPEC: Spec = Spec {
         name: "adamax",
         label: "Adamax",
-        has_step: true,
+        scalars: &["step"],
         sparse: Sparse::Reject("Adamax does not support sparse gradients"),
     };
     fn state_keys(_: &Bound<'_, PyDict>) -> Result<Vec<&'static str>> {
@@ -234,8 +246,8 @@ impl Fused for Adamax {
             grad,
         })
     }
-    fn scalars(&self, step: Option<f64>, _: bool) -> Self::Scalars {
-        Adamax::scalars(self, step.unwrap_or(1.0))
+    fn scalars(&self, s: &[Scalar], _: bool) -> Self::Scalars {
+        Adamax::scalars(self, s[0].bump())
     }
 }
 
@@ -243,7 +255,7 @@ impl Fused for RAdam {
     const SPEC: Spec = Spec {
         name: "radam",
         label: "RAdam",
-        has_step: true,
+        scalars: &["step"],
         sparse: Sparse::Reject("RAdam does not support sparse gradients"),
     };
     fn state_keys(_: &Bound<'_, PyDict>) -> Result<Vec<&'static str>> {
@@ -262,8 +274,8 @@ impl Fused for RAdam {
             grad,
         })
     }
-    fn scalars(&self, step: Option<f64>, _: bool) -> Self::Scalars {
-        RAdam::scalars(self, step.unwrap_or(1.0))
+    fn scalars(&self, s: &[Scalar], _: bool) -> Self::Scalars {
+        RAdam::scalars(self, s[0].bump())
     }
 }
 
@@ -271,7 +283,7 @@ impl Fused for Adadelta {
     const SPEC: Spec = Spec {
         name: "adadelta",
         label: "Adadelta",
-        has_step: true,
+        scalars: &["step"],
         sparse: Sparse::Reject("Adadelta does not support sparse gradients"),
     };
     fn state_keys(_: &Bound<'_, PyDict>) -> Result<Vec<&'static str>> {
@@ -287,7 +299,9 @@ impl Fused for Adadelta {
             grad,
         })
     }
-    fn scalars(&self, _: Option<f64>, _: bool) -> Self::Scalars {}
+    fn scalars(&self, s: &[Scalar], _: bool) -> Self::Scalars {
+        s[0].bump();
+    }
 }
 
 fn pair(g: &Bound<'_, PyDict>, key: &str) -> Result<(f64, f64)> {
@@ -306,7 +320,7 @@ impl Fused for Rprop {
     const SPEC: Spec = Spec {
         name: "rprop",
         label: "Rprop",
-        has_step: true,
+        scalars: &["step"],
         sparse: Sparse::Reject("Rprop does not support sparse gradients"),
     };
     fn state_keys(_: &Bound<'_, PyDict>) -> Result<Vec<&'static str>> {
@@ -324,5 +338,84 @@ impl Fused for Rprop {
             grad,
         })
     }
-    fn scalars(&self, _: Option<f64>, _: bool) -> Self::Scalars {}
+    fn scalars(&self, s: &[Scalar], _: bool) -> Self::Scalars {
+        s[0].bump();
+    }
+}
+
+impl Fused for NAdam {
+    const SPEC: Spec = Spec {
+        name: "nadam",
+        label: "NAdam",
+        scalars: &["step", "mu_product"],
+        sparse: Sparse::Reject("NAdam does not support sparse gradients"),
+    };
+    fn state_keys(_: &Bound<'_, PyDict>) -> Result<Vec<&'static str>> {
+        Ok(vec!["exp_avg", "exp_avg_sq"])
+    }
+    fn from_group(g: &Bound<'_, PyDict>, grad: GradIn) -> Result<Self> {
+        let (beta1, beta2) = betas(g)?;
+        Ok(NAdam {
+            lr: float(g, "lr")?,
+            beta1,
+            beta2,
+            eps: float(g, "eps")?,
+            weight_decay: float(g, "weight_decay")?,
+            momentum_decay: float(g, "momentum_decay")?,
+            decoupled_weight_decay: flag(g, "decoupled_weight_decay")?,
+            maximize: flag(g, "maximize")?,
+            grad,
+        })
+    }
+    fn scalars(&self, s: &[Scalar], _: bool) -> Self::Scalars {
+        let step = s[0].bump();
+        let (mu, mu_next) = self.mus(step);
+        // `mu_product *= mu` in the tensor's dtype, then read back as torch's `.item()`.
+        let mu_product = s[1].mul(mu);
+        NAdam::scalars(self, step, mu, mu_next, mu_product)
+    }
+}
+
+impl Fused for Asgd {
+    const SPEC: Spec = Spec {
+        name: "asgd",
+        label: "ASGD",
+        scalars: &["step", "eta", "mu"],
+        sparse: Sparse::Torch,
+    };
+    fn state_keys(_: &Bound<'_, PyDict>) -> Result<Vec<&'static str>> {
+        Ok(vec!["ax"])
+    }
+    fn from_group(g: &Bound<'_, PyDict>, grad: GradIn) -> Result<Self> {
+        let default_f64 = (|| -> PyResult<bool> {
+            let torch = g.py().import("torch")?;
+            torch
+                .call_method0("get_default_dtype")?
+                .eq(torch.getattr("float64")?)
+        })()
+        .map_err(|e| Error::Runtime(e.to_string()))?;
+        Ok(Asgd {
+            default_f64,
+            lr: float(g, "lr")?,
+            lambd: float(g, "lambd")?,
+            alpha: float(g, "alpha")?,
+            t0: float(g, "t0")?,
+            weight_decay: float(g, "weight_decay")?,
+            maximize: flag(g, "maximize")?,
+            grad,
+        })
+    }
+    fn scalars(&self, s: &[Scalar], _: bool) -> Self::Scalars {
+        let step = s[0].bump();
+        let now = AsgdScalars {
+            eta: s[1].get(),
+            mu: s[2].get(),
+        };
+        let (eta, mu) = self.next(step);
+        // torch: `eta.copy_(torch.as_tensor(value))`, a tensor of the default dtype first.
+        let round = |v: f64| if self.default_f64 { v } else { v as f32 as f64 };
+        s[1].set(round(eta));
+        s[2].set(round(mu));
+        now
+    }
 }

@@ -8,8 +8,8 @@ mod algos;
 mod step;
 
 use ferrotorch_kernels::{
-    adadelta::Adadelta, adagrad::Adagrad, adam::Adam, adamax::Adamax, common::GradIn, radam::RAdam,
-    rmsprop::RmsProp, rprop::Rprop, sgd::Sgd,
+    adadelta::Adadelta, adagrad::Adagrad, adam::Adam, adamax::Adamax, asgd::Asgd, common::GradIn,
+    nadam::NAdam, radam::RAdam, rmsprop::RmsProp, rprop::Rprop, sgd::Sgd,
 };
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -45,7 +45,7 @@ const fn entry<A: Fused>() -> Entry {
 }
 
 /// Every fused optimizer. Adding one is a kernel, a `Fused` impl and a line here.
-static REGISTRY: [Entry; 8] = [
+static REGISTRY: [Entry; 10] = [
     entry::<Adam>(),
     entry::<Sgd>(),
     entry::<RmsProp>(),
@@ -54,6 +54,8 @@ static REGISTRY: [Entry; 8] = [
     entry::<RAdam>(),
     entry::<Adadelta>(),
     entry::<Rprop>(),
+    entry::<NAdam>(),
+    entry::<Asgd>(),
 ];
 
 /// One fused algorithm: its declaration and its step.
@@ -76,7 +78,12 @@ impl OptimizerSpec {
     /// Whether each parameter's state holds a `step` tensor.
     #[getter]
     fn has_step(&self) -> bool {
-        self.entry.spec.has_step
+        self.entry.spec.has_step()
+    }
+    /// The per-parameter one-element state tensors (`step` first where torch counts steps).
+    #[getter]
+    fn scalar_keys(&self) -> Vec<&'static str> {
+        self.entry.spec.scalars.to_vec()
     }
     /// Whether sparse gradients are stepped by torch (True) or rejected with torch's error.
     #[getter]

@@ -14,7 +14,7 @@ use tch::Tensor;
 
 use super::algos::{Fused, Sparse};
 use crate::access::{
-    any_overlap, check_grad_matches, extent, flat, plain_tensor, Flat, Shape, Sharded, StepCounter,
+    any_overlap, check_grad_matches, extent, flat, plain_tensor, Flat, Scalar, Shape, Sharded,
 };
 use crate::errors::{enter, Error, Result};
 
@@ -34,7 +34,8 @@ struct Tensors {
     param: Tensor,
     grad: Tensor,
     states: Vec<Tensor>,
-    step: Option<Tensor>,
+    /// The scalar state, in `SPEC.scalars`' order.
+    scalars: Vec<Tensor>,
 }
 
 /// What the step did: `missing` lists parameters that have a grad but no (complete)
@@ -61,7 +62,7 @@ fn gather<'py>(
     state: &Bound<'py, PyDict>,
     group: &Bound<'py, PyDict>,
     keys: &[&'static str],
-    has_step: bool,
+    scalar_keys: &[&'static str],
     first: &[usize],
 ) -> PyResult<std::result::Result<Gathered<'py>, Vec<usize>>> {
     let params = group
@@ -70,7 +71,7 @@ fn gather<'py>(
     let params = params
         .downcast::<PyList>()
         .map_err(|_| Error::Type("param_group['params'] must be a list".into()))?;
-    let stateful = has_step || !keys.is_empty();
+    let stateful = !scalar_keys.is_empty() || !keys.is_empty();
     let mut entries = Vec::with_capacity(params.len());
     let mut written = Vec::with_capacity(params.len() * (2 + keys.len()));
     let mut missing = Vec::new();
@@ -105,10 +106,13 @@ fn gather<'py>(
                 None => complete = false,
             }
         }
-        let step_obj = if has_step { lookup("step")? } else { None };
-        // A float step (old checkpoints) is turned into a tensor by Python first.
-        if has_step && !step_obj.as_ref().is_some_and(is_tensor) {
-            complete = false;
+        let mut scalar_objs = Vec::with_capacity(scalar_keys.len());
+        for key in scalar_keys {
+            // A float (old checkpoints) is turned into a tensor by Python first.
+            match lookup(key)? {
+                Some(v) if is_tensor(&v) => scalar_objs.push(v),
+                _ => complete = false,
+            }
         }
         if !complete {
             missing.push(index);
@@ -147,18 +151,18 @@ fn gather<'py>(
                     None => return Ok(None),
                 }
             }
-            let step = match &step_obj {
-                Some(s) => match plain_tensor(s)? {
-                    Some(t) => Some(t),
+            let mut scalars = Vec::with_capacity(scalar_objs.len());
+            for o in &scalar_objs {
+                match plain_tensor(o)? {
+                    Some(t) => scalars.push(t),
                     None => return Ok(None),
-                },
-                None => None,
-            };
+                }
+            }
             Ok(Some(Tensors {
                 param,
                 grad,
                 states,
-                step,
+                scalars,
             }))
         })()?;
         let start = written.len();
@@ -198,9 +202,13 @@ struct Ready {
     param: Flat,
     grad: Flat,
     states: [Flat; MAX_STATES],
-    step: Option<StepCounter>,
+    /// The scalar state (`scalars[..n_scalars]`), in `SPEC.scalars`' order.
+    scalars: [Scalar; MAX_SCALARS],
     first: bool,
 }
+
+/// Most scalar state tensors an algorithm keeps per parameter (ASGD: step, eta, mu).
+const MAX_SCALARS: usize = 3;
 
 /// The kernel's view of an entry, or None (torch steps it). Errors are torch's.
 fn classify<A: Fused>(
@@ -232,7 +240,7 @@ fn classify<A: Fused>(
             std::iter::once(&t.param)
                 .chain([&t.grad])
                 .chain(&t.states)
-                .chain(&t.step)
+                .chain(&t.scalars)
                 .filter_map(extent),
         );
         Ok(None)
@@ -261,23 +269,43 @@ fn classify<A: Fused>(
             _ => return slow(ranges),
         }
     }
-    let step = match &t.step {
-        Some(s) => match StepCounter::of(s) {
-            Some(c) => Some(c),
+    let n_scalars = A::SPEC.scalars.len();
+    if t.scalars.len() != n_scalars || n_scalars > MAX_SCALARS {
+        return Err(Error::Runtime(format!(
+            "{}: parameter {} has {} scalar state tensors, expected {n_scalars}",
+            A::SPEC.label,
+            e.index,
+            t.scalars.len()
+        )));
+    }
+    for (key, s) in A::SPEC.scalars.iter().zip(&t.scalars) {
+        // torch's `.item()` on it would fail after other parameters were stepped.
+        if Shape::of(s).map(|sh| sh.numel()) != Some(1) {
+            return Err(Error::Value(format!(
+                "{}: state '{key}' of parameter {} must have one element, got shape {:?}",
+                A::SPEC.label,
+                e.index,
+                s.size()
+            )));
+        }
+    }
+    let mut scalars = [Scalar::NONE; MAX_SCALARS];
+    for (slot, s) in scalars.iter_mut().zip(&t.scalars) {
+        // SAFETY: `e` holds the tensor for the whole call; overlap is checked below.
+        match unsafe { Scalar::of(s) } {
+            Some(c) => *slot = c,
             None => return slow(ranges),
-        },
-        None if A::SPEC.has_step => return slow(ranges),
-        None => None,
-    };
+        }
+    }
     ranges.push(param.range());
     ranges.push(grad.range());
     ranges.extend(states[..n_states].iter().map(Flat::range));
-    ranges.extend(step.as_ref().map(StepCounter::range));
+    ranges.extend(scalars[..n_scalars].iter().map(Scalar::range));
     Ok(Some(Ready {
         param,
         grad,
         states,
-        step,
+        scalars,
         first: e.first,
     }))
 }
@@ -312,14 +340,14 @@ fn run_entries<A: Fused>(
         .iter()
         .map(|r| {
             // SAFETY: the counter's tensor is held by `entries` and overlaps nothing.
-            let step = r.step.as_ref().map(|c| unsafe { c.bump() });
+            let scalars = algo.scalars(&r.scalars[..A::SPEC.scalars.len()], r.first);
             Job {
                 dtype: r.param.dtype,
                 numel: r.param.numel,
                 param: r.param.ptr,
                 grad: r.grad.ptr,
                 states: [r.states[0].ptr, r.states[1].ptr, r.states[2].ptr],
-                scalars: algo.scalars(step, r.first),
+                scalars,
             }
         })
         .collect();
@@ -375,7 +403,7 @@ pub fn step_group<A: Fused>(
     let mut first = first.to_vec();
     first.sort_unstable();
     let keys = A::state_keys(group)?;
-    let Gathered { entries, written } = match gather(state, group, &keys, A::SPEC.has_step, &first)?
+    let Gathered { entries, written } = match gather(state, group, &keys, A::SPEC.scalars, &first)?
     {
         Ok(g) => g,
         Err(missing) => {

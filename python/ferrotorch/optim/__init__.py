@@ -9,13 +9,13 @@ Every public name of ``torch.optim`` resolves here, so a script keeps running af
 import swap:
 
 * native (fused Rust kernels): ``Adam``, ``AdamW``, ``SGD``, ``RMSprop``, ``Adagrad``,
-  ``Adamax``, ``RAdam``, ``Adadelta``, ``Rprop``;
+  ``Adamax``, ``RAdam``, ``Adadelta``, ``Rprop``, ``NAdam``, ``ASGD``;
 * ``lr_scheduler``: every torch scheduler, schedule math in Rust;
 * ``swa_utils``: torch's ``AveragedModel``, ``SWALR``, ``update_bn``, ... re-exported
   (computed by torch);
 * computed by torch; no native kernel yet — re-exported from ``torch.optim`` as they are,
-  so ``optim.NAdam(...)`` gives torch's NAdam: ``ASGD``, ``Adafactor``, ``LBFGS``,
-  ``Muon``, ``NAdam``, ``SparseAdam``, and
+  so ``optim.LBFGS(...)`` gives torch's LBFGS: ``Adafactor``, ``LBFGS``, ``Muon``,
+  ``SparseAdam``, and
   ``Optimizer`` and ``swap_in_optimizer_params_and_state`` (torch's base class and helper).
   Any other name a later torch adds to ``torch.optim.__all__`` is re-exported the same way.
 
@@ -26,21 +26,19 @@ import torch.optim as _torch_optim
 
 # Computed by torch; no native kernel yet (re-exported unchanged from torch.optim).
 from torch.optim import (
-    ASGD,
     LBFGS,
     Adafactor,
     Muon,
-    NAdam,
     Optimizer,
     SparseAdam,
     swap_in_optimizer_params_and_state,
 )
 
 from . import lr_scheduler, swa_utils, warmup
-from .optimizers import SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, RAdam, RMSprop, Rprop
+from .optimizers import ASGD, SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, NAdam, RAdam, RMSprop, Rprop
 
 #: The optimizers ferrotorch runs with its own fused kernels.
-NATIVE = ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adamax", "RAdam", "Adadelta", "Rprop")
+NATIVE = ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adamax", "RAdam", "Adadelta", "Rprop", "NAdam", "ASGD")
 #: torch.optim's names that are torch's own objects here (no native kernel yet).
 TORCH_COMPUTED = tuple(
     n for n in _torch_optim.__all__ if n not in NATIVE and n not in ("lr_scheduler", "swa_utils")
@@ -60,6 +58,8 @@ __all__ = [
     "RAdam",
     "Adadelta",
     "Rprop",
+    "NAdam",
+    "ASGD",
     "lr_scheduler",
     "swa_utils",
     "warmup",

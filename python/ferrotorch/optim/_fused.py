@@ -40,6 +40,10 @@ class _FusedOptimizer:
         """A fresh state tensor for ``key``, as torch's ``_init_group`` makes it."""
         return torch.zeros_like(p, memory_format=torch.preserve_format)
 
+    def _new_scalar(self, group: dict[str, Any], p: torch.Tensor, key: str) -> torch.Tensor:
+        """A fresh one-element state tensor other than ``step`` (``mu_product``, ``eta``…)."""
+        raise NotImplementedError(key)
+
     def _fallback(
         self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], first: list[bool]
     ) -> None:
@@ -58,12 +62,12 @@ class _FusedOptimizer:
         if group.get("fused"):
             _compat.check_fused(p)  # torch's error for what its fused kernels cannot take
         state = self.state[p]
-        if self._spec.has_step:
-            step = state.get("step")
-            if step is None:
-                state["step"] = self._new_step(group, p)
-            elif not torch.is_tensor(step):
-                state["step"] = torch.tensor(float(step), dtype=_compat.scalar_dtype())
+        for key in self._spec.scalar_keys:
+            value = state.get(key)
+            if value is None:
+                state[key] = self._new_step(group, p) if key == "step" else self._new_scalar(group, p, key)
+            elif not torch.is_tensor(value):  # a float from an old checkpoint, as torch converts it
+                state[key] = torch.tensor(float(value), dtype=_compat.scalar_dtype())
         first = False
         for key in keys:
             if state.get(key) is None:
@@ -73,13 +77,13 @@ class _FusedOptimizer:
 
     def _step_group(self, group: dict[str, Any], scale: float | None, clip: float | None) -> None:
         spec = self._spec
-        if group.get("fused") and not spec.has_step and not spec.state_keys(group):
-            # Stateless (SGD without momentum): torch checks until one step passed.
-            if getattr(self, "_need_device_dtype_check_for_fused", True):
-                for p in group["params"]:
-                    if p.grad is not None:
-                        _compat.check_fused(p)
-                self._need_device_dtype_check_for_fused = False
+        if group.get("fused") and getattr(self, "_need_device_dtype_check_for_fused", True):
+            # torch checks once per optimizer, on the params with grads (state may exist
+            # already: Adagrad creates it in __init__).
+            for p in group["params"]:
+                if p.grad is not None:
+                    _compat.check_fused(p)
+            self._need_device_dtype_check_for_fused = False
         first: list[int] = []
         before: dict[int, dict[str, Any] | None] = {}
         try:
@@ -242,7 +246,12 @@ class _FusedOptimizer:
                     f"a {name} state only has {sorted(self._state_key_set)} (is it from another optimizer?)"
                 )
             for key, v in st.items():
-                if key != "step" and torch.is_tensor(v) and v.shape != p.shape:
+                if key in self._spec.scalar_keys and torch.is_tensor(v) and v.numel() != 1:
+                    raise FerrotorchValueError(
+                        f"{name}.load_state_dict: state '{key}' of parameter {k} must have one element, "
+                        f"got shape {tuple(v.shape)}"
+                    )
+                if key not in self._spec.scalar_keys and torch.is_tensor(v) and v.shape != p.shape:
                     raise FerrotorchValueError(
                         f"{name}.load_state_dict: state '{key}' of parameter {k} has shape "
                         f"{tuple(v.shape)}, but the parameter has shape {tuple(p.shape)}"

@@ -16,6 +16,8 @@ from torch.optim import adadelta as _tadadelta
 from torch.optim import adagrad as _tadagrad
 from torch.optim import adam as _tadam
 from torch.optim import adamax as _tadamax
+from torch.optim import asgd as _tasgd
+from torch.optim import nadam as _tnadam
 from torch.optim import radam as _tradam
 from torch.optim import rprop as _trprop
 from torch.optim import rmsprop as _trmsprop
@@ -25,7 +27,7 @@ from .._native import optimizer_spec
 from ._fused import _FusedOptimizer
 from .. import _compat
 
-__all__ = ["Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adamax", "RAdam", "Adadelta", "Rprop"]
+__all__ = ["Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adamax", "RAdam", "Adadelta", "Rprop", "NAdam", "ASGD"]
 
 
 def _complex(params: list[torch.Tensor]) -> bool:
@@ -312,4 +314,86 @@ class Rprop(_FusedOptimizer, torch.optim.Rprop):
             etaminus=etaminus,
             etaplus=etaplus,
             maximize=group["maximize"],
+        )
+
+
+class NAdam(_FusedOptimizer, torch.optim.NAdam):
+    """NAdam (Adam with Nesterov momentum; ``decoupled_weight_decay=True`` for NAdamW),
+    fused in Rust.
+
+        opt = ferrotorch.optim.NAdam(model.parameters(), lr=2e-3, momentum_decay=4e-3)
+        loss.backward(); opt.step()
+    """
+
+    _spec = optimizer_spec("nadam")
+    _state_key_set = frozenset({"step", "mu_product", "exp_avg", "exp_avg_sq"})
+    _group_keys = ("lr", "betas", "eps", "weight_decay", "momentum_decay")
+
+    def _new_scalar(self, group: dict[str, Any], p: torch.Tensor, key: str) -> torch.Tensor:
+        return torch.tensor(1.0, dtype=_compat.scalar_dtype())  # mu_product
+
+    def _fallback(
+        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], first: list[bool]
+    ) -> None:
+        st = [self.state[p] for p in params]
+        beta1, beta2 = group["betas"]
+        _tnadam.nadam(
+            params,
+            grads,
+            [s["exp_avg"] for s in st],
+            [s["exp_avg_sq"] for s in st],
+            [s["mu_product"] for s in st],
+            [s["step"] for s in st],
+            decoupled_weight_decay=group.get("decoupled_weight_decay", False),
+            has_complex=_complex(params),
+            maximize=group["maximize"],
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            momentum_decay=group["momentum_decay"],
+            eps=group["eps"],
+        )
+
+
+class ASGD(_FusedOptimizer, torch.optim.ASGD):
+    """Averaged SGD, fused in Rust.
+
+        opt = ferrotorch.optim.ASGD(model.parameters(), lr=1e-2, t0=1e6)
+        loss.backward(); opt.step()
+    """
+
+    _spec = optimizer_spec("asgd")
+    _state_key_set = frozenset({"step", "eta", "mu", "ax"})
+    _group_keys = ("lr", "lambd", "alpha", "t0", "weight_decay")
+
+    # torch keeps ASGD's step, eta and mu on the parameter's device.
+    def _new_step(self, group: dict[str, Any], p: torch.Tensor) -> torch.Tensor:
+        return torch.zeros((), device=p.device, dtype=_compat.scalar_dtype())
+
+    def _new_scalar(self, group: dict[str, Any], p: torch.Tensor, key: str) -> torch.Tensor:
+        if key == "eta":
+            lr = group["lr"]
+            lr = lr.item() if torch.is_tensor(lr) else lr
+            return torch.as_tensor(lr, device=p.device, dtype=_compat.scalar_dtype()).clone().detach()
+        return torch.ones((), device=p.device, dtype=_compat.scalar_dtype())  # mu
+
+    def _fallback(
+        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], first: list[bool]
+    ) -> None:
+        st = [self.state[p] for p in params]
+        _tasgd.asgd(
+            params,
+            grads,
+            [s["ax"] for s in st],
+            [s["mu"] for s in st],
+            [s["eta"] for s in st],
+            [s["step"] for s in st],
+            maximize=group["maximize"],
+            has_complex=_complex(params),
+            lambd=group["lambd"],
+            lr=group["lr"],
+            t0=group["t0"],
+            alpha=group["alpha"],
+            weight_decay=group["weight_decay"],
         )
