@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.optim import Optimizer
 from torch.optim import lr_scheduler as _tls
-from torch.optim.lr_scheduler import LRScheduler
+from torch.optim.lr_scheduler import EPOCH_DEPRECATION_WARNING, LRScheduler  # noqa: F401  (torch's public constant)
 
 from .. import _native
 from .._compat import param_groups_val_list as _param_groups_val_list
@@ -499,7 +499,7 @@ class ReduceLROnPlateau(_Ferro, _tls.ReduceLROnPlateau):
         if epoch is None:
             epoch = self.last_epoch + 1
         else:
-            warnings.warn(_tls.EPOCH_DEPRECATION_WARNING, UserWarning, stacklevel=2)
+            warnings.warn(EPOCH_DEPRECATION_WARNING, UserWarning, stacklevel=2)
         self.last_epoch = epoch
         self.best, self.num_bad_epochs, self.cooldown_counter, reduce = _native.plateau_step(
             self.mode, self.threshold_mode, self.threshold, self.patience, self.cooldown,
