@@ -123,6 +123,13 @@ class _FusedOptimizer:
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Performs a single optimization step; returns the closure's loss if one is given."""
+        if _compat.is_compiling():
+            # torch.compile(opt.step): the native step runs eagerly behind a graph break
+            # (Dynamo would otherwise trace torch's own step, capturable, and never use ours).
+            return _eager_step(self, closure)
+        return self._step(closure)
+
+    def _step(self, closure: Callable[[], Any] | None) -> Any:
         if _compat.modes_active() or any(g.get("differentiable") or g.get("capturable") for g in self.param_groups):
             clip = self.__dict__.pop("_ft_clip_coef", None)
             if clip is not None:
@@ -256,3 +263,9 @@ class _FusedOptimizer:
                         f"{name}.load_state_dict: state '{key}' of parameter {k} has shape "
                         f"{tuple(v.shape)}, but the parameter has shape {tuple(p.shape)}"
                     )
+
+
+@torch.compiler.disable
+def _eager_step(opt: _FusedOptimizer, closure: Callable[[], Any] | None) -> Any:
+    """``opt``'s native step, outside any Dynamo trace."""
+    return opt._step(closure)
