@@ -23,6 +23,7 @@ fn main() {
         println!("cargo:rerun-if-env-changed={var}");
     }
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=src/shim/tensor_meta.cpp");
     // `cargo test -p ferrotorch-kernels` never builds this crate; anything else links torch.
     let python = env::var_os("PYO3_PYTHON")
         .map(PathBuf::from)
@@ -33,7 +34,11 @@ fn main() {
                 "python3"
             })
         });
-    let script = "import os, torch; print(torch.__version__); print(os.path.join(os.path.dirname(torch.__file__), 'lib'))";
+    let script = "import os, sysconfig, torch; print(torch.__version__); \
+                  print(os.path.join(os.path.dirname(torch.__file__), 'lib')); \
+                  print(os.path.join(os.path.dirname(torch.__file__), 'include')); \
+                  print(sysconfig.get_paths()['include']); \
+                  print(int(torch.compiled_with_cxx11_abi()))";
     let out = match Command::new(&python).args(["-c", script]).output() {
         Ok(out) if out.status.success() => out,
         Ok(out) => panic!(
@@ -51,4 +56,19 @@ fn main() {
         panic!("ferrotorch is built against torch=={REQUIRED_TORCH} (tch 0.26), but {python:?} has torch {version}");
     }
     println!("cargo:rustc-link-search=native={lib}");
+    let torch_include = PathBuf::from(lines.next().unwrap_or_default().trim());
+    let python_include = lines.next().unwrap_or_default().trim().to_string();
+    let cxx11_abi = lines.next().unwrap_or("1").trim().to_string();
+    // The tensor-metadata shim: reads a Python tensor's layout in one call (src/access.rs).
+    cc::Build::new()
+        .cpp(true)
+        .file("src/shim/tensor_meta.cpp")
+        .include(&torch_include)
+        .include(torch_include.join("torch/csrc/api/include"))
+        .include(python_include)
+        .flag("-std=c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", cxx11_abi.as_str())
+        .flag_if_supported("-w")
+        .opt_level(2)
+        .compile("ferrotorch_shim");
 }

@@ -78,6 +78,182 @@ impl<'py> Sharded<'py> {
     }
 }
 
+#[repr(C)]
+struct FtMeta {
+    data: u64,
+    numel: i64,
+    sizes: [i64; 8],
+    strides: [i64; 8],
+    dim: i32,
+    dtype: i32,
+    flags: u32,
+}
+
+const FT_CPU_DENSE: u32 = 1;
+const FT_CONTIGUOUS: u32 = 2;
+const FT_NEG: u32 = 4;
+const FT_CONJ: u32 = 8;
+const FT_INFERENCE: u32 = 16;
+const FT_SPARSE: u32 = 32;
+
+extern "C" {
+    // src/shim/tensor_meta.cpp
+    fn ft_tensor_meta(obj: *mut pyo3::ffi::PyObject, out: *mut FtMeta) -> std::ffi::c_int;
+    fn ft_bump_versions(objs: *const *mut pyo3::ffi::PyObject, n: usize) -> std::ffi::c_int;
+}
+
+/// A tensor as one step call sees it: its layout read from the object at that moment, in
+/// one call and without a tensor handle. Plain data (the address is a number), so it can
+/// cross into GIL-free code; the caller keeps the Python object alive meanwhile.
+#[derive(Clone, Copy, Debug)]
+pub struct Meta {
+    data: usize,
+    numel: usize,
+    dim: usize,
+    sizes: [i64; 8],
+    strides: [i64; 8],
+    /// c10::ScalarType.
+    dtype: i32,
+    flags: u32,
+}
+
+impl Meta {
+    /// `obj` read now, if it is a plain `torch.Tensor`/`nn.Parameter` (exactly) whose
+    /// layout the kernels can judge; None sends it to torch.
+    pub fn of(obj: &Bound<'_, PyAny>) -> PyResult<Option<Meta>> {
+        if !is_plain(obj)? {
+            return Ok(None);
+        }
+        let mut m = std::mem::MaybeUninit::<FtMeta>::zeroed();
+        // SAFETY: `obj` is a live object (we hold it, with the GIL); the shim only reads it
+        // and writes `m`.
+        let rc = unsafe { ft_tensor_meta(obj.as_ptr(), m.as_mut_ptr()) };
+        if rc != 0 {
+            return Ok(None);
+        }
+        // SAFETY: zero-initialised and filled by the shim.
+        let m = unsafe { m.assume_init() };
+        Ok(Some(Meta {
+            data: m.data as usize,
+            numel: m.numel.max(0) as usize,
+            dim: m.dim.clamp(0, 8) as usize,
+            sizes: m.sizes,
+            strides: m.strides,
+            dtype: m.dtype,
+            flags: m.flags,
+        }))
+    }
+
+    pub fn is_sparse(&self) -> bool {
+        self.flags & FT_SPARSE != 0
+    }
+
+    pub fn sizes(&self) -> &[i64] {
+        &self.sizes[..self.dim]
+    }
+
+    pub fn same_shape(&self, other: &Meta) -> bool {
+        self.sizes() == other.sizes()
+    }
+
+    pub fn same_dtype(&self, other: &Meta) -> bool {
+        self.dtype == other.dtype
+    }
+
+    pub fn dtype_name(&self) -> &'static str {
+        match self.dtype {
+            5 => "Half",
+            6 => "Float",
+            7 => "Double",
+            15 => "BFloat16",
+            9 | 10 | 8 => "Complex",
+            _ => "a non-float dtype",
+        }
+    }
+
+    /// Element type the kernels handle, or None.
+    pub fn kernel_dtype(&self) -> Option<DType> {
+        match self.dtype {
+            6 => Some(DType::F32),
+            7 => Some(DType::F64),
+            15 => Some(DType::BF16),
+            5 => Some(DType::F16),
+            _ => None,
+        }
+    }
+
+    /// Real CPU memory whose bytes are exactly the values, and writable in place here.
+    fn plain_cpu(&self) -> bool {
+        self.flags & FT_CPU_DENSE != 0 && self.flags & (FT_NEG | FT_CONJ | FT_INFERENCE) == 0
+    }
+
+    /// The tensor as a flat buffer of a kernel dtype: plain CPU memory, contiguous.
+    pub fn flat(&self) -> Option<Flat> {
+        if !self.plain_cpu() || self.flags & FT_CONTIGUOUS == 0 {
+            return None;
+        }
+        let dtype = self.kernel_dtype()?;
+        if self.data == 0 && self.numel > 0 {
+            return None;
+        }
+        Some(Flat {
+            dtype,
+            numel: self.numel,
+            ptr: self.data as *mut u8,
+        })
+    }
+
+    /// The bytes a strided CPU tensor may touch, or None (empty, not CPU memory).
+    pub fn extent(&self) -> Option<(usize, usize)> {
+        if self.flags & FT_CPU_DENSE == 0 || self.numel == 0 || self.data == 0 {
+            return None;
+        }
+        let elem = match self.dtype {
+            0 | 1 | 11 | 12 | 13 => 1,
+            2 | 5 | 15 => 2,
+            3 | 6 | 14 => 4,
+            8 => 4,
+            9 => 8,
+            10 => 16,
+            _ => 8,
+        };
+        let last: i64 = self
+            .sizes()
+            .iter()
+            .zip(&self.strides[..self.dim])
+            .map(|(&n, &s)| (n - 1) * s.max(0))
+            .sum();
+        Some((self.data, self.data + (last as usize + 1) * elem))
+    }
+
+    /// A one-element f32/f64 state tensor in plain CPU memory.
+    ///
+    /// # Safety
+    /// As [`Scalar::of`]: the tensor must outlive every use of the result, and nothing else
+    /// in use may overlap its element.
+    pub unsafe fn scalar(&self) -> Option<Scalar> {
+        if !self.plain_cpu() || self.numel != 1 || self.data == 0 {
+            return None;
+        }
+        let double = match self.dtype {
+            6 => false,
+            7 => true,
+            _ => return None,
+        };
+        Some(Scalar {
+            ptr: self.data as *mut u8,
+            double,
+        })
+    }
+}
+
+/// `t._version += 1` for every tensor object in `objs`, as torch's in-place ops do.
+pub fn bump_versions(objs: &[Bound<'_, PyAny>]) {
+    let ptrs: Vec<*mut pyo3::ffi::PyObject> = objs.iter().map(|o| o.as_ptr()).collect();
+    // SAFETY: every object is alive (borrowed, GIL held); the shim skips non-tensors.
+    unsafe { ft_bump_versions(ptrs.as_ptr(), ptrs.len()) };
+}
+
 /// The libtorch handle of a plain tensor object; None for anything else (subclasses, None,
 /// non-tensors). The handle shares the object's TensorImpl, so metadata read through it
 /// later in the same call is the object's own.

@@ -9,13 +9,10 @@
 
 use ferrotorch_kernels::{common::GradIn, Job, MAX_STATES};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
-use tch::Tensor;
+use pyo3::types::{PyDict, PyList, PyString};
 
 use super::algos::{Fused, Sparse};
-use crate::access::{
-    any_overlap, check_grad_matches, extent, flat, plain_tensor, Flat, Scalar, Shape, Sharded,
-};
+use crate::access::{any_overlap, bump_versions, Flat, Meta, Scalar, Sharded};
 use crate::errors::{enter, Error, Result};
 
 /// One parameter with a grad and complete state, as the Python objects hold them now.
@@ -30,12 +27,13 @@ struct Entry {
     first: bool,
 }
 
+/// Layouts read at this call (plain data); the objects are kept alive by [`Gathered`].
 struct Tensors {
-    param: Tensor,
-    grad: Tensor,
-    states: Vec<Tensor>,
+    param: Meta,
+    grad: Meta,
+    states: Vec<Meta>,
     /// The scalar state, in `SPEC.scalars`' order.
-    scalars: Vec<Tensor>,
+    scalars: Vec<Meta>,
 }
 
 /// What the step did: `missing` lists parameters that have a grad but no (complete)
@@ -51,10 +49,12 @@ pub struct Outcome {
     stepped: Vec<usize>,
 }
 
-/// What [`gather`] found: the entries, and the objects they write.
+/// What [`gather`] found: the entries, the objects whose version a step bumps, and every
+/// tensor object read, held so that their memory stays alive while the GIL is released.
 struct Gathered<'py> {
     entries: Vec<Entry>,
     written: Vec<Bound<'py, PyAny>>,
+    _keep: Vec<Bound<'py, PyAny>>,
 }
 
 /// Reads the group as it is now. Returns Err(missing) when some state must be created.
@@ -73,10 +73,19 @@ fn gather<'py>(
         .map_err(|_| Error::Type("param_group['params'] must be a list".into()))?;
     let stateful = !scalar_keys.is_empty() || !keys.is_empty();
     let mut entries = Vec::with_capacity(params.len());
-    let mut written = Vec::with_capacity(params.len() * (2 + keys.len()));
+    let mut written = Vec::with_capacity(params.len());
+    let mut keep = Vec::with_capacity(params.len() * (2 + keys.len() + scalar_keys.len()));
     let mut missing = Vec::new();
+    let py = params.py();
+    let grad_name = pyo3::intern!(py, "grad");
+    // Interned once per call: looking a key up then costs no string building or hashing.
+    let key_objs: Vec<_> = keys.iter().map(|k| PyString::intern(py, k)).collect();
+    let scalar_key_objs: Vec<_> = scalar_keys
+        .iter()
+        .map(|k| PyString::intern(py, k))
+        .collect();
     for (index, p) in params.iter().enumerate() {
-        let grad = p.getattr(pyo3::intern!(p.py(), "grad"))?;
+        let grad = p.getattr(grad_name)?;
         if grad.is_none() {
             continue;
         }
@@ -92,7 +101,7 @@ fn gather<'py>(
         } else {
             None
         };
-        let lookup = |key: &str| -> PyResult<Option<Bound<'_, PyAny>>> {
+        let lookup = |key: &Bound<'py, PyString>| -> PyResult<Option<Bound<'py, PyAny>>> {
             match &st {
                 Some(s) => Ok(s.get_item(key)?.filter(|v| !v.is_none())),
                 None => Ok(None),
@@ -100,17 +109,17 @@ fn gather<'py>(
         };
         let mut objs = Vec::with_capacity(keys.len());
         let mut complete = !stateful || st.is_some();
-        for key in keys {
+        for key in &key_objs {
             match lookup(key)? {
                 Some(v) => objs.push(v),
                 None => complete = false,
             }
         }
         let mut scalar_objs = Vec::with_capacity(scalar_keys.len());
-        for key in scalar_keys {
+        for key in &scalar_key_objs {
             // A float (old checkpoints) is turned into a tensor by Python first.
             match lookup(key)? {
-                Some(v) if is_tensor(&v) => scalar_objs.push(v),
+                Some(v) if is_tensor(&v)? => scalar_objs.push(v),
                 _ => complete = false,
             }
         }
@@ -126,35 +135,36 @@ fn gather<'py>(
         let tensors = (|| -> PyResult<Option<Tensors>> {
             let sharded = Sharded::of(&p)?;
             // `written`: the local shard is written by the step (not the grad's).
-            let mut unwrap = |o: &Bound<'py, PyAny>, written: bool| -> PyResult<Option<Tensor>> {
+            let mut read = |o: &Bound<'py, PyAny>, written: bool| -> PyResult<Option<Meta>> {
                 match &sharded {
-                    None => plain_tensor(o),
+                    None => Meta::of(o),
                     Some(sp) => match Sharded::of(o)? {
                         Some(so) if so.same_layout(sp)? => {
-                            let t = plain_tensor(&so.local)?;
+                            let m = Meta::of(&so.local)?;
                             if written && locals.is_empty() {
-                                locals.push(so.local); // the parameter's shard
+                                locals.push(so.local.clone()); // the parameter's shard
                             }
-                            Ok(t)
+                            keep.push(so.local);
+                            Ok(m)
                         }
                         _ => Ok(None),
                     },
                 }
             };
-            let (Some(param), Some(grad)) = (unwrap(&p, true)?, unwrap(&grad, false)?) else {
+            let (Some(param), Some(grad)) = (read(&p, true)?, read(&grad, false)?) else {
                 return Ok(None);
             };
             let mut states = Vec::with_capacity(objs.len());
             for o in &objs {
-                match unwrap(o, true)? {
-                    Some(t) => states.push(t),
+                match read(o, true)? {
+                    Some(m) => states.push(m),
                     None => return Ok(None),
                 }
             }
             let mut scalars = Vec::with_capacity(scalar_objs.len());
             for o in &scalar_objs {
-                match plain_tensor(o)? {
-                    Some(t) => scalars.push(t),
+                match Meta::of(o)? {
+                    Some(m) => scalars.push(m),
                     None => return Ok(None),
                 }
             }
@@ -168,10 +178,13 @@ fn gather<'py>(
         let start = written.len();
         if tensors.is_some() {
             // Only the parameter's version is bumped: autograd saves parameters, never
-            // optimizer state (differentiable optimizers take torch's path), and reading and
-            // setting a version costs as much as the whole check of a small tensor.
-            written.push(p);
+            // optimizer state (differentiable optimizers take torch's path).
+            written.push(p.clone());
             written.extend(locals);
+            keep.push(p);
+            keep.push(grad);
+            keep.extend(objs);
+            keep.extend(scalar_objs);
         }
         let objs = (start, written.len());
         entries.push(Entry {
@@ -182,19 +195,31 @@ fn gather<'py>(
         });
     }
     Ok(if missing.is_empty() {
-        Ok(Gathered { entries, written })
+        Ok(Gathered {
+            entries,
+            written,
+            _keep: keep,
+        })
     } else {
         Err(missing)
     })
 }
 
+static TENSOR_TYPE: pyo3::sync::GILOnceCell<Py<pyo3::types::PyType>> =
+    pyo3::sync::GILOnceCell::new();
+
 /// Any torch.Tensor, subclasses included (torch steps those).
-fn is_tensor(s: &Bound<'_, PyAny>) -> bool {
-    // SAFETY: unpack checks the type first and only reads the object.
-    unsafe { Tensor::pyobject_unpack(s.as_ptr() as *mut tch::python::CPyObject) }
-        .ok()
-        .flatten()
-        .is_some()
+fn is_tensor(s: &Bound<'_, PyAny>) -> PyResult<bool> {
+    let ty = TENSOR_TYPE.get_or_try_init(s.py(), || {
+        PyResult::Ok(
+            s.py()
+                .import("torch")?
+                .getattr("Tensor")?
+                .downcast_into::<pyo3::types::PyType>()?
+                .unbind(),
+        )
+    })?;
+    s.is_instance(ty.bind(s.py()))
 }
 
 /// A parameter the kernel can step, with every buffer read at this call.
@@ -209,6 +234,25 @@ struct Ready {
 
 /// Most scalar state tensors an algorithm keeps per parameter (ASGD: step, eta, mu).
 const MAX_SCALARS: usize = 3;
+
+/// torch's errors for a gradient that cannot belong to its parameter (sparse grads pass).
+fn check_grad_matches(index: usize, param: &Meta, grad: &Meta) -> Result<()> {
+    if !param.same_dtype(grad) {
+        return Err(Error::Type(format!(
+            "grad of parameter {index} has dtype {}, but the parameter has dtype {}",
+            grad.dtype_name(),
+            param.dtype_name()
+        )));
+    }
+    if !param.same_shape(grad) {
+        return Err(Error::Value(format!(
+            "grad of parameter {index} has shape {:?}, but the parameter has shape {:?}",
+            grad.sizes(),
+            param.sizes()
+        )));
+    }
+    Ok(())
+}
 
 /// The kernel's view of an entry, or None (torch steps it). Errors are torch's.
 fn classify<A: Fused>(
@@ -234,41 +278,6 @@ fn classify<A: Fused>(
             t.states.len()
         )));
     }
-    let slow = |ranges: &mut Vec<(usize, usize)>| {
-        // torch steps it after the kernel: its memory still counts for overlap.
-        ranges.extend(
-            std::iter::once(&t.param)
-                .chain([&t.grad])
-                .chain(&t.states)
-                .chain(&t.scalars)
-                .filter_map(extent),
-        );
-        Ok(None)
-    };
-    let Some(shape) = Shape::of(&t.param) else {
-        return slow(ranges);
-    };
-    let Some(param) = flat(&t.param) else {
-        return slow(ranges);
-    };
-    let Some(grad) = flat(&t.grad) else {
-        return slow(ranges);
-    };
-    if grad.dtype != param.dtype {
-        return slow(ranges);
-    }
-    let empty = Flat {
-        dtype: param.dtype,
-        numel: 0,
-        ptr: std::ptr::null_mut(),
-    };
-    let mut states = [empty; MAX_STATES];
-    for (slot, s) in states.iter_mut().zip(&t.states) {
-        match flat(s) {
-            Some(f) if f.dtype == param.dtype && Shape::of(s) == Some(shape) => *slot = f,
-            _ => return slow(ranges),
-        }
-    }
     let n_scalars = A::SPEC.scalars.len();
     if t.scalars.len() != n_scalars || n_scalars > MAX_SCALARS {
         return Err(Error::Runtime(format!(
@@ -280,19 +289,46 @@ fn classify<A: Fused>(
     }
     for (key, s) in A::SPEC.scalars.iter().zip(&t.scalars) {
         // torch's `.item()` on it would fail after other parameters were stepped.
-        if Shape::of(s).map(|sh| sh.numel()) != Some(1) {
+        if s.sizes().iter().product::<i64>() != 1 {
             return Err(Error::Value(format!(
                 "{}: state '{key}' of parameter {} must have one element, got shape {:?}",
                 A::SPEC.label,
                 e.index,
-                s.size()
+                s.sizes()
             )));
+        }
+    }
+    let slow = |ranges: &mut Vec<(usize, usize)>| {
+        // torch steps it after the kernel: its memory still counts for overlap.
+        ranges.extend(
+            std::iter::once(&t.param)
+                .chain([&t.grad])
+                .chain(&t.states)
+                .chain(&t.scalars)
+                .filter_map(Meta::extent),
+        );
+        Ok(None)
+    };
+    let (Some(param), Some(grad)) = (t.param.flat(), t.grad.flat()) else {
+        return slow(ranges);
+    };
+    let empty = Flat {
+        dtype: param.dtype,
+        numel: 0,
+        ptr: std::ptr::null_mut(),
+    };
+    let mut states = [empty; MAX_STATES];
+    for (slot, s) in states.iter_mut().zip(&t.states) {
+        match s.flat() {
+            Some(f) if f.dtype == param.dtype && s.same_shape(&t.param) => *slot = f,
+            _ => return slow(ranges),
         }
     }
     let mut scalars = [Scalar::NONE; MAX_SCALARS];
     for (slot, s) in scalars.iter_mut().zip(&t.scalars) {
-        // SAFETY: `e` holds the tensor for the whole call; overlap is checked below.
-        match unsafe { Scalar::of(s) } {
+        // SAFETY: the object is held by `Gathered` for the whole call; overlap is checked
+        // by the caller before any use.
+        match unsafe { s.scalar() } {
             Some(c) => *slot = c,
             None => return slow(ranges),
         }
@@ -338,57 +374,23 @@ fn run_entries<A: Fused>(
     // Every check passed and no two buffers share memory: the kernel may write.
     let jobs: Vec<Job<A::Scalars>> = ready
         .iter()
-        .map(|r| {
-            // SAFETY: the counter's tensor is held by `entries` and overlaps nothing.
-            let scalars = algo.scalars(&r.scalars[..A::SPEC.scalars.len()], r.first);
-            Job {
-                dtype: r.param.dtype,
-                numel: r.param.numel,
-                param: r.param.ptr,
-                grad: r.grad.ptr,
-                states: [r.states[0].ptr, r.states[1].ptr, r.states[2].ptr],
-                scalars,
-            }
+        .map(|r| Job {
+            dtype: r.param.dtype,
+            numel: r.param.numel,
+            param: r.param.ptr,
+            grad: r.grad.ptr,
+            states: [r.states[0].ptr, r.states[1].ptr, r.states[2].ptr],
+            scalars: algo.scalars(&r.scalars[..A::SPEC.scalars.len()], r.first),
         })
         .collect();
-    // SAFETY: every buffer was read from a live plain CPU tensor held by `entries`, is
-    // contiguous with `numel` elements of `dtype`, and no two overlap (checked above).
+    // SAFETY: every buffer was read at this call from a live plain CPU tensor whose object
+    // the caller holds, is contiguous with `numel` elements of `dtype`, and no two overlap.
     unsafe { ferrotorch_kernels::run(algo, &jobs, threads, &crate::parallel::TorchThreads)? };
     Ok(Outcome {
         slow,
         stepped,
         ..Outcome::default()
     })
-}
-
-static SET_VERSIONS: pyo3::sync::GILOnceCell<Py<PyAny>> = pyo3::sync::GILOnceCell::new();
-
-/// `t._version += 1` for every tensor the kernel wrote, as torch's in-place ops do, so
-/// autograd refuses a saved parameter that a step changed before backward.
-fn bump_versions(py: Python<'_>, written: &[Bound<'_, PyAny>]) -> PyResult<()> {
-    if written.is_empty() {
-        return Ok(());
-    }
-    let set = SET_VERSIONS.get_or_try_init(py, || {
-        PyResult::Ok(
-            py.import("ferrotorch._compat")?
-                .getattr("set_version_counters")?
-                .unbind(),
-        )
-    })?;
-    let version = pyo3::intern!(py, "_version");
-    let versions = written
-        .iter()
-        .map(|t| Ok(t.getattr(version)?.extract::<i64>()? + 1))
-        .collect::<PyResult<Vec<i64>>>()?;
-    set.call1(
-        py,
-        (
-            pyo3::types::PyTuple::new(py, written)?,
-            pyo3::types::PyTuple::new(py, versions)?,
-        ),
-    )?;
-    Ok(())
 }
 
 /// The step of one group for algorithm `A` (see [`Outcome`]).
@@ -403,8 +405,7 @@ pub fn step_group<A: Fused>(
     let mut first = first.to_vec();
     first.sort_unstable();
     let keys = A::state_keys(group)?;
-    let Gathered { entries, written } = match gather(state, group, &keys, A::SPEC.scalars, &first)?
-    {
+    let gathered = match gather(state, group, &keys, A::SPEC.scalars, &first)? {
         Ok(g) => g,
         Err(missing) => {
             return Ok(Outcome {
@@ -423,23 +424,19 @@ pub fn step_group<A: Fused>(
         .into());
     }
     let threads = tch::get_num_threads().max(1) as usize;
-    // The handles come back and are dropped with the GIL held: releasing a handle to a
-    // tensor that Python also owns takes the GIL, once per tensor otherwise.
-    let (out, entries) = enter(py, A::SPEC.label, move || {
-        let out = run_entries(&algo, &entries, n_states, threads);
-        Ok((out, entries))
+    // `gathered` holds every tensor object while the GIL is released.
+    let entries = &gathered.entries;
+    let out = enter(py, A::SPEC.label, move || {
+        run_entries(&algo, entries, n_states, threads)
     })?;
-    let out = out?;
     let objs: Vec<Bound<'_, PyAny>> = out
         .stepped
         .iter()
         .flat_map(|&k| {
-            written[entries[k].objs.0..entries[k].objs.1]
-                .iter()
-                .cloned()
+            let (a, b) = entries[k].objs;
+            gathered.written[a..b].iter().cloned()
         })
         .collect();
-    drop(entries);
-    bump_versions(py, &objs)?;
+    bump_versions(&objs);
     Ok(out)
 }

@@ -1,0 +1,105 @@
+// What the optimizer step needs to know about a Python tensor object, read in one call
+// without creating a tensor handle (no allocation, no reference-count traffic), and the
+// version-counter bump torch's in-place ops do. Compiled by build.rs against the torch
+// that builds ferrotorch; called from src/access.rs.
+
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <cstdint>
+
+extern "C" {
+
+struct FtMeta {
+  uint64_t data;     // first element's address (0 when there is none)
+  int64_t numel;
+  int64_t sizes[8];
+  int64_t strides[8];
+  int32_t dim;
+  int32_t dtype;     // c10::ScalarType
+  uint32_t flags;    // FT_* below
+};
+
+enum : uint32_t {
+  FT_CPU_DENSE = 1u,    // a strided CPU tensor with storage, no Python/functorch/functional wrapper
+  FT_CONTIGUOUS = 2u,
+  FT_NEG = 4u,
+  FT_CONJ = 8u,
+  FT_INFERENCE = 16u,
+  FT_SPARSE = 32u,
+};
+
+// 0: `obj` is a defined torch.Tensor and `out` describes it; 1: not a torch.Tensor (or an
+// undefined one); 2: a tensor whose layout cannot be read here (wrapper subclass, functorch
+// or functional tensor, more than 8 dims, no storage): torch must handle it.
+int ft_tensor_meta(PyObject* obj, FtMeta* out) {
+  try {
+    if (!THPVariable_Check(obj)) return 1;
+    const at::Tensor& t = THPVariable_Unpack(obj);
+    if (!t.defined()) return 1;
+    c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+    out->flags = 0;
+    out->data = 0;
+    out->dtype = static_cast<int32_t>(impl->dtype().toScalarType());
+    const c10::DispatchKeySet ks = impl->key_set();
+    if (ks.has(c10::DispatchKey::Python) || ks.has(c10::DispatchKey::Functionalize) ||
+        ks.has_any(c10::functorch_transforms_ks) || impl->is_nested()) {
+      return 2;
+    }
+    if (impl->is_sparse()) {
+      out->flags |= FT_SPARSE;
+      return 0;
+    }
+    if (impl->layout() != c10::kStrided || impl->is_mkldnn() || !impl->has_storage()) return 2;
+    const int64_t dim = impl->dim();
+    if (dim > 8) return 2;
+    out->dim = static_cast<int32_t>(dim);
+    const auto sizes = impl->sizes();
+    const auto strides = impl->strides();
+    for (int64_t i = 0; i < dim; ++i) {
+      out->sizes[i] = sizes[i];
+      out->strides[i] = strides[i];
+    }
+    out->numel = impl->numel();
+    if (impl->is_contiguous()) out->flags |= FT_CONTIGUOUS;
+    if (impl->is_neg()) out->flags |= FT_NEG;
+    if (impl->is_conj()) out->flags |= FT_CONJ;
+    if (impl->is_inference()) out->flags |= FT_INFERENCE;
+    if (impl->device_type() == c10::DeviceType::CPU) {
+      out->flags |= FT_CPU_DENSE;
+      if (out->numel > 0) {
+        // mutable_data(): the first element, after materializing a copy-on-write storage.
+        void* data = impl->mutable_data();
+        if (data == nullptr) return 2;
+        out->data = reinterpret_cast<uint64_t>(data);
+      }
+    }
+    return 0;
+  } catch (...) {
+    return 2;
+  }
+}
+
+// `t._version += 1` for each tensor object, as torch's in-place ops do. Returns the number
+// of objects that are not tensors (or are inference tensors, which have no version).
+int ft_bump_versions(PyObject* const* objs, size_t n) {
+  int skipped = 0;
+  for (size_t i = 0; i < n; ++i) {
+    try {
+      if (!THPVariable_Check(objs[i])) {
+        ++skipped;
+        continue;
+      }
+      const at::Tensor& t = THPVariable_Unpack(objs[i]);
+      if (!t.defined() || t.is_inference()) {
+        ++skipped;
+        continue;
+      }
+      t.unsafeGetTensorImpl()->bump_version();
+    } catch (...) {
+      ++skipped;
+    }
+  }
+  return skipped;
+}
+
+}  // extern "C"
