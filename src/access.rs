@@ -166,7 +166,7 @@ impl Meta {
             6 => "Float",
             7 => "Double",
             15 => "BFloat16",
-            9 | 10 | 8 => "Complex",
+            8..=10 => "Complex",
             _ => "a non-float dtype",
         }
     }
