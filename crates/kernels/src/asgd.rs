@@ -50,6 +50,24 @@ impl Algorithm for Asgd {
         g: &mut [E],
         st: [&mut [E]; MAX_STATES],
     ) {
+        if s.mu != 1.0 {
+            self.body::<E, true>(s, p, g, st)
+        } else {
+            self.body::<E, false>(s, p, g, st)
+        }
+    }
+}
+
+impl Asgd {
+    /// One loop per averaging mode, so neither carries a branch per element.
+    #[inline(always)]
+    fn body<E: Elem, const AVERAGE: bool>(
+        &self,
+        s: &AsgdScalars,
+        p: &mut [E],
+        g: &mut [E],
+        st: [&mut [E]; MAX_STATES],
+    ) {
         let [ax, _, _] = st;
         let n = p.len();
         let (g, ax) = (&mut g[..n], &mut ax[..n]);
@@ -60,21 +78,15 @@ impl Algorithm for Asgd {
         let decay = o(1.0 - self.lambd * s.eta);
         let neg_eta = E::store(o(-s.eta)).load();
         // `mu` is a one-element tensor: `mul_(mu)` computes in the parameter's dtype.
-        let (average, mu) = (s.mu != 1.0, E::store(o(s.mu)).load());
+        let mu = E::store(o(s.mu)).load();
         for i in 0..n {
-            let param = E::store(p[i].load() * decay).load();
-            let grad = E::store(l2_grad(
-                &mut g[i],
-                p[i].load(),
-                scale,
-                clip,
-                self.maximize,
-                l2,
-            ))
-            .load();
+            let p0 = p[i].load();
+            // grad.add(param, alpha=wd) reads the parameter before the decay
+            let grad = E::store(l2_grad(&mut g[i], p0, scale, clip, self.maximize, l2)).load();
+            let param = E::store(p0 * decay).load();
             let param = E::store(grad.mul_add(neg_eta, param));
             p[i] = param;
-            ax[i] = if average {
+            ax[i] = if AVERAGE {
                 let a = ax[i].load();
                 let diff = E::store(E::store(param.load() - a).load() * mu).load();
                 E::store(a + diff)
