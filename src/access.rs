@@ -82,8 +82,8 @@ impl<'py> Sharded<'py> {
 struct FtMeta {
     data: u64,
     numel: i64,
+    span: u64,
     sizes: [i64; 8],
-    strides: [i64; 8],
     dim: i32,
     dtype: i32,
     flags: u32,
@@ -109,15 +109,27 @@ extern "C" {
 pub struct Meta {
     data: usize,
     numel: usize,
+    /// Bytes from `data` to the end of the last element.
+    span: usize,
     dim: usize,
     sizes: [i64; 8],
-    strides: [i64; 8],
     /// c10::ScalarType.
     dtype: i32,
     flags: u32,
 }
 
 impl Meta {
+    /// An unused slot.
+    pub const NONE: Meta = Meta {
+        data: 0,
+        numel: 0,
+        span: 0,
+        dim: 0,
+        sizes: [0; 8],
+        dtype: -1,
+        flags: 0,
+    };
+
     /// `obj` read now, if it is a plain `torch.Tensor`/`nn.Parameter` (exactly) whose
     /// layout the kernels can judge; None sends it to torch.
     pub fn of(obj: &Bound<'_, PyAny>) -> PyResult<Option<Meta>> {
@@ -136,9 +148,9 @@ impl Meta {
         Ok(Some(Meta {
             data: m.data as usize,
             numel: m.numel.max(0) as usize,
+            span: m.span as usize,
             dim: m.dim.clamp(0, 8) as usize,
             sizes: m.sizes,
-            strides: m.strides,
             dtype: m.dtype,
             flags: m.flags,
         }))
@@ -208,22 +220,7 @@ impl Meta {
         if self.flags & FT_CPU_DENSE == 0 || self.numel == 0 || self.data == 0 {
             return None;
         }
-        let elem = match self.dtype {
-            0 | 1 | 11 | 12 | 13 => 1,
-            2 | 5 | 15 => 2,
-            3 | 6 | 14 => 4,
-            8 => 4,
-            9 => 8,
-            10 => 16,
-            _ => 8,
-        };
-        let last: i64 = self
-            .sizes()
-            .iter()
-            .zip(&self.strides[..self.dim])
-            .map(|(&n, &s)| (n - 1) * s.max(0))
-            .sum();
-        Some((self.data, self.data + (last as usize + 1) * elem))
+        Some((self.data, self.data + self.span))
     }
 
     /// A one-element f32/f64 state tensor in plain CPU memory.

@@ -31,9 +31,10 @@ struct Entry {
 struct Tensors {
     param: Meta,
     grad: Meta,
-    states: Vec<Meta>,
-    /// The scalar state, in `SPEC.scalars`' order.
-    scalars: Vec<Meta>,
+    /// `states[..n_states]`, in the kernel's order.
+    states: [Meta; MAX_STATES],
+    /// `scalars[..SPEC.scalars.len()]`, in that order.
+    scalars: [Meta; MAX_SCALARS],
 }
 
 /// What the step did: `missing` lists parameters that have a grad but no (complete)
@@ -107,21 +108,17 @@ fn gather<'py>(
                 None => Ok(None),
             }
         };
-        let mut objs = Vec::with_capacity(keys.len());
+        let mut objs: [Option<Bound<'py, PyAny>>; MAX_STATES] = Default::default();
         let mut complete = !stateful || st.is_some();
-        for key in &key_objs {
-            match lookup(key)? {
-                Some(v) => objs.push(v),
-                None => complete = false,
-            }
+        for (slot, key) in objs.iter_mut().zip(&key_objs) {
+            *slot = lookup(key)?;
+            complete &= slot.is_some();
         }
-        let mut scalar_objs = Vec::with_capacity(scalar_keys.len());
-        for key in &scalar_key_objs {
+        let mut scalar_objs: [Option<Bound<'py, PyAny>>; MAX_SCALARS] = Default::default();
+        for (slot, key) in scalar_objs.iter_mut().zip(&scalar_key_objs) {
             // A float (old checkpoints) is turned into a tensor by Python first.
-            match lookup(key)? {
-                Some(v) if is_tensor(&v)? => scalar_objs.push(v),
-                _ => complete = false,
-            }
+            *slot = lookup(key)?.filter(|v| is_tensor(v).unwrap_or(false));
+            complete &= slot.is_some();
         }
         if !complete {
             missing.push(index);
@@ -154,17 +151,17 @@ fn gather<'py>(
             let (Some(param), Some(grad)) = (read(&p, true)?, read(&grad, false)?) else {
                 return Ok(None);
             };
-            let mut states = Vec::with_capacity(objs.len());
-            for o in &objs {
+            let mut states = [Meta::NONE; MAX_STATES];
+            for (slot, o) in states.iter_mut().zip(objs.iter().flatten()) {
                 match read(o, true)? {
-                    Some(m) => states.push(m),
+                    Some(m) => *slot = m,
                     None => return Ok(None),
                 }
             }
-            let mut scalars = Vec::with_capacity(scalar_objs.len());
-            for o in &scalar_objs {
+            let mut scalars = [Meta::NONE; MAX_SCALARS];
+            for (slot, o) in scalars.iter_mut().zip(scalar_objs.iter().flatten()) {
                 match Meta::of(o)? {
-                    Some(m) => scalars.push(m),
+                    Some(m) => *slot = m,
                     None => return Ok(None),
                 }
             }
@@ -183,8 +180,8 @@ fn gather<'py>(
             written.extend(locals);
             keep.push(p);
             keep.push(grad);
-            keep.extend(objs);
-            keep.extend(scalar_objs);
+            keep.extend(objs.into_iter().flatten());
+            keep.extend(scalar_objs.into_iter().flatten());
         }
         let objs = (start, written.len());
         entries.push(Entry {
@@ -270,24 +267,9 @@ fn classify<A: Fused>(
         };
     }
     check_grad_matches(e.index, &t.param, &t.grad)?;
-    if t.states.len() != n_states {
-        return Err(Error::Runtime(format!(
-            "{}: parameter {} has {} state tensors, the group's settings need {n_states}",
-            A::SPEC.label,
-            e.index,
-            t.states.len()
-        )));
-    }
     let n_scalars = A::SPEC.scalars.len();
-    if t.scalars.len() != n_scalars || n_scalars > MAX_SCALARS {
-        return Err(Error::Runtime(format!(
-            "{}: parameter {} has {} scalar state tensors, expected {n_scalars}",
-            A::SPEC.label,
-            e.index,
-            t.scalars.len()
-        )));
-    }
-    for (key, s) in A::SPEC.scalars.iter().zip(&t.scalars) {
+    let (states_in, scalars_in) = (&t.states[..n_states], &t.scalars[..n_scalars]);
+    for (key, s) in A::SPEC.scalars.iter().zip(scalars_in) {
         // torch's `.item()` on it would fail after other parameters were stepped.
         if s.sizes().iter().product::<i64>() != 1 {
             return Err(Error::Value(format!(
@@ -303,8 +285,8 @@ fn classify<A: Fused>(
         ranges.extend(
             std::iter::once(&t.param)
                 .chain([&t.grad])
-                .chain(&t.states)
-                .chain(&t.scalars)
+                .chain(states_in)
+                .chain(scalars_in)
                 .filter_map(Meta::extent),
         );
         Ok(None)
@@ -318,14 +300,14 @@ fn classify<A: Fused>(
         ptr: std::ptr::null_mut(),
     };
     let mut states = [empty; MAX_STATES];
-    for (slot, s) in states.iter_mut().zip(&t.states) {
+    for (slot, s) in states.iter_mut().zip(states_in) {
         match s.flat() {
             Some(f) if f.dtype == param.dtype && s.same_shape(&t.param) => *slot = f,
             _ => return slow(ranges),
         }
     }
     let mut scalars = [Scalar::NONE; MAX_SCALARS];
-    for (slot, s) in scalars.iter_mut().zip(&t.scalars) {
+    for (slot, s) in scalars.iter_mut().zip(scalars_in) {
         // SAFETY: the object is held by `Gathered` for the whole call; overlap is checked
         // by the caller before any use.
         match unsafe { s.scalar() } {
@@ -405,6 +387,16 @@ pub fn step_group<A: Fused>(
     let mut first = first.to_vec();
     first.sort_unstable();
     let keys = A::state_keys(group)?;
+    let n_states = algo.n_states();
+    if n_states != keys.len() || n_states > MAX_STATES || A::SPEC.scalars.len() > MAX_SCALARS {
+        return Err(Error::Runtime(format!(
+            "{}: the kernel needs {n_states} state tensors, the declaration lists {} \
+             (at most {MAX_STATES} state and {MAX_SCALARS} scalar tensors)",
+            A::SPEC.label,
+            keys.len()
+        ))
+        .into());
+    }
     let gathered = match gather(state, group, &keys, A::SPEC.scalars, &first)? {
         Ok(g) => g,
         Err(missing) => {
@@ -414,15 +406,6 @@ pub fn step_group<A: Fused>(
             })
         }
     };
-    let n_states = algo.n_states();
-    if n_states != keys.len() {
-        return Err(Error::Runtime(format!(
-            "{}: the kernel needs {n_states} state tensors, the declaration lists {}",
-            A::SPEC.label,
-            keys.len()
-        ))
-        .into());
-    }
     let threads = tch::get_num_threads().max(1) as usize;
     // `gathered` holds every tensor object while the GIL is released.
     let entries = &gathered.entries;

@@ -12,8 +12,8 @@ extern "C" {
 struct FtMeta {
   uint64_t data;     // first element's address (0 when there is none)
   int64_t numel;
+  uint64_t span;     // bytes from `data` to the end of the last element (strided)
   int64_t sizes[8];
-  int64_t strides[8];
   int32_t dim;
   int32_t dtype;     // c10::ScalarType
   uint32_t flags;    // FT_* below
@@ -55,11 +55,13 @@ int ft_tensor_meta(PyObject* obj, FtMeta* out) {
     out->dim = static_cast<int32_t>(dim);
     const auto sizes = impl->sizes();
     const auto strides = impl->strides();
+    int64_t last = 0;
     for (int64_t i = 0; i < dim; ++i) {
       out->sizes[i] = sizes[i];
-      out->strides[i] = strides[i];
+      if (sizes[i] > 0 && strides[i] > 0) last += (sizes[i] - 1) * strides[i];
     }
     out->numel = impl->numel();
+    out->span = out->numel > 0 ? static_cast<uint64_t>(last + 1) * impl->itemsize() : 0;
     if (impl->is_contiguous()) out->flags |= FT_CONTIGUOUS;
     if (impl->is_neg()) out->flags |= FT_NEG;
     if (impl->is_conj()) out->flags |= FT_CONJ;
