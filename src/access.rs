@@ -13,7 +13,7 @@ use pyo3::sync::GILOnceCell;
 use pyo3::types::PyType;
 use tch::{Device, Kind, Tensor};
 
-use crate::errors::{Error, Result};
+use crate::errors::Error;
 
 static PLAIN_TYPES: GILOnceCell<(Py<PyType>, Py<PyType>)> = GILOnceCell::new();
 
@@ -226,8 +226,8 @@ impl Meta {
     /// A one-element f32/f64 state tensor in plain CPU memory.
     ///
     /// # Safety
-    /// As [`Scalar::of`]: the tensor must outlive every use of the result, and nothing else
-    /// in use may overlap its element.
+    /// The tensor must outlive every use of the result, and nothing else in use may
+    /// overlap its element.
     pub unsafe fn scalar(&self) -> Option<Scalar> {
         if !self.plain_cpu() || self.numel != 1 || self.data == 0 {
             return None;
@@ -319,29 +319,7 @@ pub fn flat(t: &Tensor) -> Option<Flat> {
     Some(Flat { dtype, numel, ptr })
 }
 
-/// The bytes any strided CPU tensor may touch (its first to last element), or None when it
-/// has no CPU memory of its own to speak of (device, sparse, meta) or is empty.
-pub fn extent(t: &Tensor) -> Option<(usize, usize)> {
-    if !cpu_strided(t) {
-        return None;
-    }
-    let numel = t.numel();
-    if numel == 0 {
-        return None;
-    }
-    let start = t.data_ptr() as usize;
-    let elem = t.f_kind().ok()?.elt_size_in_bytes();
-    let last: i64 = t
-        .size()
-        .iter()
-        .zip(t.stride())
-        .map(|(&n, s)| (n - 1) * s.max(0))
-        .sum();
-    Some((start, start + (last as usize + 1) * elem))
-}
-
-/// True when two of the non-empty `ranges` share a byte. Sorts `ranges`; sorting an
-/// already-sorted list (the common case from one step to the next) is linear.
+/// True when two of the non-empty `ranges` share a byte (sorts `ranges`).
 pub fn any_overlap(ranges: &mut [(usize, usize)]) -> bool {
     ranges.sort_unstable();
     let mut end = 0usize;
@@ -385,38 +363,6 @@ impl Shape {
     }
 }
 
-/// Torch's error for a gradient that cannot belong to its parameter (sparse grads pass).
-pub fn check_grad_matches(index: usize, param: &Tensor, grad: &Tensor) -> Result<()> {
-    if grad.is_sparse() {
-        return Ok(());
-    }
-    if param.f_kind().ok() != grad.f_kind().ok() {
-        return Err(Error::Type(format!(
-            "grad of parameter {index} has dtype {}, but the parameter has dtype {}",
-            kind_name(grad),
-            kind_name(param)
-        )));
-    }
-    if Shape::of(param).is_none() || Shape::of(param) != Shape::of(grad) {
-        if param.size() == grad.size() {
-            return Ok(());
-        }
-        return Err(Error::Value(format!(
-            "grad of parameter {index} has shape {:?}, but the parameter has shape {:?}",
-            grad.size(),
-            param.size()
-        )));
-    }
-    Ok(())
-}
-
-pub fn kind_name(t: &Tensor) -> String {
-    match t.f_kind() {
-        Ok(k) => format!("{k:?}"),
-        Err(_) => "an unsupported dtype".to_string(),
-    }
-}
-
 /// A scalar state tensor (`step`, `mu_product`, `eta`…) the step reads and writes: one f32
 /// or f64 element on the CPU, updated in its own dtype as torch's ops on it would.
 #[derive(Clone, Copy)]
@@ -431,22 +377,6 @@ impl Scalar {
         ptr: std::ptr::null_mut(),
         double: false,
     };
-
-    /// # Safety
-    /// Until the last use of the returned value, `t` must stay alive with the same storage,
-    /// and no other buffer in use may overlap its element (the caller checks overlap).
-    pub unsafe fn of(t: &Tensor) -> Option<Scalar> {
-        if !cpu_strided(t) || Shape::of(t).map(|s| s.numel()) != Some(1) {
-            return None;
-        }
-        let double = match t.f_kind().ok()? {
-            Kind::Float => false,
-            Kind::Double => true,
-            _ => return None,
-        };
-        let ptr = t.data_ptr() as *mut u8;
-        (!ptr.is_null()).then_some(Scalar { ptr, double })
-    }
 
     pub fn range(&self) -> (usize, usize) {
         let s = self.ptr as usize;
