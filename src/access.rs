@@ -37,6 +37,12 @@ pub fn is_plain(obj: &Bound<'_, PyAny>) -> PyResult<bool> {
     Ok(ty.is(tensor.bind(obj.py())) || ty.is(param.bind(obj.py())))
 }
 
+/// Whether `obj` is any `torch.Tensor`, subclasses included.
+pub fn is_tensor(obj: &Bound<'_, PyAny>) -> PyResult<bool> {
+    let (tensor, _) = plain_types(obj.py())?;
+    obj.is_instance(tensor.bind(obj.py()))
+}
+
 static DTENSOR: GILOnceCell<Option<Py<PyType>>> = GILOnceCell::new();
 
 /// A DTensor (FSDP2, tensor parallel) split into what an elementwise step needs: its local

@@ -88,9 +88,10 @@ fn flag(g: &Bound<'_, PyDict>, key: &str) -> Result<bool> {
     }
 }
 
-fn betas(g: &Bound<'_, PyDict>) -> Result<(f64, f64)> {
-    let v = get(g, "betas")?;
-    let bad = || Error::Type("param_group['betas'] must be a pair of floats".to_string());
+/// A pair hyper-parameter (`betas`, `etas`, `step_sizes`).
+fn pair(g: &Bound<'_, PyDict>, key: &str) -> Result<(f64, f64)> {
+    let v = get(g, key)?;
+    let bad = || Error::Type(format!("param_group['{key}'] must be a pair of floats"));
     let item = |i: usize| -> Result<f64> {
         v.get_item(i)
             .map_err(|_| bad())?
@@ -117,7 +118,7 @@ impl Fused for Adam {
         })
     }
     fn from_group(g: &Bound<'_, PyDict>, grad: GradIn) -> Result<Self> {
-        let (beta1, beta2) = betas(g)?;
+        let (beta1, beta2) = pair(g, "betas")?;
         Ok(Adam {
             lr: float(g, "lr")?,
             beta1,
@@ -235,7 +236,7 @@ impl Fused for Adamax {
         Ok(vec!["exp_avg", "exp_inf"])
     }
     fn from_group(g: &Bound<'_, PyDict>, grad: GradIn) -> Result<Self> {
-        let (beta1, beta2) = betas(g)?;
+        let (beta1, beta2) = pair(g, "betas")?;
         Ok(Adamax {
             lr: float(g, "lr")?,
             beta1,
@@ -262,7 +263,7 @@ impl Fused for RAdam {
         Ok(vec!["exp_avg", "exp_avg_sq"])
     }
     fn from_group(g: &Bound<'_, PyDict>, grad: GradIn) -> Result<Self> {
-        let (beta1, beta2) = betas(g)?;
+        let (beta1, beta2) = pair(g, "betas")?;
         Ok(RAdam {
             lr: float(g, "lr")?,
             beta1,
@@ -304,18 +305,6 @@ impl Fused for Adadelta {
     }
 }
 
-fn pair(g: &Bound<'_, PyDict>, key: &str) -> Result<(f64, f64)> {
-    let v = get(g, key)?;
-    let bad = || Error::Type(format!("param_group['{key}'] must be a pair of floats"));
-    let item = |i: usize| -> Result<f64> {
-        v.get_item(i)
-            .map_err(|_| bad())?
-            .extract::<f64>()
-            .map_err(|_| bad())
-    };
-    Ok((item(0)?, item(1)?))
-}
-
 impl Fused for Rprop {
     const SPEC: Spec = Spec {
         name: "rprop",
@@ -354,7 +343,7 @@ impl Fused for NAdam {
         Ok(vec!["exp_avg", "exp_avg_sq"])
     }
     fn from_group(g: &Bound<'_, PyDict>, grad: GradIn) -> Result<Self> {
-        let (beta1, beta2) = betas(g)?;
+        let (beta1, beta2) = pair(g, "betas")?;
         Ok(NAdam {
             lr: float(g, "lr")?,
             beta1,

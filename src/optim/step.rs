@@ -12,7 +12,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString};
 
 use super::algos::{Fused, Sparse};
-use crate::access::{any_overlap, bump_versions, Flat, Meta, Scalar, Sharded};
+use crate::access::{any_overlap, bump_versions, is_tensor, Flat, Meta, Scalar, Sharded};
 use crate::errors::{enter, Error, Result};
 
 /// One parameter with a grad and complete state, as the Python objects hold them now.
@@ -200,23 +200,6 @@ fn gather<'py>(
     } else {
         Err(missing)
     })
-}
-
-static TENSOR_TYPE: pyo3::sync::GILOnceCell<Py<pyo3::types::PyType>> =
-    pyo3::sync::GILOnceCell::new();
-
-/// Any torch.Tensor, subclasses included (torch steps those).
-fn is_tensor(s: &Bound<'_, PyAny>) -> PyResult<bool> {
-    let ty = TENSOR_TYPE.get_or_try_init(s.py(), || {
-        PyResult::Ok(
-            s.py()
-                .import("torch")?
-                .getattr("Tensor")?
-                .downcast_into::<pyo3::types::PyType>()?
-                .unbind(),
-        )
-    })?;
-    s.is_instance(ty.bind(s.py()))
 }
 
 /// A parameter the kernel can step, with every buffer read at this call.
