@@ -1,6 +1,6 @@
 //! Adadelta (`torch.optim.Adadelta`). States: `square_avg`, `acc_delta`.
 
-use crate::common::{l2_grad, GradIn};
+use crate::common::{in_dtype, l2_grad, GradIn};
 use crate::elem::{Elem, OpFloat};
 use crate::{Algorithm, MAX_STATES};
 
@@ -29,7 +29,7 @@ impl Algorithm for Adadelta {
         let (g, sq, acc) = (&mut g[..n], &mut sq[..n], &mut acc[..n]);
         let o = <E::Op as OpFloat>::of;
         let (scale, clip) = (self.grad.grad_scale.map(o), self.grad.clip_coef.map(o));
-        let l2 = (self.weight_decay != 0.0).then_some(E::store(o(self.weight_decay)).load()); // torch rounds add()'s alpha to the dtype
+        let l2 = (self.weight_decay != 0.0).then_some(in_dtype::<E>(self.weight_decay));
         let (rho, c, eps, neg_lr) = (o(self.rho), o(1.0 - self.rho), o(self.eps), o(-self.lr));
         for i in 0..n {
             let param = p[i].load();

@@ -1,7 +1,7 @@
 //! Adamax (`torch.optim.Adamax`): Adam with an infinity-norm second moment.
 //! States: `exp_avg`, `exp_inf`.
 
-use crate::common::{l2_grad, lerp, GradIn};
+use crate::common::{in_dtype, l2_grad, lerp, GradIn};
 use crate::elem::{Elem, OpFloat};
 use crate::{Algorithm, MAX_STATES};
 
@@ -52,7 +52,7 @@ impl Algorithm for Adamax {
         let (g, m, u) = (&mut g[..n], &mut m[..n], &mut u[..n]);
         let o = <E::Op as OpFloat>::of;
         let (scale, clip) = (self.grad.grad_scale.map(o), self.grad.clip_coef.map(o));
-        let l2 = (self.weight_decay != 0.0).then_some(E::store(o(self.weight_decay)).load()); // torch rounds add()'s alpha to the dtype
+        let l2 = (self.weight_decay != 0.0).then_some(in_dtype::<E>(self.weight_decay));
         let (w1, beta2, eps, neg_clr) =
             (o(1.0 - self.beta1), o(self.beta2), o(self.eps), o(-s.clr));
         for i in 0..n {

@@ -1,7 +1,7 @@
 //! ASGD (`torch.optim.ASGD`): SGD with a decaying step size and a running average of the
 //! parameter. State: `ax` (and the scalars `eta`, `mu`).
 
-use crate::common::{l2_grad, GradIn};
+use crate::common::{in_dtype, l2_grad, GradIn};
 use crate::elem::{Elem, OpFloat};
 use crate::{Algorithm, MAX_STATES};
 
@@ -73,12 +73,12 @@ impl Asgd {
         let (g, ax) = (&mut g[..n], &mut ax[..n]);
         let o = <E::Op as OpFloat>::of;
         let (scale, clip) = (self.grad.grad_scale.map(o), self.grad.clip_coef.map(o));
-        // torch rounds add()'s alpha to the dtype
-        let l2 = (self.weight_decay != 0.0).then_some(E::store(o(self.weight_decay)).load());
+
+        let l2 = (self.weight_decay != 0.0).then_some(in_dtype::<E>(self.weight_decay));
         let decay = o(1.0 - self.lambd * s.eta);
-        let neg_eta = E::store(o(-s.eta)).load();
+        let neg_eta = in_dtype::<E>(-s.eta);
         // `mu` is a one-element tensor: `mul_(mu)` computes in the parameter's dtype.
-        let mu = E::store(o(s.mu)).load();
+        let mu = in_dtype::<E>(s.mu);
         for i in 0..n {
             let p0 = p[i].load();
             // grad.add(param, alpha=wd) reads the parameter before the decay

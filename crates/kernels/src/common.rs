@@ -12,6 +12,14 @@ pub struct GradIn {
     pub clip_coef: Option<f64>,
 }
 
+/// A Python scalar as torch's single-tensor ops use it on a tensor of element type `E`:
+/// rounded to `E` first (an `add(..., alpha=x)` alpha, a value stored into the tensor, a
+/// one-element tensor of the parameter's dtype), then computed with in `E::Op`.
+#[inline(always)]
+pub fn in_dtype<E: Elem>(x: f64) -> E::Op {
+    E::store(<E::Op as OpFloat>::of(x)).load()
+}
+
 /// torch's `lerp(self, end, weight)` for a scalar weight, in its vectorized (fmadd) form.
 #[inline(always)]
 pub fn lerp<O: OpFloat>(start: O, end: O, weight: O) -> O {

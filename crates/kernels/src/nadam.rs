@@ -1,7 +1,7 @@
 //! NAdam (`torch.optim.NAdam`): Adam with Nesterov momentum and momentum decay, L2 or
 //! decoupled weight decay. States: `exp_avg`, `exp_avg_sq` (and the scalar `mu_product`).
 
-use crate::common::{l2_grad, lerp, GradIn};
+use crate::common::{in_dtype, l2_grad, lerp, GradIn};
 use crate::elem::{Elem, OpFloat};
 use crate::{Algorithm, MAX_STATES};
 
@@ -70,9 +70,9 @@ impl Algorithm for NAdam {
         let has_wd = self.weight_decay != 0.0;
         let decay =
             (has_wd && self.decoupled_weight_decay).then_some(o(1.0 - self.lr * self.weight_decay));
-        // torch rounds add()'s alpha to the dtype
-        let l2 = (has_wd && !self.decoupled_weight_decay)
-            .then_some(E::store(o(self.weight_decay)).load());
+
+        let l2 =
+            (has_wd && !self.decoupled_weight_decay).then_some(in_dtype::<E>(self.weight_decay));
         let (w1, beta2, c2, eps) = (
             o(1.0 - self.beta1),
             o(self.beta2),

@@ -1,7 +1,7 @@
 //! RAdam (`torch.optim.RAdam`): Adam with the variance rectification term, L2 or decoupled
 //! weight decay. States: `exp_avg`, `exp_avg_sq`.
 
-use crate::common::{l2_grad, lerp, GradIn};
+use crate::common::{in_dtype, l2_grad, lerp, GradIn};
 use crate::elem::{Elem, OpFloat};
 use crate::{Algorithm, MAX_STATES};
 
@@ -69,8 +69,8 @@ impl Algorithm for RAdam {
         let has_wd = self.weight_decay != 0.0;
         let decay =
             (has_wd && self.decoupled_weight_decay).then_some(o(1.0 - self.lr * self.weight_decay));
-        let l2 = (has_wd && !self.decoupled_weight_decay)
-            .then_some(E::store(o(self.weight_decay)).load()); // torch rounds add()'s alpha to the dtype
+        let l2 =
+            (has_wd && !self.decoupled_weight_decay).then_some(in_dtype::<E>(self.weight_decay));
         let (w1, beta2, c2, eps, lr) = (
             o(1.0 - self.beta1),
             o(self.beta2),

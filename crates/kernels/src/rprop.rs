@@ -1,7 +1,7 @@
 //! Rprop (`torch.optim.Rprop`): per-element step sizes grown or shrunk by the sign of
 //! `grad * prev`. States: `prev`, `step_size`.
 
-use crate::common::{load_grad, GradIn};
+use crate::common::{in_dtype, load_grad, GradIn};
 use crate::elem::{Elem, OpFloat};
 use crate::{Algorithm, MAX_STATES};
 
@@ -43,10 +43,7 @@ impl Algorithm for Rprop {
         let o = <E::Op as OpFloat>::of;
         let (scale, clip) = (self.grad.grad_scale.map(o), self.grad.clip_coef.map(o));
         // `sign[...] = etaplus` stores the factors in the grad's dtype.
-        let (plus, minus) = (
-            E::store(o(self.etaplus)).load(),
-            E::store(o(self.etaminus)).load(),
-        );
+        let (plus, minus) = (in_dtype::<E>(self.etaplus), in_dtype::<E>(self.etaminus));
         let (lo, hi) = (o(self.step_size_min), o(self.step_size_max));
         let (zero, one) = (o(0.0), o(1.0));
         for i in 0..n {
