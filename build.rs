@@ -1,4 +1,5 @@
-//! Points the linker at the torch of the Python environment doing this build.
+//! Points the linker at the torch of the Python environment doing this build, checks that it
+//! is a torch ferrotorch supports, and records which one it is.
 //!
 //! torch-sys caches the libtorch directory it found the first time its build script ran.
 //! `pip install .` runs that build inside a temporary isolated environment, deleted right
@@ -10,11 +11,14 @@ use std::env;
 use std::path::PathBuf;
 use std::process::Command;
 
-const REQUIRED_TORCH: &str = "2.13.0";
+/// The torch releases (major, minor) this source builds against: tch 0.26 is generated for
+/// 2.13, and src/shim/torch_compat.h supplies what the others lack or renamed.
+const SUPPORTED_TORCH: (u32, std::ops::RangeInclusive<u32>) = (2, 11..=15);
 
 fn main() {
     for var in [
         "VIRTUAL_ENV",
+        "PATH",
         "PYTHONPATH",
         "PYO3_PYTHON",
         "CONDA_PREFIX",
@@ -42,8 +46,9 @@ fn main() {
     let out = match Command::new(&python).args(["-c", script]).output() {
         Ok(out) if out.status.success() => out,
         Ok(out) => panic!(
-            "ferrotorch needs torch=={REQUIRED_TORCH} in the Python environment that builds it \
+            "ferrotorch needs torch {} in the Python environment that builds it \
              ({python:?} could not import torch: {})",
+            supported_text(),
             String::from_utf8_lossy(&out.stderr).trim()
         ),
         Err(e) => panic!("could not run {python:?} to find torch: {e}"),
@@ -52,9 +57,21 @@ fn main() {
     let mut lines = text.lines();
     let version = lines.next().unwrap_or_default().trim();
     let lib = lines.next().unwrap_or_default().trim();
-    if version.split('+').next() != Some(REQUIRED_TORCH) {
-        panic!("ferrotorch is built against torch=={REQUIRED_TORCH} (tch 0.26), but {python:?} has torch {version}");
-    }
+    let public = version.split('+').next().unwrap_or_default();
+    let mut parts = public.split('.').map(|p| p.parse::<u32>().ok());
+    let (major, minor) = (parts.next().flatten(), parts.next().flatten());
+    let (want_major, want_minor) = SUPPORTED_TORCH;
+    let minor = match (major, minor) {
+        (Some(ma), Some(mi)) if ma == want_major && want_minor.contains(&mi) => mi,
+        _ => panic!(
+            "ferrotorch builds against torch {}, but {python:?} has torch {version}",
+            supported_text()
+        ),
+    };
+    check_torch_sys_stamp(public);
+    // The Python package checks at import that the torch it runs with is this one.
+    println!("cargo:rustc-env=FERROTORCH_TORCH_VERSION={public}");
+    record_torch_version(public);
     println!("cargo:rustc-link-search=native={lib}");
     let torch_include = PathBuf::from(lines.next().unwrap_or_default().trim());
     let python_include = lines.next().unwrap_or_default().trim().to_string();
@@ -66,9 +83,56 @@ fn main() {
         .include(&torch_include)
         .include(torch_include.join("torch/csrc/api/include"))
         .include(python_include)
-        .flag("-std=c++17")
+        // torch 2.15's headers require C++20.
+        .flag(if minor >= 15 { "-std=c++20" } else { "-std=c++17" })
         .define("_GLIBCXX_USE_CXX11_ABI", cxx11_abi.as_str())
         .flag_if_supported("-w")
         .opt_level(2)
         .compile("ferrotorch_shim");
+}
+
+fn supported_text() -> String {
+    let (major, minor) = SUPPORTED_TORCH;
+    format!("{major}.{}.x - {major}.{}.x", minor.start(), minor.end())
+}
+
+/// Writes python/ferrotorch/_torch_build.py (not in git), which maturin packs with the
+/// Python sources: `import ferrotorch` compares it with the running torch before it loads
+/// the extension, because loading a build for another libtorch may crash instead of failing.
+fn record_torch_version(version: &str) {
+    let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it"));
+    let path = manifest.join("python/ferrotorch/_torch_build.py");
+    let text = format!(
+        "# Written by build.rs: the torch release the compiled extension was built against.\n\
+         TORCH_VERSION = \"{version}\"\n"
+    );
+    if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
+        std::fs::write(&path, text).expect("write python/ferrotorch/_torch_build.py");
+    }
+}
+
+/// torch-sys re-runs its build script only when its own inputs change, not when the torch of
+/// the environment does, so a target directory reused after switching or upgrading torch
+/// would link wrappers compiled for the old headers. src/shim/cxx.sh stamps torch-sys's
+/// build directory with the version it compiled against; refuse a mismatch.
+fn check_torch_sys_stamp(version: &str) {
+    let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets it"));
+    let Some(build) = out.parent().and_then(|p| p.parent()) else { return };
+    let Ok(entries) = std::fs::read_dir(build) else { return };
+    let newest = entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("torch-sys-"))
+        .map(|e| e.path().join("out/ferrotorch-torch-version"))
+        .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
+        .max();
+    let Some((_, stamp)) = newest else { return };
+    let built = std::fs::read_to_string(&stamp).unwrap_or_default();
+    if built.trim() != version {
+        panic!(
+            "torch-sys's C++ in this target directory was compiled against torch {}, but the \
+             environment has torch {version}: run `cargo clean -p torch-sys` (or build in a \
+             target directory of its own: `pip install .` uses one per torch version)",
+            built.trim()
+        );
+    }
 }

@@ -15,9 +15,9 @@ pub mod sched;
 pub mod train;
 pub mod vit;
 
-/// Version of torch this extension was compiled against; the Python package refuses to
-/// load the extension under any other.
-pub const TORCH_VERSION: &str = "2.13.0";
+/// The torch release this extension was compiled against (build.rs reads it from the torch
+/// of the building environment); `import ferrotorch` refuses to load it under any other.
+pub const TORCH_VERSION: &str = env!("FERROTORCH_TORCH_VERSION");
 
 /// True when fused steps run on torch's OpenMP threads (False in a forked child, where a
 /// fork-safe pool is used instead).

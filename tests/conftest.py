@@ -193,3 +193,13 @@ def bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> int:
         return torch.where(bits >= 0x8000, -mag, mag)
 
     return int((key(a) - key(b)).abs().max())
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` need a GPU torch can see; elsewhere they are skipped."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -17,17 +17,20 @@ from torch.optim.lr_scheduler import (  # noqa: F401  (re-exported for ferrotorc
     _warn_get_lr_called_within_step as warn_get_lr_called_within_step,
 )
 from torch.optim.optimizer import _device_dtype_check_for_fused, _get_scalar_dtype
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 __all__ = [
     "scalar_dtype",
     "torch_step",
     "is_compiling",
     "check_fused",
+    "accelerator",
     "set_version_counters",
     "param_groups_val_list",
     "update_param_group_val",
     "warn_get_lr_called_within_step",
     "FLOATS",
+    "is_wrapped",
     "native_ok",
     "modes_active",
     "disjoint",
@@ -63,6 +66,15 @@ def check_fused(p: Any) -> None:
     _device_dtype_check_for_fused(p)
 
 
+def accelerator(p: Tensor) -> bool:
+    """True for a plain tensor on a non-CPU device that torch has fused and foreach
+    optimizer kernels for (CUDA, XPU, MPS, ...): such groups are stepped by those kernels."""
+    if type(p) is not Tensor and type(p) is not torch.nn.Parameter:
+        return False
+    kind = p.device.type
+    return kind != "cpu" and kind != "meta" and kind in _get_fused_kernels_supported_devices()
+
+
 #: ``set_version_counters(tensors, versions)``: what torch's in-place ops do to ``_version``;
 #: the native steps call it for every tensor they wrote.
 set_version_counters = torch._C._autograd._unsafe_set_version_counter
@@ -79,6 +91,11 @@ _is_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tenso
 _is_functional = getattr(torch, "_is_functional_tensor", lambda t: False)
 
 
+def is_wrapped(t: Tensor) -> bool:
+    """A torch.func (functorch) wrapper or a functionalization tensor."""
+    return bool(_is_functorch_wrapped(t) or _is_functional(t))
+
+
 def native_ok(t: object) -> bool:
     """True for a plain ``torch.Tensor``/``Parameter`` the kernels can use as a flat buffer."""
     if type(t) is not Tensor and type(t) is not torch.nn.Parameter:
@@ -87,7 +104,7 @@ def native_ok(t: object) -> bool:
         return False
     if t.dtype not in FLOATS or not t.is_contiguous() or t.is_neg() or t.is_inference():
         return False
-    if _is_functorch_wrapped(t) or _is_functional(t):
+    if is_wrapped(t):
         return False
     try:
         return t.numel() == 0 or t.untyped_storage().data_ptr() != 0

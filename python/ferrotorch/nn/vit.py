@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import _native
+from .. import _compat, _native
 from ..errors import FerrotorchTypeError, FerrotorchValueError
 
 __all__ = ["ViT"]
@@ -147,10 +147,6 @@ def _layout_of(key: tuple[Any, ...], image_hw: tuple[int, int]) -> tuple[tuple[s
     return tuple(out)
 
 
-_is_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
-_is_functional = getattr(torch, "_is_functional_tensor", lambda t: False)
-
-
 def _plain_problem(t: object) -> str | None:
     """Why the kernels cannot read ``t`` as a flat buffer (None: they can, once contiguous)."""
     if not isinstance(t, torch.Tensor):
@@ -159,7 +155,7 @@ def _plain_problem(t: object) -> str | None:
         return f"is a {type(t).__name__} (a tensor subclass), not a plain tensor"
     if t.layout != torch.strided or t.is_nested:
         return f"has layout {t.layout}, not torch.strided"
-    if _is_functorch_wrapped(t) or _is_functional(t):
+    if _compat.is_wrapped(t):
         return "is wrapped by a torch.func transform or functionalization"
     try:
         if t.data_ptr() == 0 and t.numel():
@@ -432,18 +428,9 @@ def _lookup(root: nn.Module, name: str) -> Any:
     return getattr(obj, last, None)
 
 
-def _modes_active() -> bool:
-    """A dispatch mode (FakeTensorMode...), a torch function mode other than
-    ``set_default_device``'s, or torch.compile tracing: torch ops must see every step."""
-    if torch._C._len_torch_dispatch_stack() > 0:
-        return True
-    if torch._C._is_torch_function_mode_enabled():
-        from torch.overrides import _get_current_function_mode_stack
-        from torch.utils._device import DeviceContext
-
-        if any(not isinstance(m, DeviceContext) for m in _get_current_function_mode_stack()):
-            return True
-    return bool(torch.compiler.is_compiling())
+# A dispatch mode (FakeTensorMode...), a torch function mode other than set_default_device's,
+# or torch.compile tracing: torch ops must see every step.
+_modes_active = _compat.modes_active
 
 
 class ViT(nn.Module):

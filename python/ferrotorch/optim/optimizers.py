@@ -44,11 +44,12 @@ class Adam(_FusedOptimizer, torch.optim.Adam):
     """
 
     _spec = optimizer_spec("adam")
+    _device_fused = True
     _state_key_set = frozenset({"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"})
     _group_keys = ("lr", "betas", "eps", "weight_decay", "amsgrad")
 
     def _fallback(
-        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], first: list[bool]
+        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], first: list[bool], **how: Any
     ) -> None:
         st = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
@@ -68,6 +69,7 @@ class Adam(_FusedOptimizer, torch.optim.Adam):
             weight_decay=group["weight_decay"],
             eps=group["eps"],
             maximize=group["maximize"],
+            **how,
         )
 
 
@@ -87,11 +89,12 @@ class SGD(_FusedOptimizer, torch.optim.SGD):
     """
 
     _spec = optimizer_spec("sgd")
+    _device_fused = True
     _state_key_set = frozenset({"momentum_buffer"})
     _group_keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
 
     def _fallback(
-        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], first: list[bool]
+        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], first: list[bool], **how: Any
     ) -> None:
         momentum = group["momentum"] != 0
         bufs = [None if f or not momentum else self.state[p]["momentum_buffer"] for p, f in zip(params, first)]
@@ -106,6 +109,7 @@ class SGD(_FusedOptimizer, torch.optim.SGD):
             dampening=group["dampening"],
             nesterov=group["nesterov"],
             maximize=group["maximize"],
+            **how,
         )
         if momentum:
             for p, b in zip(params, bufs):
@@ -127,7 +131,7 @@ class RMSprop(_FusedOptimizer, torch.optim.RMSprop):
         return torch.zeros((), dtype=_compat.scalar_dtype())
 
     def _fallback(
-        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], first: list[bool]
+        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], first: list[bool], **how: Any
     ) -> None:
         st = [self.state[p] for p in params]
         _trmsprop.rmsprop(
@@ -145,6 +149,7 @@ class RMSprop(_FusedOptimizer, torch.optim.RMSprop):
             weight_decay=group["weight_decay"],
             momentum=group["momentum"],
             centered=group["centered"],
+            **how,
         )
 
 
@@ -165,7 +170,7 @@ class Adagrad(_FusedOptimizer, torch.optim.Adagrad):
         return torch.full_like(p, value, memory_format=torch.preserve_format)
 
     def _fallback(
-        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], first: list[bool]
+        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], first: list[bool], **how: Any
     ) -> None:
         st = [self.state[p] for p in params]
         _tadagrad.adagrad(
@@ -180,6 +185,7 @@ class Adagrad(_FusedOptimizer, torch.optim.Adagrad):
             lr_decay=group["lr_decay"],
             eps=group["eps"],
             maximize=group["maximize"],
+            **how,
         )
 
 
@@ -195,7 +201,7 @@ class Adamax(_FusedOptimizer, torch.optim.Adamax):
     _group_keys = ("lr", "betas", "eps", "weight_decay")
 
     def _fallback(
-        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], first: list[bool]
+        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], first: list[bool], **how: Any
     ) -> None:
         st = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
@@ -212,6 +218,7 @@ class Adamax(_FusedOptimizer, torch.optim.Adamax):
             lr=group["lr"],
             weight_decay=group["weight_decay"],
             maximize=group["maximize"],
+            **how,
         )
 
 
@@ -227,7 +234,7 @@ class RAdam(_FusedOptimizer, torch.optim.RAdam):
     _group_keys = ("lr", "betas", "eps", "weight_decay")
 
     def _fallback(
-        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], first: list[bool]
+        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], first: list[bool], **how: Any
     ) -> None:
         st = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
@@ -245,6 +252,7 @@ class RAdam(_FusedOptimizer, torch.optim.RAdam):
             weight_decay=group["weight_decay"],
             eps=group["eps"],
             maximize=group["maximize"],
+            **how,
         )
 
 
@@ -260,7 +268,7 @@ class Adadelta(_FusedOptimizer, torch.optim.Adadelta):
     _group_keys = ("lr", "rho", "eps", "weight_decay")
 
     def _fallback(
-        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], first: list[bool]
+        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], first: list[bool], **how: Any
     ) -> None:
         st = [self.state[p] for p in params]
         _tadadelta.adadelta(
@@ -275,6 +283,7 @@ class Adadelta(_FusedOptimizer, torch.optim.Adadelta):
             eps=group["eps"],
             weight_decay=group["weight_decay"],
             maximize=group["maximize"],
+            **how,
         )
 
 
@@ -297,7 +306,7 @@ class Rprop(_FusedOptimizer, torch.optim.Rprop):
         return super()._new_state(group, p, key)
 
     def _fallback(
-        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], first: list[bool]
+        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], first: list[bool], **how: Any
     ) -> None:
         st = [self.state[p] for p in params]
         etaminus, etaplus = group["etas"]
@@ -314,6 +323,7 @@ class Rprop(_FusedOptimizer, torch.optim.Rprop):
             etaminus=etaminus,
             etaplus=etaplus,
             maximize=group["maximize"],
+            **how,
         )
 
 
@@ -333,7 +343,7 @@ class NAdam(_FusedOptimizer, torch.optim.NAdam):
         return torch.tensor(1.0, dtype=_compat.scalar_dtype())  # mu_product
 
     def _fallback(
-        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], first: list[bool]
+        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], first: list[bool], **how: Any
     ) -> None:
         st = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
@@ -353,6 +363,7 @@ class NAdam(_FusedOptimizer, torch.optim.NAdam):
             weight_decay=group["weight_decay"],
             momentum_decay=group["momentum_decay"],
             eps=group["eps"],
+            **how,
         )
 
 
@@ -379,7 +390,7 @@ class ASGD(_FusedOptimizer, torch.optim.ASGD):
         return torch.ones((), device=p.device, dtype=_compat.scalar_dtype())  # mu
 
     def _fallback(
-        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], first: list[bool]
+        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], first: list[bool], **how: Any
     ) -> None:
         st = [self.state[p] for p in params]
         _tasgd.asgd(
@@ -396,4 +407,5 @@ class ASGD(_FusedOptimizer, torch.optim.ASGD):
             t0=group["t0"],
             alpha=group["alpha"],
             weight_decay=group["weight_decay"],
+            **how,
         )

@@ -1,0 +1,116 @@
+"""ferrotorch._compat under the torch that is running: every private torch internal it wraps
+still exists and still means what ferrotorch relies on. CI runs this file against each
+supported torch (2.13 in the README's run, 2.15 and 2.11 in their own runs)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import ferrotorch.optim as fopt
+from ferrotorch import _compat
+
+
+def test_scalar_dtype_is_torchs_step_dtype():
+    assert _compat.scalar_dtype() == torch.float32
+    assert _compat.scalar_dtype(is_fused=True) == torch.float32
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert _compat.scalar_dtype() == torch.float64
+    finally:
+        torch.set_default_dtype(old)
+    p = torch.zeros(3, requires_grad=True)
+    p.grad = torch.ones(3)
+    ref = torch.optim.Adam([p])
+    ref.step()
+    assert ref.state[p]["step"].dtype == _compat.scalar_dtype()
+
+
+def test_torch_step_runs_the_base_class_step_under_no_grad():
+    p = torch.ones(3, requires_grad=True)
+    q = p.detach().clone().requires_grad_()
+    ours, ref = fopt.SGD([p], lr=0.5), torch.optim.SGD([q], lr=0.5)
+    p.grad, q.grad = torch.ones(3), torch.ones(3)
+    _compat.torch_step(type(ours), ours, None)  # in-place on a leaf: needs torch's no_grad
+    ref.step()
+    assert torch.equal(p, q)
+
+
+def test_is_compiling_and_modes():
+    assert _compat.is_compiling() is False
+    assert _compat.modes_active() is False
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        assert _compat.modes_active()
+    with torch.device("meta"):  # set_default_device's mode is not a reason to leave
+        assert _compat.modes_active() is False
+
+
+def test_check_fused_raises_torchs_error():
+    _compat.check_fused(torch.zeros(2, requires_grad=True))
+    with pytest.raises(RuntimeError, match="fused"):
+        _compat.check_fused(torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(RuntimeError):
+        _compat.check_fused(torch.zeros(2, device="meta"))
+
+
+def test_set_version_counters_and_bump_version():
+    t = torch.zeros(2)
+    v = t._version
+    _compat.bump_version([t])
+    assert t._version == v + 1
+    _compat.set_version_counters((t,), (v + 5,))
+    assert t._version == v + 5
+
+
+def test_native_ok_and_is_wrapped():
+    assert _compat.native_ok(torch.zeros(3))
+    assert _compat.native_ok(torch.nn.Parameter(torch.zeros(3)))
+    assert not _compat.native_ok(torch.zeros(3, device="meta"))
+    assert not _compat.native_ok(torch.zeros(4)[::2])
+    assert not _compat.native_ok(torch.zeros(3, dtype=torch.int32))
+    with torch.inference_mode():
+        assert not _compat.native_ok(torch.zeros(3))
+    from torch.func import grad
+
+    seen = []
+
+    def f(x):
+        seen.append((_compat.is_wrapped(x), _compat.native_ok(x)))
+        return x.sum()
+
+    grad(f)(torch.zeros(3))
+    assert seen == [(True, False)]
+    assert not _compat.is_wrapped(torch.zeros(3))
+
+
+def test_disjoint():
+    base = torch.zeros(10)
+    assert _compat.disjoint([base[:5], base[5:]])
+    assert not _compat.disjoint([base[:6], base[5:]])
+
+
+def test_accelerator_devices_come_from_torch():
+    assert not _compat.accelerator(torch.zeros(1))
+    assert not _compat.accelerator(torch.zeros(1, device="meta"))
+    if torch.cuda.is_available():
+        assert _compat.accelerator(torch.zeros(1, device="cuda"))
+
+
+def test_scheduler_helpers():
+    p = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.SGD([{"params": [p], "lr": 0.1}, {"params": [], "lr": torch.tensor(0.2)}])
+    assert [float(v) for v in _compat.param_groups_val_list(opt, "lr")] == [0.1, pytest.approx(0.2)]
+    _compat.update_param_group_val(opt.param_groups[0], "lr", 0.5)
+    _compat.update_param_group_val(opt.param_groups[1], "lr", 0.25)
+    assert opt.param_groups[0]["lr"] == 0.5
+    assert torch.is_tensor(opt.param_groups[1]["lr"]) and float(opt.param_groups[1]["lr"]) == 0.25
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _compat.warn_get_lr_called_within_step(sched)
+    assert any("get_last_lr" in str(w.message) for w in caught)
