@@ -71,7 +71,6 @@ fn main() {
     check_torch_sys_stamp(public);
     // The Python package checks at import that the torch it runs with is this one.
     println!("cargo:rustc-env=FERROTORCH_TORCH_VERSION={public}");
-    record_torch_version(public);
     println!("cargo:rustc-link-search=native={lib}");
     let torch_include = PathBuf::from(lines.next().unwrap_or_default().trim());
     let python_include = lines.next().unwrap_or_default().trim().to_string();
@@ -84,7 +83,11 @@ fn main() {
         .include(torch_include.join("torch/csrc/api/include"))
         .include(python_include)
         // torch 2.15's headers require C++20.
-        .flag(if minor >= 15 { "-std=c++20" } else { "-std=c++17" })
+        .flag(if minor >= 15 {
+            "-std=c++20"
+        } else {
+            "-std=c++17"
+        })
         .define("_GLIBCXX_USE_CXX11_ABI", cxx11_abi.as_str())
         .flag_if_supported("-w")
         .opt_level(2)
@@ -96,29 +99,18 @@ fn supported_text() -> String {
     format!("{major}.{}.x - {major}.{}.x", minor.start(), minor.end())
 }
 
-/// Writes python/ferrotorch/_torch_build.py (not in git), which maturin packs with the
-/// Python sources: `import ferrotorch` compares it with the running torch before it loads
-/// the extension, because loading a build for another libtorch may crash instead of failing.
-fn record_torch_version(version: &str) {
-    let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it"));
-    let path = manifest.join("python/ferrotorch/_torch_build.py");
-    let text = format!(
-        "# Written by build.rs: the torch release the compiled extension was built against.\n\
-         TORCH_VERSION = \"{version}\"\n"
-    );
-    if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
-        std::fs::write(&path, text).expect("write python/ferrotorch/_torch_build.py");
-    }
-}
-
 /// torch-sys re-runs its build script only when its own inputs change, not when the torch of
 /// the environment does, so a target directory reused after switching or upgrading torch
 /// would link wrappers compiled for the old headers. src/shim/cxx.sh stamps torch-sys's
 /// build directory with the version it compiled against; refuse a mismatch.
 fn check_torch_sys_stamp(version: &str) {
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets it"));
-    let Some(build) = out.parent().and_then(|p| p.parent()) else { return };
-    let Ok(entries) = std::fs::read_dir(build) else { return };
+    let Some(build) = out.parent().and_then(|p| p.parent()) else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(build) else {
+        return;
+    };
     let newest = entries
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().starts_with("torch-sys-"))

@@ -19,6 +19,16 @@ pub mod vit;
 /// of the building environment); `import ferrotorch` refuses to load it under any other.
 pub const TORCH_VERSION: &str = env!("FERROTORCH_TORCH_VERSION");
 
+/// The same, as a marker in the library file: `import ferrotorch` finds it in the file and
+/// compares it with the running torch *before* loading the extension, since loading a build
+/// for another libtorch may crash instead of failing.
+#[used]
+pub static BUILT_FOR_TORCH: &str = concat!(
+    "ferrotorch-built-for-torch=",
+    env!("FERROTORCH_TORCH_VERSION"),
+    ";"
+);
+
 /// True when fused steps run on torch's OpenMP threads (False in a forked child, where a
 /// fork-safe pool is used instead).
 #[pyfunction]
@@ -31,7 +41,11 @@ fn _native(py: Python<'_>, m: &Bound<'_, PyModule>) -> PyResult<()> {
     // libtorch must be loaded (by importing torch) before any tch call.
     py.import("torch")?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-    m.add("TORCH_VERSION", TORCH_VERSION)?;
+    // Read through the marker, so the linker keeps it in the file (it equals TORCH_VERSION).
+    let built_for =
+        &BUILT_FOR_TORCH["ferrotorch-built-for-torch=".len()..BUILT_FOR_TORCH.len() - 1];
+    debug_assert_eq!(built_for, TORCH_VERSION);
+    m.add("TORCH_VERSION", built_for)?;
     optim::register(m)?;
     m.add_function(wrap_pyfunction!(uses_torch_threads, m)?)?;
     sched::register(m)?;

@@ -80,7 +80,7 @@ def _load_cifar10(root: Path, download: bool, limit: int | None) -> Data:
     try:
         from torchvision.datasets import CIFAR10
     except ImportError:
-        sys.exit("error: --dataset cifar10 needs torchvision: pip install torchvision==0.28.0 (the build matching torch 2.13.0)")
+        sys.exit("error: --dataset cifar10 needs torchvision: pip install torchvision (pip picks the release matching your torch)")
     import torch
 
     sets = []

@@ -17,10 +17,13 @@ import swap:
   so ``optim.LBFGS(...)`` gives torch's LBFGS: ``Adafactor``, ``LBFGS``, ``Muon``,
   ``SparseAdam``, and
   ``Optimizer`` and ``swap_in_optimizer_params_and_state`` (torch's base class and helper).
-  Any other name a later torch adds to ``torch.optim.__all__`` is re-exported the same way.
+  Any other name a later torch adds to ``torch.optim.__all__`` (such as torch 2.15's
+  ``functional`` module) is re-exported the same way.
 
 ferrotorch's additions: ``warmup`` (pytorch_warmup's API).
 """
+
+import types as _types
 
 import torch.optim as _torch_optim
 
@@ -41,11 +44,19 @@ from .optimizers import ASGD, SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, NAdam
 NATIVE = ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adamax", "RAdam", "Adadelta", "Rprop", "NAdam", "ASGD")
 #: torch.optim's names that are torch's own objects here (no native kernel yet).
 TORCH_COMPUTED = tuple(
-    n for n in _torch_optim.__all__ if n not in NATIVE and n not in ("lr_scheduler", "swa_utils")
+    n
+    for n in _torch_optim.__all__
+    if n not in NATIVE and not isinstance(getattr(_torch_optim, n), _types.ModuleType)
+)
+#: torch.optim's submodules other than lr_scheduler and swa_utils (torch's own modules here).
+_TORCH_MODULES = tuple(
+    n
+    for n in _torch_optim.__all__
+    if n not in ("lr_scheduler", "swa_utils") and isinstance(getattr(_torch_optim, n), _types.ModuleType)
 )
 
 # A name a later torch adds to torch.optim.__all__ resolves too (torch's object).
-for _name in TORCH_COMPUTED:
+for _name in TORCH_COMPUTED + _TORCH_MODULES:
     globals().setdefault(_name, getattr(_torch_optim, _name))
 
 __all__ = [
@@ -64,4 +75,5 @@ __all__ = [
     "swa_utils",
     "warmup",
     *TORCH_COMPUTED,
+    *_TORCH_MODULES,
 ]
