@@ -18,7 +18,6 @@ const SUPPORTED_TORCH: (u32, std::ops::RangeInclusive<u32>) = (2, 11..=15);
 fn main() {
     for var in [
         "VIRTUAL_ENV",
-        "PATH",
         "PYTHONPATH",
         "PYO3_PYTHON",
         "CONDA_PREFIX",

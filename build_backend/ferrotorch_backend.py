@@ -31,7 +31,6 @@ import re
 import stat
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -104,26 +103,28 @@ def _build(build, directory: str, *args) -> str:
     use_installed = _target_torch() is not None
     torch = _probe(isolated=use_installed)
     saved = dict(os.environ)
-    with tempfile.TemporaryDirectory() as shims:
-        try:
-            if use_installed:
-                # Out of pip's isolation: its PYTHONPATH overlay hides the user's packages.
-                os.environ.pop("PYTHONPATH", None)
-            # torch-sys runs `python` or `python3` from PATH: make both this interpreter.
-            _python_shims(Path(shims))
-            os.environ["PATH"] = shims + os.pathsep + os.environ.get("PATH", "")
-            os.environ["PYO3_PYTHON"] = sys.executable
-            root = Path(__file__).resolve().parent.parent
-            os.environ.setdefault(
-                "CARGO_TARGET_DIR",
-                str(root / "target" / f"torch-{_public(torch['version'])}-cp{torch['python']}"),
-            )
-            # torch-sys re-runs its build script when this changes (any value enables it).
-            os.environ["LIBTORCH_USE_PYTORCH"] = f"{torch['version']} {torch['dir']}"
-            name = build(directory, *args)
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
+    try:
+        if use_installed:
+            # Out of pip's isolation: its PYTHONPATH overlay hides the user's packages.
+            os.environ.pop("PYTHONPATH", None)
+        root = Path(__file__).resolve().parent.parent
+        target = os.environ.setdefault(
+            "CARGO_TARGET_DIR",
+            str(root / "target" / f"torch-{_public(torch['version'])}-cp{torch['python']}"),
+        )
+        # torch-sys runs `python` or `python3` from PATH: make both this interpreter (in a
+        # fixed place, so a rebuild sees the same PATH and cargo reuses what it built).
+        shims = Path(target) / "python-shims"
+        shims.mkdir(parents=True, exist_ok=True)
+        _python_shims(shims)
+        os.environ["PATH"] = str(shims) + os.pathsep + os.environ.get("PATH", "")
+        os.environ["PYO3_PYTHON"] = sys.executable
+        # torch-sys re-runs its build script when this changes (any value enables it).
+        os.environ["LIBTORCH_USE_PYTORCH"] = f"{torch['version']} {torch['dir']}"
+        name = build(directory, *args)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     return retag(Path(directory) / name, _public(torch["version"])).name
 
 
