@@ -81,8 +81,8 @@ fn main() {
         .include(&torch_include)
         .include(torch_include.join("torch/csrc/api/include"))
         .include(python_include)
-        // torch 2.15's headers require C++20.
-        .flag(if minor >= 15 {
+        // torch 2.14 and later headers require C++20.
+        .flag(if minor >= 14 {
             "-std=c++20"
         } else {
             "-std=c++17"

@@ -126,7 +126,7 @@ def _wrapper(tmp_path, minor, source="libtch/torch_api_generated.cpp"):
     return out.stdout.split()
 
 
-@pytest.mark.parametrize("minor,std", [(11, "-std=c++17"), (13, "-std=c++17"), (14, "-std=c++17"), (15, "-std=c++20")])
+@pytest.mark.parametrize("minor,std", [(11, "-std=c++17"), (13, "-std=c++17"), (14, "-std=c++20"), (15, "-std=c++20")])
 def test_cxx_wrapper_picks_the_standard_and_the_compat_header(tmp_path, minor, std):
     args = _wrapper(tmp_path, minor)
     assert std in args and args.count(std) == 1

@@ -5,7 +5,7 @@
 # -std=c++17. ferrotorch builds against the torch the user already has (2.11 - 2.15), so for
 # a C++ file that includes torch's headers this wrapper:
 #   * reads the torch version from the headers (torch/headeronly/version.h);
-#   * from torch 2.15 on, compiles with -std=c++20 (2.15's headers refuse anything older);
+#   * from torch 2.14 on, compiles with -std=c++20 (their headers refuse anything older);
 #   * force-includes torch_compat.h into torch-sys's generated wrappers, which defines the
 #     ops a torch version renamed or removed, so every atg_* symbol tch declares exists, and
 #     stamps their build directory with the torch version (checked by build.rs).
@@ -41,7 +41,7 @@ if [ -z "$minor" ]; then
 fi
 
 std=-std=c++17
-[ "$minor" -ge 15 ] && std=-std=c++20
+[ "$minor" -ge 14 ] && std=-std=c++20
 extra=
 [ -n "$generated" ] && extra="-include $here/torch_compat.h"
 

@@ -54,8 +54,8 @@ FERROTORCH_UNAVAILABLE(at::Tensor, _upsample_lanczos2d_aa_out, "2.12")
 FERROTORCH_UNAVAILABLE(::ferrotorch_compat::TensorPair, _scaled_dot_product_attention_math_for_mps, "2.12")
 #endif
 
-#if TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 15
-// Removed in torch 2.15 after their deprecation; torch.cholesky / torch.qr documented these
+#if TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 14
+// Removed in torch 2.14 after their deprecation; torch.cholesky / torch.qr documented these
 // replacements.
 inline at::Tensor cholesky(const at::Tensor& self, bool upper) {
   return at::linalg_cholesky(self, upper);
