@@ -173,10 +173,11 @@ def _metadata(text: str, version: str, torch_version: str) -> str:
 
 # maturin is imported where it is used, so this module (and its tests) load without it.
 def get_requires_for_build_wheel(config_settings=None):
+    installed = _target_torch()  # first: an unsupported torch stops the build right here
     import maturin
 
     needs = list(maturin.get_requires_for_build_wheel(config_settings))
-    return needs if _target_torch() is not None else needs + [SUPPORTED_SPEC]
+    return needs if installed is not None else needs + [SUPPORTED_SPEC]
 
 
 def get_requires_for_build_editable(config_settings=None):
