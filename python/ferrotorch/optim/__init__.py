@@ -16,7 +16,8 @@ import swap:
 * computed by torch; no native kernel yet — re-exported from ``torch.optim`` as they are,
   so ``optim.LBFGS(...)`` gives torch's LBFGS: ``Adafactor``, ``LBFGS``, ``Muon``,
   ``SparseAdam``, and
-  ``Optimizer`` and ``swap_in_optimizer_params_and_state`` (torch's base class and helper).
+  ``Optimizer`` and, from torch 2.12 on, ``swap_in_optimizer_params_and_state`` (torch's
+  base class and helper).
   Any other name a later torch adds to ``torch.optim.__all__`` (such as torch 2.15's
   ``functional`` module) is re-exported the same way.
 
@@ -28,14 +29,7 @@ import types as _types
 import torch.optim as _torch_optim
 
 # Computed by torch; no native kernel yet (re-exported unchanged from torch.optim).
-from torch.optim import (
-    LBFGS,
-    Adafactor,
-    Muon,
-    Optimizer,
-    SparseAdam,
-    swap_in_optimizer_params_and_state,
-)
+from torch.optim import LBFGS, Adafactor, Muon, Optimizer, SparseAdam
 
 from . import lr_scheduler, swa_utils, warmup
 from .optimizers import ASGD, SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, NAdam, RAdam, RMSprop, Rprop
