@@ -60,13 +60,13 @@ fn main() {
     let mut parts = public.split('.').map(|p| p.parse::<u32>().ok());
     let (major, minor) = (parts.next().flatten(), parts.next().flatten());
     let (want_major, want_minor) = SUPPORTED_TORCH;
-    let minor = match (major, minor) {
-        (Some(ma), Some(mi)) if ma == want_major && want_minor.contains(&mi) => mi,
+    match (major, minor) {
+        (Some(ma), Some(mi)) if ma == want_major && want_minor.contains(&mi) => {}
         _ => panic!(
             "ferrotorch builds against torch {}, but {python:?} has torch {version}",
             supported_text()
         ),
-    };
+    }
     check_torch_sys_stamp(public);
     // The Python package checks at import that the torch it runs with is this one.
     println!("cargo:rustc-env=FERROTORCH_TORCH_VERSION={public}");
@@ -81,12 +81,8 @@ fn main() {
         .include(&torch_include)
         .include(torch_include.join("torch/csrc/api/include"))
         .include(python_include)
-        // torch 2.14 and later headers require C++20.
-        .flag(if minor >= 14 {
-            "-std=c++20"
-        } else {
-            "-std=c++17"
-        })
+        // src/shim/cxx.sh (the CXX of .cargo/config.toml) raises this to C++20 for torch >= 2.14.
+        .flag("-std=c++17")
         .define("_GLIBCXX_USE_CXX11_ABI", cxx11_abi.as_str())
         .flag_if_supported("-w")
         .opt_level(2)

@@ -134,8 +134,7 @@ def retag(wheel: Path, torch_version: str) -> Path:
     if m is None:
         raise ValueError(f"not a wheel file name: {wheel.name}")
     name, version = m["name"], m["version"]
-    base = version.split("+")[0]
-    new_version = f"{base}+torch{torch_version}"
+    new_version = f"{_public(version)}+torch{torch_version}"
     old_info, new_info = f"{name}-{version}.dist-info/", f"{name}-{new_version}.dist-info/"
     target = wheel.with_name(f"{name}-{new_version}-{m['rest']}.whl")
     with zipfile.ZipFile(wheel) as src:

@@ -16,12 +16,10 @@ pub mod train;
 pub mod vit;
 
 /// The torch release this extension was compiled against (build.rs reads it from the torch
-/// of the building environment); `import ferrotorch` refuses to load it under any other.
-pub const TORCH_VERSION: &str = env!("FERROTORCH_TORCH_VERSION");
-
-/// The same, as a marker in the library file: `import ferrotorch` finds it in the file and
-/// compares it with the running torch *before* loading the extension, since loading a build
-/// for another libtorch may crash instead of failing.
+/// of the building environment), as a marker in the library file: `import ferrotorch` finds
+/// it there and compares it with the running torch *before* loading the extension, since
+/// loading a build for another libtorch may crash instead of failing. The module's
+/// `TORCH_VERSION` is read from it.
 #[used]
 pub static BUILT_FOR_TORCH: &str = concat!(
     "ferrotorch-built-for-torch=",
@@ -41,10 +39,9 @@ fn _native(py: Python<'_>, m: &Bound<'_, PyModule>) -> PyResult<()> {
     // libtorch must be loaded (by importing torch) before any tch call.
     py.import("torch")?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-    // Read through the marker, so the linker keeps it in the file (it equals TORCH_VERSION).
+    // Read through the marker, so the linker keeps it in the file.
     let built_for =
         &BUILT_FOR_TORCH["ferrotorch-built-for-torch=".len()..BUILT_FOR_TORCH.len() - 1];
-    debug_assert_eq!(built_for, TORCH_VERSION);
     m.add("TORCH_VERSION", built_for)?;
     optim::register(m)?;
     m.add_function(wrap_pyfunction!(uses_torch_threads, m)?)?;

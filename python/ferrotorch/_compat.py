@@ -30,6 +30,7 @@ __all__ = [
     "update_param_group_val",
     "warn_get_lr_called_within_step",
     "FLOATS",
+    "is_plain",
     "is_wrapped",
     "native_ok",
     "modes_active",
@@ -66,10 +67,15 @@ def check_fused(p: Any) -> None:
     _device_dtype_check_for_fused(p)
 
 
+def is_plain(t: object) -> bool:
+    """Exactly a ``torch.Tensor`` or ``Parameter``, no subclass (DTensor, FakeTensor, ...)."""
+    return type(t) is Tensor or type(t) is torch.nn.Parameter
+
+
 def accelerator(p: Tensor) -> bool:
     """True for a plain tensor on a non-CPU device that torch has fused and foreach
     optimizer kernels for (CUDA, XPU, MPS, ...): such groups are stepped by those kernels."""
-    if type(p) is not Tensor and type(p) is not torch.nn.Parameter:
+    if not is_plain(p):
         return False
     kind = p.device.type
     return kind != "cpu" and kind != "meta" and kind in _get_fused_kernels_supported_devices()
@@ -98,7 +104,7 @@ def is_wrapped(t: Tensor) -> bool:
 
 def native_ok(t: object) -> bool:
     """True for a plain ``torch.Tensor``/``Parameter`` the kernels can use as a flat buffer."""
-    if type(t) is not Tensor and type(t) is not torch.nn.Parameter:
+    if not is_plain(t):
         return False
     if t.is_meta or t.device.type != "cpu" or t.layout != torch.strided or t.is_nested:
         return False

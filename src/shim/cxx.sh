@@ -5,7 +5,8 @@
 # -std=c++17. ferrotorch builds against the torch the user already has (2.11 - 2.15), so for
 # a C++ file that includes torch's headers this wrapper:
 #   * reads the torch version from the headers (torch/headeronly/version.h);
-#   * from torch 2.14 on, compiles with -std=c++20 (their headers refuse anything older);
+#   * from torch 2.14 on, compiles with -std=c++20 (their headers refuse anything older),
+#     torch-sys's C++ and build.rs's shim alike, so the threshold lives here only;
 #   * force-includes torch_compat.h into torch-sys's generated wrappers, which defines the
 #     ops a torch version renamed or removed, so every atg_* symbol tch declares exists, and
 #     stamps their build directory with the torch version (checked by build.rs).
@@ -14,7 +15,6 @@ set -eu
 real=${FERROTORCH_REAL_CXX:-c++}
 here=$(cd "$(dirname "$0")" && pwd)
 
-minor=
 version=
 generated=
 out=
@@ -23,11 +23,10 @@ for arg in "$@"; do
   dir=
   case "$prev" in -I|-isystem) dir=$arg ;; -o) out=$arg ;; esac
   case "$arg" in -I?*) dir=${arg#-I} ;; esac
-  if [ -n "$dir" ] && [ -z "$minor" ]; then
+  if [ -n "$dir" ] && [ -z "$version" ]; then
     # torch >= 2.10 keeps the numbers in headeronly/version.h, older ones in version.h.
     for header in "$dir/torch/headeronly/version.h" "$dir/torch/version.h"; do
-      if [ -z "$minor" ] && [ -f "$header" ]; then
-        minor=$(sed -n 's/^#define TORCH_VERSION_MINOR \([0-9]*\).*/\1/p' "$header")
+      if [ -z "$version" ] && [ -f "$header" ]; then
         version=$(sed -n 's/^#define TORCH_VERSION_\(MAJOR\|MINOR\|PATCH\) \([0-9]*\).*/\2/p' "$header" | paste -sd.)
       fi
     done
@@ -36,14 +35,14 @@ for arg in "$@"; do
   prev=$arg
 done
 
-if [ -z "$minor" ]; then
+if [ -z "$version" ]; then
   exec "$real" "$@"
 fi
+minor=$(echo "$version" | cut -d. -f2)
 
 std=-std=c++17
 [ "$minor" -ge 14 ] && std=-std=c++20
-extra=
-[ -n "$generated" ] && extra="-include $here/torch_compat.h"
+extra="-include $here/torch_compat.h"  # used for the generated wrappers only
 
 # Rebuild the argument list with the C++ standard replaced (POSIX sh has no arrays).
 n=$#
@@ -56,10 +55,9 @@ while [ "$i" -lt "$n" ]; do
   i=$((i + 1))
 done
 if [ -z "$generated" ]; then
-  # shellcheck disable=SC2086  # $extra is two words on purpose
-  exec "$real" $extra "$@"
+  exec "$real" "$@"
 fi
-# shellcheck disable=SC2086
+# shellcheck disable=SC2086  # $extra is two words on purpose
 "$real" $extra "$@"
 # Stamp torch-sys's build directory with the torch its wrappers were compiled against:
 # build.rs refuses to link them against another (a target directory reused across torches).

@@ -222,16 +222,15 @@ class _FusedOptimizer:
         grads = [p.grad for p in params]
         grad_scale = getattr(self, "grad_scale", None)  # GradScaler's fused-optimizer protocol
         found_inf = getattr(self, "found_inf", None)
-        if (grad_scale is not None or found_inf is not None) and clip is not None:
-            # Unscale in place first (GradScaler's contract: grads end unscaled), then clip
-            # copies, so the clip coefficient acts on unscaled grads as on the CPU path.
-            if grad_scale is not None:
-                torch._foreach_div_(grads, grad_scale.to(grads[0].device))
+        # torch's fused SGD seeds momentum buffers only when all of them are new.
+        fused = self._device_fused and (not any(first) or all(first) or "momentum_buffer" not in self._state_key_set)
+        if grad_scale is not None and (clip is not None or not fused):
+            # The fused kernel unscales by itself; otherwise unscale in place here (GradScaler's
+            # contract: grads end unscaled), before clipping, as on the CPU path.
+            torch._foreach_div_(grads, grad_scale.to(grads[0].device))
             grad_scale = None
         if clip is not None:
             grads = torch._foreach_mul(grads, clip)  # the stored grads stay unclipped
-        # torch's fused SGD seeds momentum buffers only when all of them are new.
-        fused = self._device_fused and (not any(first) or all(first) or "momentum_buffer" not in self._state_key_set)
         if fused:
             for p in params:
                 st = self.state[p]
@@ -239,10 +238,8 @@ class _FusedOptimizer:
                 if torch.is_tensor(step) and (step.device != p.device or step.dtype != torch.float32):
                     st["step"] = step.to(p.device, torch.float32)  # where torch's fused kernels keep it
             self._fallback(group, params, grads, first, fused=True, grad_scale=grad_scale, found_inf=found_inf)
-            return
-        if grad_scale is not None:
-            torch._foreach_div_(grads, grad_scale.to(grads[0].device))
-        self._fallback(group, params, grads, first, foreach=True)
+        else:
+            self._fallback(group, params, grads, first, foreach=True)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a state dict written by this optimizer or by its ``torch.optim`` twin."""
