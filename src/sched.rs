@@ -26,17 +26,24 @@ fn param<'py, T: FromPyObject<'py>>(params: &Bound<'py, PyDict>, key: &str) -> P
 /// Each group's current `lr` as a float (1-element tensors too), read straight from
 /// `optimizer.param_groups`.
 fn group_lrs(groups: &Bound<'_, PyAny>) -> PyResult<Vec<f64>> {
-    let key = intern!(groups.py(), "lr");
+    group_floats(groups, intern!(groups.py(), "lr"))
+}
+
+/// Each group's float (or 1-element tensor) under `key`.
+fn group_floats(
+    groups: &Bound<'_, PyAny>,
+    key: &Bound<'_, pyo3::types::PyString>,
+) -> PyResult<Vec<f64>> {
     let mut out = Vec::new();
     for g in groups.try_iter()? {
         let g = g?;
-        let lr = g
+        let v = g
             .get_item(key)
-            .map_err(|_| Error::Value("a param_group has no 'lr'".into()))?;
-        out.push(lr.extract::<f64>().map_err(|_| {
+            .map_err(|_| Error::Value(format!("a param_group has no '{key}'")))?;
+        out.push(v.extract::<f64>().map_err(|_| {
             Error::Type(format!(
-                "param_group['lr'] must be a float or a 1-element tensor, got {}",
-                lr.get_type()
+                "param_group['{key}'] must be a float or a 1-element tensor, got {}",
+                v.get_type()
             ))
         })?);
     }
@@ -542,7 +549,25 @@ pub fn steepest_descent(losses: Vec<f64>) -> Option<usize> {
     s::steepest_descent(&losses)
 }
 
+/// SWALR's lrs for this step, from the groups' `lr` and `swa_lr` (see `schedule::swalr`).
+#[pyfunction]
+pub fn swalr_lrs(
+    groups: &Bound<'_, PyAny>,
+    step_count: i64,
+    anneal_epochs: i64,
+    cosine: bool,
+) -> PyResult<Vec<f64>> {
+    let lrs = group_lrs(groups)?;
+    let swa = group_floats(groups, intern!(groups.py(), "swa_lr"))?;
+    Ok(lrs
+        .iter()
+        .zip(&swa)
+        .map(|(&lr, &swa_lr)| s::swalr(lr, swa_lr, step_count, anneal_epochs, cosine))
+        .collect())
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(swalr_lrs, m)?)?;
     m.add_function(wrap_pyfunction!(range_test_lr, m)?)?;
     m.add_function(wrap_pyfunction!(range_test_update, m)?)?;
     m.add_function(wrap_pyfunction!(steepest_descent, m)?)?;

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import io
 import random
+import warnings
 
 import pytest
 import torch
@@ -398,3 +399,44 @@ def test_sequential_milestones_must_increase():
     opt = make_optimizer("torch-sgd", 1, 0)
     with pytest.raises(ValueError, match="strictly increasing"):
         fls.SequentialLR(opt, [fls.ConstantLR(opt), fls.ExponentialLR(opt, 0.9), fls.StepLR(opt, 3)], milestones=[10, 5])
+
+
+TENSOR_LR_SCHEDULES = {
+    "StepLR": lambda m, o: m.StepLR(o, 2, 0.7),
+    "MultiStepLR": lambda m, o: m.MultiStepLR(o, [2, 5], 0.3),
+    "ConstantLR": lambda m, o: m.ConstantLR(o, 0.37, 4),
+    "LinearLR": lambda m, o: m.LinearLR(o, 0.13, 0.9, 6),
+    "ExponentialLR": lambda m, o: m.ExponentialLR(o, 0.93),
+    "PolynomialLR": lambda m, o: m.PolynomialLR(o, 7, 1.7),
+    "CosineAnnealingLR": lambda m, o: m.CosineAnnealingLR(o, 7, 1e-4),
+    "CosineAnnealingWarmRestarts": lambda m, o: m.CosineAnnealingWarmRestarts(o, 3, 2, 1e-4),
+    "CyclicLR": lambda m, o: m.CyclicLR(o, 0.001, 0.1, 3, cycle_momentum=False),
+    "OneCycleLR": lambda m, o: m.OneCycleLR(o, 0.1, total_steps=20, cycle_momentum=False),
+    "LambdaLR": lambda m, o: m.LambdaLR(o, lambda e: 0.9**e),
+    "MultiplicativeLR": lambda m, o: m.MultiplicativeLR(o, lambda e: 0.91),
+    "ReduceLROnPlateau": lambda m, o: m.ReduceLROnPlateau(o, patience=0, factor=0.37),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(TENSOR_LR_SCHEDULES))
+def test_tensor_lrs_follow_torch_bit_for_bit(name, dtype):
+    """``lr=torch.tensor(...)`` (torch.compile's recipe): torch's chained formulas run in the
+    tensor's dtype (float32 by default); ours must give the same numbers, not f64 ones."""
+
+    def run(sched_mod, optim_mod):
+        p = torch.nn.Parameter(torch.zeros(2))
+        opt = optim_mod.SGD([p], lr=torch.tensor(0.0123456789, dtype=dtype))
+        sched = TENSOR_LR_SCHEDULES[name](sched_mod, opt)
+        seen = []
+        for _ in range(15):
+            opt.step()
+            sched.step(1.0) if name == "ReduceLROnPlateau" else sched.step()
+            lr = opt.param_groups[0]["lr"]
+            assert isinstance(lr, torch.Tensor) and lr.dtype == dtype
+            seen.append(lr.item())
+        return seen
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert run(fls, fopt) == run(tls, torch.optim)

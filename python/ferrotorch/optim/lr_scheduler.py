@@ -73,6 +73,14 @@ def _floats(values: Sequence[Any]) -> list[float]:
     return [float(v) for v in values]
 
 
+def _tensor_math(sched: Any) -> bool:
+    """Whether a group's lr (or a base lr) is a tensor narrower than float64 (a float32
+    ``lr=torch.tensor(0.01)``, as torch.compile recipes use). torch's formulas then run in
+    the tensor's dtype, so only torch's own formula gives torch's numbers."""
+    values = [g.get("lr") for g in sched.optimizer.param_groups] + list(getattr(sched, "base_lrs", ()))
+    return any(isinstance(v, torch.Tensor) and v.dtype != torch.float64 for v in values)
+
+
 class _GhostOptimizer(Optimizer):
     """Stands in for an optimizer while a copied scheduler computes its curve."""
 
@@ -184,8 +192,13 @@ class _Ferro:
 
     #: Attributes a state dict of this class must carry (checked on load).
     _ft_required: ClassVar[tuple[str, ...]] = ("last_epoch", "_last_lr")
+    #: Whether torch's class once took ``verbose`` (SWALR never did).
+    _ft_verbose: ClassVar[bool] = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if not self._ft_verbose:
+            super().__init__(*args, **kwargs)
+            return
         # torch <= 2.6 took ``verbose`` last (after last_epoch / eps), by keyword or position.
         verbose = kwargs.pop("verbose", _UNSET)
         if verbose is _UNSET and len(args) == _torch_init_arity(type(self)) + 1:
@@ -246,10 +259,14 @@ class _Chainable(_Ferro):
         raise NotImplementedError
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
+        if _tensor_math(self):
+            return super().get_lr()  # type: ignore[misc]
         _warn_get_lr_called_within_step(self)
         return _chain(self, self._ft_kind, False, *self._ft_args(False))
 
     def _get_closed_form_lr(self) -> list[float]:
+        if _tensor_math(self):
+            return super()._get_closed_form_lr()  # type: ignore[misc]
         return _chain(self, self._ft_kind, True, *self._ft_args(True))
 
 
@@ -263,6 +280,8 @@ class LambdaLR(_Ferro, _tls.LambdaLR):
     _ft_required = ("last_epoch", "_last_lr", "base_lrs", "lr_lambdas")
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
+        if _tensor_math(self):
+            return super().get_lr()
         _warn_get_lr_called_within_step(self)
         return _native.scale_lrs(_floats(self.base_lrs), [float(f(self.last_epoch)) for f in self.lr_lambdas])
 
@@ -277,6 +296,8 @@ class MultiplicativeLR(_Ferro, _tls.MultiplicativeLR):
     _ft_required = ("last_epoch", "_last_lr", "base_lrs", "lr_lambdas")
 
     def get_lr(self) -> list[Any]:  # type: ignore[override]
+        if _tensor_math(self):
+            return super().get_lr()
         _warn_get_lr_called_within_step(self)
         if self._is_initial:
             return _param_groups_val_list(self.optimizer, "lr")
@@ -392,11 +413,17 @@ class CosineAnnealingWarmRestarts(_Ferro, _tls.CosineAnnealingWarmRestarts):
     _ft_required = ("last_epoch", "_last_lr", "base_lrs", "T_0", "T_i", "T_mult", "T_cur", "eta_min")
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
+        if _tensor_math(self):
+            return super().get_lr()
         _warn_get_lr_called_within_step(self)
         return _chain(self, "warm_restarts", True, self.T_cur, self.T_i, self.eta_min)
 
     def step(self, epoch: float | None = None) -> None:  # type: ignore[override]
         """Advances one epoch, or jumps to ``epoch`` (which may be fractional)."""
+        if _tensor_math(self):
+            super().step(epoch)
+            _print_lr(self, self.last_epoch if epoch is None else epoch)
+            return
         t_cur, t_i, last_epoch, lrs = _native.warm_restarts_step(
             float(self.T_cur),
             float(self.T_i),

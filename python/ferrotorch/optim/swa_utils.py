@@ -2,10 +2,10 @@
 
     from ferrotorch.optim.swa_utils import AveragedModel, SWALR, update_bn
 
-works where a script imported them from ``torch.optim.swa_utils``. These are torch's own
-classes and functions, computed by torch (ferrotorch has no native kernel for them yet).
-``SWALR`` takes ferrotorch optimizers as it takes torch's (they are ``torch.optim.Optimizer``
-subclasses), and ``AveragedModel`` / ``update_bn`` work with any model ferrotorch trains:
+works where a script imported them from ``torch.optim.swa_utils``. ``SWALR`` is torch's
+class with its lr computed in Rust (bit for bit torch's numbers) and ferrotorch's scheduler
+extras (exact resume, ``lr_curve``); ``AveragedModel``, ``update_bn`` and the averaging
+functions are torch's own and work with any model ferrotorch trains:
 
     swa_model = AveragedModel(model)
     swa_sched = SWALR(ferrotorch_optimizer, swa_lr=0.05)
@@ -15,8 +15,11 @@ subclasses), and ``AveragedModel`` / ``update_bn`` work with any model ferrotorc
 
 from __future__ import annotations
 
+from typing import Any
+
+from torch import Tensor
+from torch.optim import swa_utils as _swa
 from torch.optim.swa_utils import (
-    SWALR,
     AveragedModel,
     get_ema_avg_fn,
     get_ema_multi_avg_fn,
@@ -24,6 +27,34 @@ from torch.optim.swa_utils import (
     get_swa_multi_avg_fn,
     update_bn,
 )
+
+from .. import _native
+from .._compat import warn_get_lr_called_within_step as _warn_get_lr_called_within_step
+from .lr_scheduler import _Ferro, _tensor_math
+
+
+class SWALR(_Ferro, _swa.SWALR):
+    """Anneals each group's lr to ``swa_lr`` over ``anneal_epochs`` steps (cosine or
+    linear), then holds it; torch's SWALR with the lr math in Rust.
+
+        swa_sched = SWALR(opt, swa_lr=0.05, anneal_epochs=5, anneal_strategy="linear")
+        for epoch in range(swa_start, epochs): train(); swa_model.update_parameters(model); swa_sched.step()
+    """
+
+    _ft_required = ("last_epoch", "_last_lr", "anneal_epochs")
+    _ft_verbose = False
+
+    def get_lr(self) -> list[Any]:  # type: ignore[override]
+        anneal = self.anneal_func
+        groups = self.optimizer.param_groups
+        native = anneal is _swa.SWALR._cosine_anneal or anneal is _swa.SWALR._linear_anneal
+        if not native or _tensor_math(self) or any(isinstance(g["swa_lr"], Tensor) for g in groups):
+            # An anneal function of the user's own, or float32 tensor lrs (whose arithmetic
+            # runs in the tensor's dtype): torch's own formula.
+            return super().get_lr()
+        _warn_get_lr_called_within_step(self)
+        return _native.swalr_lrs(groups, self._step_count, self.anneal_epochs, anneal is _swa.SWALR._cosine_anneal)
+
 
 __all__ = [
     "AveragedModel",
