@@ -221,6 +221,19 @@ impl Meta {
         })
     }
 
+    /// The tensor as a flat, read-only int64 buffer (a sparse tensor's indices): plain CPU
+    /// memory, contiguous; `(address, numel)`.
+    pub fn flat_i64(&self) -> Option<(usize, usize)> {
+        const LONG: i32 = 4;
+        if !self.plain_cpu() || self.flags & FT_CONTIGUOUS == 0 || self.dtype != LONG {
+            return None;
+        }
+        if self.data == 0 && self.numel > 0 {
+            return None;
+        }
+        Some((self.data, self.numel))
+    }
+
     /// The bytes a strided CPU tensor may touch, or None (empty, not CPU memory).
     pub fn extent(&self) -> Option<(usize, usize)> {
         if self.flags & FT_CPU_DENSE == 0 || self.numel == 0 || self.data == 0 {

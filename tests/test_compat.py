@@ -114,3 +114,14 @@ def test_scheduler_helpers():
         warnings.simplefilter("always")
         _compat.warn_get_lr_called_within_step(sched)
     assert any("get_last_lr" in str(w.message) for w in caught)
+
+
+def test_sparse_adam_is_torchs_functional_step():
+    p = torch.zeros(4, 2)
+    m, v = torch.zeros(4, 2), torch.zeros(4, 2)
+    g = torch.sparse_coo_tensor([[1, 3]], torch.ones(2, 2), (4, 2))
+    _compat.sparse_adam(p, g, m, v, 1, eps=1e-8, beta1=0.9, beta2=0.999, lr=0.1, maximize=False)
+    ref = torch.nn.Parameter(torch.zeros(4, 2))
+    ref.grad = g
+    torch.optim.SparseAdam([ref], lr=0.1).step()
+    assert torch.equal(p, ref.detach()) and p[0].abs().sum() == 0 and p[1].abs().sum() > 0

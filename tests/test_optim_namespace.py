@@ -89,7 +89,7 @@ def test_lbfgs_and_muon_resolve_to_torch_and_run():
             return loss
 
         opt.step(closure)
-    assert fopt.LBFGS is topt.LBFGS and fopt.Muon is topt.Muon and fopt.SparseAdam is topt.SparseAdam
+    assert fopt.LBFGS is topt.LBFGS and fopt.Muon is topt.Muon
 
 
 def test_swa_utils_names_are_torchs():

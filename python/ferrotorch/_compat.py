@@ -16,6 +16,7 @@ from torch.optim.lr_scheduler import (  # noqa: F401  (re-exported for ferrotorc
     _update_param_group_val as update_param_group_val,
     _warn_get_lr_called_within_step as warn_get_lr_called_within_step,
 )
+from torch.optim._functional import sparse_adam as _sparse_adam
 from torch.optim.optimizer import _device_dtype_check_for_fused, _get_scalar_dtype
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
@@ -29,6 +30,7 @@ __all__ = [
     "param_groups_val_list",
     "update_param_group_val",
     "warn_get_lr_called_within_step",
+    "sparse_adam",
     "FLOATS",
     "is_plain",
     "is_wrapped",
@@ -42,6 +44,12 @@ __all__ = [
 def scalar_dtype(is_fused: bool | None = None) -> torch.dtype:
     """The dtype torch gives ``state['step']`` (float32, or float64 under set_default_dtype)."""
     return _get_scalar_dtype(is_fused=is_fused)
+
+
+def sparse_adam(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int, **kw: Any) -> None:
+    """torch's own SparseAdam math for one parameter (``torch.optim._functional.sparse_adam``):
+    what ferrotorch's SparseAdam runs where its kernel cannot."""
+    _sparse_adam([param], [grad], [exp_avg], [exp_avg_sq], [step], **kw)
 
 
 def is_compiling() -> bool:

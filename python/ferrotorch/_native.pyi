@@ -11,6 +11,7 @@ __all__ = [
     "OptimizerSpec",
     "optimizer_spec",
     "optimizer_names",
+    "sparse_adam_step",
     "uses_torch_threads",
     "schedule_lrs",
     "scale_lrs",
@@ -79,6 +80,23 @@ def optimizer_spec(name: str) -> OptimizerSpec:
 
 def optimizer_names() -> list[str]:
     """Names of every fused optimizer."""
+
+def sparse_adam_step(
+    param: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    step: int,
+    maximize: bool,
+    tensor_lr_step_size: float | None = None,
+) -> bool:
+    """One SparseAdam step of ``param`` from a coalesced gradient; False: torch must step it."""
 
 # ---- schedule math (ferrotorch.optim.lr_scheduler / warmup call these) ----------------
 

@@ -5,6 +5,7 @@
 //!     missing, slow, serial = spec.step(opt.state, group)
 
 mod algos;
+mod sparse;
 mod step;
 
 use ferrotorch_kernels::{
@@ -152,5 +153,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<OptimizerSpec>()?;
     m.add_function(wrap_pyfunction!(optimizer_spec, m)?)?;
     m.add_function(wrap_pyfunction!(optimizer_names, m)?)?;
+    m.add_function(wrap_pyfunction!(sparse::sparse_adam_step, m)?)?;
     Ok(())
 }

@@ -23,6 +23,7 @@ pub mod rmsprop;
 pub mod rprop;
 pub mod schedule;
 pub mod sgd;
+pub mod sparse_adam;
 pub mod vit;
 
 pub use driver::{
