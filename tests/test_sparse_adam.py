@@ -5,7 +5,7 @@ state dicts that move both ways. Also: the Rust kernel really runs, and what it 
 take (bf16, shared memory, indices claimed coalesced but not) gets torch's numbers.
 
 The moments are bit for bit torch's. The parameters agree to fp64 1e-12 / fp32 1e-6
-(relative): torch's CPU ``sqrt`` is off by one ulp for about 0.7% of inputs (Sleef), ours is
+(relative): torch's CPU ``sqrt`` is off by one ulp for about 0.7% of inputs here, ours is
 correctly rounded; that is the only operation that differs."""
 
 from __future__ import annotations
