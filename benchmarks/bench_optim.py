@@ -37,6 +37,7 @@ CONFIGS = {
     "Adadelta": (torch.optim.Adadelta, fopt.Adadelta, dict(lr=1.0)),
     "ASGD": (torch.optim.ASGD, fopt.ASGD, dict(lr=1e-2)),
     "Rprop": (torch.optim.Rprop, fopt.Rprop, dict(lr=1e-2)),
+    "Adafactor": (torch.optim.Adafactor, fopt.Adafactor, dict(lr=1e-2)),
 }
 #: torch.optim classes with a fused CPU kernel (torch 2.13).
 FUSED = {"Adam", "AdamW", "SGD(momentum)", "SGD(nesterov)", "Adagrad"}

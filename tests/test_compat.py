@@ -4,6 +4,7 @@ supported torch (2.13 in the README's run, 2.15 and 2.11 in their own runs)."""
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -125,3 +126,19 @@ def test_sparse_adam_is_torchs_functional_step():
     ref.grad = g
     torch.optim.SparseAdam([ref], lr=0.1).step()
     assert torch.equal(p, ref.detach()) and p[0].abs().sum() == 0 and p[1].abs().sum() > 0
+
+
+def test_adafactor_helpers_are_torchs():
+    p = torch.nn.Parameter(torch.randn(3, 2, dtype=torch.float64))
+    p.grad = torch.randn(3, 2, dtype=torch.float64)
+    opt = torch.optim.Adafactor([p])
+    _compat.graph_capture_health_check(opt)
+    params, grads, rows, cols, variances, steps = _compat.adafactor_init_group(opt, opt.param_groups[0])
+    assert params == [p] and grads[0] is p.grad and variances == [None]
+    assert rows[0].shape == (3, 1) and cols[0].shape == (1, 2) and steps[0] is opt.state[p]["step"]
+    ref = copy.deepcopy(opt)
+    ref.param_groups[0]["params"][0].grad = p.grad.clone()  # a Parameter's deepcopy drops .grad
+    with torch.no_grad():
+        _compat.adafactor(params, grads, rows, cols, variances, steps, d=1.0, lr=0.01, beta2_decay=-0.8, weight_decay=0.0, eps1=None, eps2=1e-3, maximize=False, foreach=False)
+    ref.step()
+    assert torch.equal(p, ref.param_groups[0]["params"][0]) and int(steps[0]) == 1

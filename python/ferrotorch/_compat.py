@@ -16,6 +16,7 @@ from torch.optim.lr_scheduler import (  # noqa: F401  (re-exported for ferrotorc
     _update_param_group_val as update_param_group_val,
     _warn_get_lr_called_within_step as warn_get_lr_called_within_step,
 )
+from torch.optim._adafactor import adafactor as _adafactor
 from torch.optim._functional import sparse_adam as _sparse_adam
 from torch.optim.optimizer import _device_dtype_check_for_fused, _get_scalar_dtype
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
@@ -31,6 +32,9 @@ __all__ = [
     "update_param_group_val",
     "warn_get_lr_called_within_step",
     "sparse_adam",
+    "adafactor_init_group",
+    "adafactor",
+    "graph_capture_health_check",
     "FLOATS",
     "is_plain",
     "is_wrapped",
@@ -50,6 +54,25 @@ def sparse_adam(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, 
     """torch's own SparseAdam math for one parameter (``torch.optim._functional.sparse_adam``):
     what ferrotorch's SparseAdam runs where its kernel cannot."""
     _sparse_adam([param], [grad], [exp_avg], [exp_avg_sq], [step], **kw)
+
+
+def adafactor_init_group(opt: torch.optim.Adafactor, group: dict[str, Any]) -> tuple[list[Any], ...]:
+    """torch's ``Adafactor._init_group``: validates the group's grads and creates missing
+    state as torch does; returns ``(params, grads, row_vars, col_vars, variances, steps)``."""
+    lists: tuple[list[Any], ...] = ([], [], [], [], [], [])
+    torch.optim.Adafactor._init_group(opt, group, *lists)
+    return lists
+
+
+def adafactor(params: list[torch.Tensor], grads: list[Any], row_vars: list[Any], col_vars: list[Any], variances: list[Any], steps: list[torch.Tensor], **kw: Any) -> None:
+    """torch's own Adafactor math (``torch.optim._adafactor.adafactor``)."""
+    _adafactor(params, grads, row_vars, col_vars, variances, steps, **kw)
+
+
+def graph_capture_health_check(opt: torch.optim.Optimizer) -> None:
+    """torch's check that a step is not captured into a CUDA graph unsafely."""
+    check = getattr(opt, "_accelerator_graph_capture_health_check", None) or getattr(opt, "_cuda_graph_capture_health_check")
+    check()
 
 
 def is_compiling() -> bool:

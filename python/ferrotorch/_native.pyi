@@ -12,6 +12,7 @@ __all__ = [
     "optimizer_spec",
     "optimizer_names",
     "sparse_adam_step",
+    "adafactor_step",
     "uses_torch_threads",
     "schedule_lrs",
     "scale_lrs",
@@ -97,6 +98,24 @@ def sparse_adam_step(
     tensor_lr_step_size: float | None = None,
 ) -> bool:
     """One SparseAdam step of ``param`` from a coalesced gradient; False: torch must step it."""
+
+def adafactor_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    step: torch.Tensor,
+    row_var: torch.Tensor | None,
+    col_var: torch.Tensor | None,
+    variance: torch.Tensor | None,
+    *,
+    lr: float,
+    beta2_decay: float,
+    eps1: float,
+    eps2: float,
+    d: float,
+    weight_decay: float,
+    maximize: bool,
+) -> bool:
+    """One Adafactor step of ``param`` (bumps ``step``); False: torch must step it."""
 
 # ---- schedule math (ferrotorch.optim.lr_scheduler / warmup call these) ----------------
 

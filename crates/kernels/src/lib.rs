@@ -7,6 +7,7 @@
 //! and calls the algorithm's one generic `update` for each chunk.
 
 pub mod adadelta;
+pub mod adafactor;
 pub mod adagrad;
 pub mod adam;
 pub mod adamax;
