@@ -306,6 +306,24 @@ class _FusedOptimizer:
 
 
 @torch.compiler.disable
-def _eager_step(opt: _FusedOptimizer, closure: Callable[[], Any] | None) -> Any:
+def _eager_step(opt: _FusedOptimizer | _NativeStep, closure: Callable[[], Any] | None) -> Any:
     """``opt``'s native step, outside any Dynamo trace."""
     return opt._step(closure)
+
+
+class _NativeStep:
+    """The routing of an optimizer whose native step is its own ``_step`` (SparseAdam,
+    Adafactor): under ``torch.compile`` the native step runs eagerly behind a graph break;
+    under a torch function/dispatch mode (FakeTensorMode, a user's logging mode) torch's own
+    step runs, so the mode sees every op."""
+
+    def _step(self, closure: Callable[[], Any] | None) -> Any:
+        raise NotImplementedError
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Performs a single optimization step; returns the closure's loss if one is given."""
+        if _compat.is_compiling():
+            return _eager_step(self, closure)
+        if _compat.modes_active():
+            return _compat.torch_step(type(self), self, closure)
+        return self._step(closure)

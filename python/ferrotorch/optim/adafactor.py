@@ -9,11 +9,12 @@ import torch
 
 from .. import _compat
 from .._native import adafactor_step
+from ._fused import _NativeStep
 
 __all__ = ["Adafactor"]
 
 
-class Adafactor(torch.optim.Adafactor):
+class Adafactor(_NativeStep, torch.optim.Adafactor):
     """Adafactor (Shazeer & Stern): a factored second moment for matrices, so its state is
     rows + cols per matrix instead of rows x cols. torch's class (constructor, state,
     checkpoints) with each parameter's step in Rust.
@@ -27,7 +28,7 @@ class Adafactor(torch.optim.Adafactor):
     """
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def _step(self, closure: Callable[[], Any] | None) -> Any:
         _compat.graph_capture_health_check(self)
         loss = None
         if closure is not None:

@@ -10,13 +10,14 @@ import torch
 
 from .. import _compat
 from .._native import sparse_adam_step
+from ._fused import _NativeStep
 
 __all__ = ["SparseAdam"]
 
 _DENSE = "SparseAdam does not support dense gradients, please consider Adam instead"
 
 
-class SparseAdam(torch.optim.SparseAdam):
+class SparseAdam(_NativeStep, torch.optim.SparseAdam):
     """Adam for sparse gradients (``nn.Embedding(..., sparse=True)``): only the rows a
     gradient touches are updated. torch's class (constructor, state, checkpoints) with the
     update in Rust, bit for bit torch's numbers.
@@ -29,7 +30,7 @@ class SparseAdam(torch.optim.SparseAdam):
     """
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def _step(self, closure: Callable[[], Any] | None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
