@@ -158,6 +158,15 @@ struct Scal<T> {
     scale: T,
 }
 
+impl<T: OpFloat> Scal<T> {
+    /// torch's `var_estimate.clamp_(min=eps1²).rsqrt_().mul_(grad)` for one element.
+    #[inline(always)]
+    fn update(&self, est: T, g: T) -> T {
+        let est = if est < self.floor { self.floor } else { est };
+        T::of(1.0) / est.sqrt() * (g * self.sign)
+    }
+}
+
 /// `||p||²` over elements.
 struct ParamNorm<T>(Bufs<T>);
 
@@ -183,10 +192,10 @@ impl<T: Wide> Pass for FullPass<T> {
         let n = hi - lo;
         let Scal {
             w,
-            floor,
             sign,
             decay,
             scale,
+            ..
         } = self.k;
         // SAFETY: `adafactor`'s contract; pieces cover disjoint `lo..hi`.
         let (g, v) = unsafe {
@@ -195,11 +204,10 @@ impl<T: Wide> Pass for FullPass<T> {
                 std::slice::from_raw_parts_mut(self.b.a.add(lo), n),
             )
         };
-        let one = T::of(1.0);
         if self.apply {
             let p = unsafe { std::slice::from_raw_parts_mut(self.b.param.add(lo), n) };
             for ((p, &g), &v) in p.iter_mut().zip(g).zip(v.iter()) {
-                let u = one / (if v < floor { floor } else { v }).sqrt() * (g * sign);
+                let u = self.k.update(v, g);
                 *p = u.mul_add(scale, *p * decay);
             }
             return 0.0;
@@ -210,7 +218,7 @@ impl<T: Wide> Pass for FullPass<T> {
             for ((u, &g), v) in buf.iter_mut().zip(gc).zip(vc.iter_mut()) {
                 let gs = g * sign;
                 *v = lerp(*v, gs * gs, w);
-                *u = one / (if *v < floor { floor } else { *v }).sqrt() * gs;
+                *u = self.k.update(*v, g);
             }
             total += sum_sq(&buf[..gc.len()]);
         }
@@ -232,15 +240,8 @@ struct FactoredPass<'a, T> {
 impl<T: Wide> Pass for FactoredPass<'_, T> {
     #[inline(always)]
     fn run(&self, r0: usize, r1: usize) -> f64 {
-        let Scal {
-            floor,
-            sign,
-            decay,
-            scale,
-            ..
-        } = self.k;
+        let Scal { decay, scale, .. } = self.k;
         let (rows, cols) = (self.rows, self.cols);
-        let one = T::of(1.0);
         let mut buf = vec![T::of(0.0); if self.apply { 0 } else { cols }];
         let mut total = 0.0;
         for row in r0..r1 {
@@ -259,13 +260,13 @@ impl<T: Wide> Pass for FactoredPass<'_, T> {
                     unsafe { std::slice::from_raw_parts_mut(self.b.param.add(row * cols), cols) };
                 for ((p, &g), &c) in p.iter_mut().zip(g).zip(cv) {
                     let est = rv * c / rm;
-                    let u = one / (if est < floor { floor } else { est }).sqrt() * (g * sign);
+                    let u = self.k.update(est, g);
                     *p = u.mul_add(scale, *p * decay);
                 }
             } else {
                 for ((u, &g), &c) in buf.iter_mut().zip(g).zip(cv) {
                     let est = rv * c / rm;
-                    *u = one / (if est < floor { floor } else { est }).sqrt() * (g * sign);
+                    *u = self.k.update(est, g);
                 }
                 total += sum_sq(&buf);
             }
