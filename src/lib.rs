@@ -34,6 +34,17 @@ fn uses_torch_threads() -> bool {
     parallel::uses_torch_threads()
 }
 
+/// The SIMD kernels ferrotorch's CPU code runs: "avx512", "avx2" or "default" (capped by
+/// `FERROTORCH_CPU_CAPABILITY` or torch's `ATEN_CPU_CAPABILITY`).
+#[pyfunction]
+fn cpu_capability() -> &'static str {
+    match ferrotorch_kernels::simd_level() {
+        3 => "avx512",
+        2 => "avx2",
+        _ => "default",
+    }
+}
+
 #[pymodule]
 fn _native(py: Python<'_>, m: &Bound<'_, PyModule>) -> PyResult<()> {
     // libtorch must be loaded (by importing torch) before any tch call.
@@ -45,6 +56,7 @@ fn _native(py: Python<'_>, m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("TORCH_VERSION", built_for)?;
     optim::register(m)?;
     m.add_function(wrap_pyfunction!(uses_torch_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_capability, m)?)?;
     sched::register(m)?;
     clip::register(m)?;
     train::register(m)?;

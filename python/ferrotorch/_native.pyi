@@ -14,6 +14,7 @@ __all__ = [
     "sparse_adam_step",
     "adafactor_step",
     "uses_torch_threads",
+    "cpu_capability",
     "schedule_lrs",
     "scale_lrs",
     "warm_restarts_step",
@@ -47,6 +48,10 @@ TORCH_VERSION: str
 
 def uses_torch_threads() -> bool:
     """True when fused steps run on torch's OpenMP threads (False in a forked child)."""
+
+def cpu_capability() -> str:
+    """The SIMD kernels in use: "avx512", "avx2" or "default" (capped by
+    ``FERROTORCH_CPU_CAPABILITY`` or torch's ``ATEN_CPU_CAPABILITY``)."""
 
 class FerrotorchValueError(ValueError): ...
 class FerrotorchTypeError(TypeError): ...

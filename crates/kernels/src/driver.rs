@@ -221,8 +221,21 @@ unsafe fn run_chunk<A: Algorithm>(alg: &A, job: &Job<A::Scalars>, b: usize, e: u
     }
 }
 
-/// 3 with AVX-512F + FMA, 2 with AVX2 + FMA, else 1 (detected once).
-pub(crate) fn simd_level() -> u8 {
+/// The highest SIMD level a capability name allows: torch's `ATEN_CPU_CAPABILITY` values
+/// (`default`, `avx2`, `avx512`); None for anything else (no cap).
+pub fn capability_cap(name: &str) -> Option<u8> {
+    match name.trim().to_ascii_lowercase().as_str() {
+        "default" => Some(1),
+        "avx2" => Some(2),
+        "avx512" => Some(3),
+        _ => None,
+    }
+}
+
+/// 3 with AVX-512F + FMA, 2 with AVX2 + FMA, else 1 (detected once). Capped by
+/// `FERROTORCH_CPU_CAPABILITY`, else by torch's `ATEN_CPU_CAPABILITY`, so that one switch
+/// runs torch's and ferrotorch's AVX2 kernels on an AVX-512 machine.
+pub fn simd_level() -> u8 {
     #[cfg(target_arch = "x86_64")]
     {
         use std::sync::atomic::{AtomicU8, Ordering};
@@ -236,6 +249,10 @@ pub(crate) fn simd_level() -> u8 {
             } else {
                 1
             };
+            let cap = ["FERROTORCH_CPU_CAPABILITY", "ATEN_CPU_CAPABILITY"]
+                .iter()
+                .find_map(|k| std::env::var(k).ok().and_then(|v| capability_cap(&v)));
+            has = has.min(cap.unwrap_or(3));
             HAS.store(has, Ordering::Relaxed);
         }
         has
@@ -342,5 +359,19 @@ pub(crate) mod testing {
             })
             .collect();
         unsafe { run(alg, &jobs, threads, &RayonPool).unwrap() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capability_names_are_torchs() {
+        assert_eq!(capability_cap("avx2"), Some(2));
+        assert_eq!(capability_cap(" AVX512 "), Some(3));
+        assert_eq!(capability_cap("default"), Some(1));
+        assert_eq!(capability_cap("zvector"), None);
+        assert!((1..=3).contains(&simd_level()));
     }
 }

@@ -28,7 +28,8 @@ pub mod sparse_adam;
 pub mod vit;
 
 pub use driver::{
-    map_pieces, pieces, run, Algorithm, DType, Executor, Job, RayonPool, Serial, MAX_STATES,
+    capability_cap, map_pieces, pieces, run, simd_level, Algorithm, DType, Executor, Job,
+    RayonPool, Serial, MAX_STATES,
 };
 pub use elem::{Elem, OpFloat};
 
