@@ -40,3 +40,21 @@ def chart(rows: list[tuple[str, float]], path: str, xlabel: str = "speed-up vs t
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     print(f"chart written to {path}")
+
+
+def machine() -> str:
+    """The CPU and the SIMD kernels both libraries run, for every figure's header."""
+    import torch
+
+    from ferrotorch import _native
+
+    name = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    import platform
+
+    name = name or platform.processor() or platform.machine()
+    return f"{name} · torch kernels {torch.backends.cpu.get_cpu_capability()} · ferrotorch kernels {_native.cpu_capability()}"

@@ -16,6 +16,7 @@ import torch
 
 import ferrotorch.optim as fopt
 from ferrotorch.nn.utils import clip_grad_norm_ as ft_clip
+from _common import machine as _machine
 from _common import chart
 
 LAYOUT = (64, 262_144)
@@ -47,6 +48,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--png")
     args = ap.parse_args()
+    print(_machine())
     print(f"torch {torch.__version__}: ms per clip+step, layout a; ratio = torch / ferrotorch")
     print(f"{'optimizer':<8} {'thr':>3} | {'torch clip+fused':>16} {'ferro clip_ then step':>21} {'ferro fused':>11} | {'ratio':>6}")
     rows = []

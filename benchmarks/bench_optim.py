@@ -20,6 +20,7 @@ import time
 import torch
 
 import ferrotorch.optim as fopt
+from _common import machine as _machine
 from _common import chart as _chart
 from _common import progress as _progress
 
@@ -103,6 +104,7 @@ def main() -> None:
     args = ap.parse_args()
     repeats = 3 if args.quick else 7
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    print(_machine())
     print(f"torch {torch.__version__}, ms per step (median of {repeats}); x best = torch's fastest (fused, else foreach) / ferrotorch")
     head = f"{'optimizer':<14} {'lay':>3} {'thr':>3} {'dtype':>5} | {'loop':>8} {'foreach':>8} {'fused':>8} {'ferro':>8} | {'x loop':>6} {'x fe':>6} {'x best':>7}"
     print(head)

@@ -16,6 +16,7 @@ import torch
 from torch.optim import lr_scheduler as tls
 
 from ferrotorch.optim import lr_scheduler as fls
+from _common import machine as _machine
 from _common import chart, progress
 
 CASES = {
@@ -55,6 +56,7 @@ def main() -> None:
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
+    print(_machine())
     print(f"torch {torch.__version__}: µs per scheduler.step() (median of 7 x 2000 steps); ratio = torch / ferrotorch")
     print(f"{'scheduler':<28} {'groups':>6} | {'torch':>8} {'ferro':>8} | {'ratio':>6}")
     print("-" * 66)

@@ -11,13 +11,13 @@ Each cell is the median ms per ``step()``; the ratio is torch's time / ferrotorc
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import torch
 
 import ferrotorch.optim as fopt
+from _common import machine as _machine
 
 CASES = [(100_000, 128, 512), (100_000, 128, 8192), (20_000, 512, 4096)]
 
@@ -53,7 +53,8 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2")
     args = ap.parse_args()
     repeats = 3 if args.quick else 7
-    print(f"torch {torch.__version__} · {platform.processor() or platform.machine()}")
+    print(_machine())
+    print(f"torch {torch.__version__}")
     print(f"{'rows x dim':>14} {'batch':>6} {'thr':>3} {'torch ms':>9} {'ours ms':>8} {'ratio':>6}")
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads)

@@ -25,6 +25,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from _common import machine as _machine
+
 CFG = dict(image_size=32, patch_size=4, num_classes=10, dim=256, depth=6, heads=8, dim_head=32, mlp_dim=512)
 
 
@@ -152,6 +154,7 @@ def main() -> None:
         return peak_child(args.peak_child, args.batch, args.threads)
     torch.set_num_threads(args.threads)
     names = ["vit-pytorch", "ferrotorch", "timm", "ferrotorch (timm)"] + ([] if args.no_compile else ["torch.compile"])
+    print(_machine())
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch} (train) / {args.infer_batch} (inference), fp32")
     fns = {}
     for name in names:
