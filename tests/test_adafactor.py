@@ -150,3 +150,22 @@ def test_linear_model_trains_like_torch():
 
     for a, b in zip(train(fopt), train(torch.optim)):
         _close(a, b, torch.float32)
+
+
+def test_a_parameter_listed_twice_and_a_grad_that_is_another_parameter_go_as_in_torch():
+    def run(mod):
+        torch.manual_seed(0)
+        a = torch.nn.Parameter(torch.randn(5, 4, dtype=torch.float64))
+        b = torch.nn.Parameter(torch.randn(5, 4, dtype=torch.float64))
+        with pytest.warns(UserWarning, match="duplicate parameters"):
+            opt = mod.Adafactor([a, b, a], lr=0.01)
+        for _ in range(3):
+            a.grad = torch.randn(5, 4, dtype=torch.float64)
+            b.grad = a.detach()  # read while `a` is stepped (twice), as torch reads it
+            opt.step()
+        return a.detach().clone(), b.detach().clone(), int(opt.state[a]["step"])
+
+    ours, ref = run(fopt), run(torch.optim)
+    assert ours[2] == ref[2] == 6
+    _close(ours[0], ref[0], torch.float64)
+    _close(ours[1], ref[1], torch.float64)

@@ -12,7 +12,7 @@ __all__ = [
     "optimizer_spec",
     "optimizer_names",
     "sparse_adam_step",
-    "adafactor_step",
+    "adafactor_group",
     "uses_torch_threads",
     "cpu_capability",
     "schedule_lrs",
@@ -104,23 +104,24 @@ def sparse_adam_step(
 ) -> bool:
     """One SparseAdam step of ``param`` from a coalesced gradient; False: torch must step it."""
 
-def adafactor_step(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    step: torch.Tensor,
-    row_var: torch.Tensor | None,
-    col_var: torch.Tensor | None,
-    variance: torch.Tensor | None,
+def adafactor_group(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    steps: list[torch.Tensor],
+    row_vars: list[torch.Tensor | None],
+    col_vars: list[torch.Tensor | None],
+    variances: list[torch.Tensor | None],
     *,
     lr: float,
     beta2_decay: float,
-    eps1: float,
+    eps1: float | None,
     eps2: float,
     d: float,
     weight_decay: float,
     maximize: bool,
-) -> bool:
-    """One Adafactor step of ``param`` (bumps ``step``); False: torch must step it."""
+) -> list[int]:
+    """One Adafactor step of a param group (bumps each ``step``); returns the positions
+    torch must step."""
 
 # ---- schedule math (ferrotorch.optim.lr_scheduler / warmup call these) ----------------
 

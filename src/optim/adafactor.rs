@@ -8,9 +8,10 @@
 use ferrotorch_kernels::adafactor::{adafactor, Adafactor, Second, Wide};
 use ferrotorch_kernels::DType;
 use pyo3::prelude::*;
+use pyo3::types::PyList;
 
 use crate::access::{any_overlap, bump_versions, Flat, Meta};
-use crate::errors::enter;
+use crate::errors::{enter, Error};
 
 /// A flat buffer of `dtype` with exactly `sizes`, or None.
 fn buffer(obj: Option<&Bound<'_, PyAny>>, dtype: DType, sizes: &[i64]) -> PyResult<Option<Flat>> {
@@ -60,34 +61,23 @@ unsafe fn run<T: Wide>(h: &Adafactor, step: f64, w: &Work, threads: usize) {
     );
 }
 
-/// One Adafactor step of `param` (torch's state: `step`, and `row_var`/`col_var` for 2+
-/// dims or `variance`); bumps `step` as torch does. False: nothing changed, torch's
-/// function must step this parameter.
-#[pyfunction]
-#[pyo3(signature = (param, grad, step, row_var, col_var, variance, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize))]
-#[allow(clippy::too_many_arguments)]
-pub fn adafactor_step(
-    py: Python<'_>,
-    param: &Bound<'_, PyAny>,
-    grad: &Bound<'_, PyAny>,
-    step: &Bound<'_, PyAny>,
-    row_var: Option<&Bound<'_, PyAny>>,
-    col_var: Option<&Bound<'_, PyAny>>,
-    variance: Option<&Bound<'_, PyAny>>,
-    lr: f64,
-    beta2_decay: f64,
-    eps1: f64,
-    eps2: f64,
-    d: f64,
-    weight_decay: f64,
-    maximize: bool,
-) -> PyResult<bool> {
+/// Checks one parameter and its state as they are now; on success bumps `step` (torch does
+/// so before its math) and returns the work, else None with nothing changed.
+fn prepare<'py>(
+    param: &Bound<'py, PyAny>,
+    grad: &Bound<'py, PyAny>,
+    step: &Bound<'py, PyAny>,
+    row_var: Option<&Bound<'py, PyAny>>,
+    col_var: Option<&Bound<'py, PyAny>>,
+    variance: Option<&Bound<'py, PyAny>>,
+    written: &mut Vec<Bound<'py, PyAny>>,
+) -> PyResult<Option<(Work, f64)>> {
     let (Some(pm), Some(gm), Some(sm)) = (Meta::of(param)?, Meta::of(grad)?, Meta::of(step)?)
     else {
-        return Ok(false);
+        return Ok(None);
     };
     let (Some(pf), Some(gf)) = (pm.flat(), gm.flat()) else {
-        return Ok(false);
+        return Ok(None);
     };
     let dtype = pf.dtype;
     if !matches!(dtype, DType::F32 | DType::F64)
@@ -95,16 +85,16 @@ pub fn adafactor_step(
         || !gm.same_shape(&pm)
         || pf.numel == 0
     {
-        return Ok(false);
+        return Ok(None);
     }
     // SAFETY: `step` is held by the caller for the whole call, and the overlap check below
-    // keeps every other buffer off its element.
+    // keeps every other buffer of this parameter off its element.
     let Some(counter) = (unsafe { sm.scalar() }) else {
-        return Ok(false);
+        return Ok(None);
     };
     let sizes = pm.sizes().to_vec();
     let mut ranges = vec![pf.range(), gf.range(), counter.range()];
-    let mut states: Vec<&Bound<'_, PyAny>> = Vec::new();
+    let mut states: Vec<&Bound<'py, PyAny>> = Vec::new();
     let (factored, var_addr) = if sizes.len() > 1 {
         let (rows, cols) = (
             sizes[sizes.len() - 2] as usize,
@@ -118,24 +108,25 @@ pub fn adafactor_step(
             buffer(row_var, dtype, &row_shape)?,
             buffer(col_var, dtype, &col_shape)?,
         ) else {
-            return Ok(false);
+            return Ok(None);
         };
         ranges.extend([rv.range(), cv.range()]);
         states.extend(row_var.into_iter().chain(col_var));
         (Some((rv.ptr as usize, cv.ptr as usize, rows, cols)), 0)
     } else {
         let Some(v) = buffer(variance, dtype, &sizes)? else {
-            return Ok(false);
+            return Ok(None);
         };
         ranges.push(v.range());
         states.extend(variance);
         (None, v.ptr as usize)
     };
     if any_overlap(&mut ranges) {
-        return Ok(false);
+        return Ok(None);
     }
-    // Every check passed: from here on the step happens.
     let step_now = counter.bump();
+    written.extend([param.clone(), step.clone()]);
+    written.extend(states.into_iter().cloned());
     let work = Work {
         dtype,
         n: pf.numel,
@@ -144,30 +135,98 @@ pub fn adafactor_step(
         factored,
         variance: var_addr,
     };
-    let h = Adafactor {
-        lr,
-        beta2_decay,
-        eps1,
-        eps2,
-        d,
-        weight_decay,
-        maximize,
-    };
+    Ok(Some((work, step_now)))
+}
+
+fn item<'py>(list: &Bound<'py, PyList>, i: usize) -> PyResult<Option<Bound<'py, PyAny>>> {
+    let v = list.get_item(i)?;
+    Ok((!v.is_none()).then_some(v))
+}
+
+/// Adafactor's step for one param group, from torch's per-parameter lists (as
+/// `Adafactor._init_group` builds them: `row_var`/`col_var` for 2+ dims, else `variance`;
+/// None where absent). Bumps each stepped parameter's `step` as torch does. `eps1` None is
+/// torch's default, the dtype's machine epsilon. Returns the positions the kernel did not
+/// take (nothing of theirs changed; torch's function must step them, in order).
+///
+/// Parameters are stepped one after another, in list order, as torch steps them: a
+/// parameter listed twice is stepped twice, and memory shared between two parameters'
+/// buffers sees the same sequence of updates as under torch.
+#[pyfunction]
+#[pyo3(signature = (params, grads, steps, row_vars, col_vars, variances, *, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize))]
+#[allow(clippy::too_many_arguments)]
+pub fn adafactor_group(
+    py: Python<'_>,
+    params: &Bound<'_, PyList>,
+    grads: &Bound<'_, PyList>,
+    steps: &Bound<'_, PyList>,
+    row_vars: &Bound<'_, PyList>,
+    col_vars: &Bound<'_, PyList>,
+    variances: &Bound<'_, PyList>,
+    lr: f64,
+    beta2_decay: f64,
+    eps1: Option<f64>,
+    eps2: f64,
+    d: f64,
+    weight_decay: f64,
+    maximize: bool,
+) -> PyResult<Vec<usize>> {
+    let n = params.len();
+    if [grads, steps, row_vars, col_vars, variances]
+        .iter()
+        .any(|l| l.len() != n)
+    {
+        return Err(Error::Value(format!(
+            "adafactor_group: expected {n} entries in every list (one per parameter)"
+        ))
+        .into());
+    }
+    let mut slow = Vec::new();
+    let mut work = Vec::with_capacity(n);
+    let mut written = Vec::with_capacity(3 * n);
+    for i in 0..n {
+        let (p, g, s) = (params.get_item(i)?, grads.get_item(i)?, steps.get_item(i)?);
+        let (rv, cv, v) = (item(row_vars, i)?, item(col_vars, i)?, item(variances, i)?);
+        match prepare(
+            &p,
+            &g,
+            &s,
+            rv.as_ref(),
+            cv.as_ref(),
+            v.as_ref(),
+            &mut written,
+        )? {
+            Some(w) => work.push(w),
+            None => slow.push(i),
+        }
+    }
     let threads = tch::get_num_threads().max(1) as usize;
     enter(py, "Adafactor", move || {
-        // SAFETY: every buffer was read at this call from a live plain contiguous CPU tensor
-        // of `dtype` with the checked shape, none overlaps another, and the caller holds
-        // the objects.
-        unsafe {
-            match work.dtype {
-                DType::F32 => run::<f32>(&h, step_now, &work, threads),
-                _ => run::<f64>(&h, step_now, &work, threads),
+        for (w, step) in &work {
+            let h = Adafactor {
+                lr,
+                beta2_decay,
+                eps1: eps1.unwrap_or(match w.dtype {
+                    DType::F32 => f32::EPSILON as f64,
+                    _ => f64::EPSILON,
+                }),
+                eps2,
+                d,
+                weight_decay,
+                maximize,
+            };
+            // SAFETY: every buffer was read at this call from a live plain contiguous CPU
+            // tensor of `dtype` with the checked shape, none of one parameter's overlaps
+            // another, and the lists (held by the caller) keep the objects alive.
+            unsafe {
+                match w.dtype {
+                    DType::F32 => run::<f32>(&h, *step, w, threads),
+                    _ => run::<f64>(&h, *step, w, threads),
+                }
             }
         }
         Ok(())
     })?;
-    let mut written: Vec<Bound<'_, PyAny>> = vec![param.clone(), step.clone()];
-    written.extend(states.into_iter().cloned());
     bump_versions(&written);
-    Ok(true)
+    Ok(slow)
 }

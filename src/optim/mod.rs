@@ -155,6 +155,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(optimizer_spec, m)?)?;
     m.add_function(wrap_pyfunction!(optimizer_names, m)?)?;
     m.add_function(wrap_pyfunction!(sparse::sparse_adam_step, m)?)?;
-    m.add_function(wrap_pyfunction!(adafactor::adafactor_step, m)?)?;
+    m.add_function(wrap_pyfunction!(adafactor::adafactor_group, m)?)?;
     Ok(())
 }

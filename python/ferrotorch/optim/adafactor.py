@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .. import _compat
-from .._native import adafactor_step
+from .._native import adafactor_group
 from ._fused import _NativeStep
 
 __all__ = ["Adafactor"]
@@ -40,15 +40,13 @@ class Adafactor(_NativeStep, torch.optim.Adafactor):
             eps1, eps2 = group["eps"]
             lr = group["lr"]
             kw = dict(d=group["d"], lr=lr, beta2_decay=group["beta2_decay"], weight_decay=group["weight_decay"], eps2=eps2, maximize=group["maximize"])
-            for i, p in enumerate(params):
-                native = not scaled and not isinstance(lr, torch.Tensor)
-                if native:
-                    e1 = eps1 if eps1 is not None else torch.finfo(p.dtype).eps
-                    native = adafactor_step(p, grads[i], steps[i], row_vars[i], col_vars[i], variances[i], eps1=e1, **kw)
-                if not native:
-                    _compat.adafactor(
-                        [p], [grads[i]], [row_vars[i]], [col_vars[i]], [variances[i]], [steps[i]],
-                        eps1=eps1, foreach=False, grad_scale=getattr(self, "grad_scale", None),
-                        found_inf=getattr(self, "found_inf", None), **kw,
-                    )
+            slow: list[int] | range = range(len(params))
+            if not scaled and not isinstance(lr, torch.Tensor):
+                slow = adafactor_group(params, grads, steps, row_vars, col_vars, variances, eps1=eps1, **kw)
+            for i in slow:
+                _compat.adafactor(
+                    [params[i]], [grads[i]], [row_vars[i]], [col_vars[i]], [variances[i]], [steps[i]],
+                    eps1=eps1, foreach=False, grad_scale=getattr(self, "grad_scale", None),
+                    found_inf=getattr(self, "found_inf", None), **kw,
+                )
         return loss
