@@ -14,8 +14,10 @@ import warnings
 
 import torch
 from torch.optim import lr_scheduler as tls
+from torch.optim import swa_utils as tswa
 
 from ferrotorch.optim import lr_scheduler as fls
+from ferrotorch.optim import swa_utils as fswa
 from _common import machine as _machine
 from _common import chart, progress
 
@@ -29,6 +31,7 @@ CASES = {
     "OneCycleLR": lambda m, o: m.OneCycleLR(o, 0.1, total_steps=100_000),
     "CosineAnnealingWarmRestarts": lambda m, o: m.CosineAnnealingWarmRestarts(o, T_0=100),
     "ReduceLROnPlateau": lambda m, o: m.ReduceLROnPlateau(o, patience=3),
+    "SWALR": lambda m, o: (fswa if m is fls else tswa).SWALR(o, swa_lr=0.05, anneal_epochs=1000),
 }
 
 
