@@ -82,8 +82,8 @@ def test_the_kernel_runs_for_float_tensors(monkeypatch):
 @pytest.mark.parametrize("ei", INFO.optim_error_inputs_func(device="cpu", dtype=torch.float32), ids=lambda e: str(e.error_regex)[:40])
 def test_torchs_error_inputs_give_torchs_errors(ei):
     inp = ei.optimizer_error_input
-    if ei.error_type is UserWarning:
-        with pytest.warns(UserWarning, match=ei.error_regex):
+    if issubclass(ei.error_type, Warning):  # e.g. torch 2.15's FutureWarning for a set of params
+        with pytest.warns(ei.error_type, match=ei.error_regex):
             fopt.Adafactor(inp.params, **inp.kwargs)
         return
     with pytest.raises(ei.error_type, match=ei.error_regex):

@@ -135,8 +135,8 @@ def test_embedding_training_matches_torch():
 @pytest.mark.parametrize("ei", INFO.optim_error_inputs_func(device="cpu", dtype=torch.float32), ids=lambda e: e.optimizer_error_input.desc if hasattr(e.optimizer_error_input, "desc") else str(e.error_type))
 def test_torchs_error_inputs_give_torchs_errors(ei):
     inp = ei.optimizer_error_input
-    if ei.error_type is UserWarning:
-        with pytest.warns(UserWarning, match=ei.error_regex):
+    if issubclass(ei.error_type, Warning):  # e.g. torch 2.15's FutureWarning for a set of params
+        with pytest.warns(ei.error_type, match=ei.error_regex):
             fopt.SparseAdam(inp.params, **inp.kwargs)
         return
     with pytest.raises(ei.error_type, match=ei.error_regex):
