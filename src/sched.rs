@@ -6,8 +6,10 @@
 use ferrotorch_kernels::schedule as s;
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::sync::GILOnceCell;
+use pyo3::types::{PyDict, PyFloat};
 
+use crate::access::is_tensor;
 use crate::errors::Error;
 
 fn param<'py, T: FromPyObject<'py>>(params: &Bound<'py, PyDict>, key: &str) -> PyResult<T> {
@@ -23,36 +25,73 @@ fn param<'py, T: FromPyObject<'py>>(params: &Bound<'py, PyDict>, key: &str) -> P
     })
 }
 
-/// Each group's current `lr` as a float (1-element tensors too), read straight from
-/// `optimizer.param_groups`.
-fn group_lrs(groups: &Bound<'_, PyAny>) -> PyResult<Vec<f64>> {
+static FLOAT64: GILOnceCell<Py<PyAny>> = GILOnceCell::new();
+
+/// An lr as a float, or None for a tensor narrower than float64: torch's formulas run in
+/// such a tensor's dtype, so only torch's own formula gives torch's numbers (the Python
+/// classes fall back to it).
+fn lr_value(v: &Bound<'_, PyAny>, what: &str) -> PyResult<Option<f64>> {
+    if let Ok(f) = v.downcast::<PyFloat>() {
+        return Ok(Some(f.value()));
+    }
+    if is_tensor(v)? {
+        let py = v.py();
+        let f64_dtype = FLOAT64.get_or_try_init(py, || {
+            Ok::<_, PyErr>(py.import("torch")?.getattr("float64")?.unbind())
+        })?;
+        if !v.getattr(intern!(py, "dtype"))?.is(f64_dtype.bind(py)) {
+            return Ok(None);
+        }
+    }
+    v.extract::<f64>().map(Some).map_err(|_| {
+        Error::Type(format!(
+            "{what} must be a float or a 1-element tensor, got {}",
+            v.get_type()
+        ))
+        .into()
+    })
+}
+
+/// Each group's current `lr` (see [`lr_value`]), read straight from `optimizer.param_groups`.
+fn group_lrs(groups: &Bound<'_, PyAny>) -> PyResult<Option<Vec<f64>>> {
     group_floats(groups, intern!(groups.py(), "lr"))
 }
 
-/// Each group's float (or 1-element tensor) under `key`.
+/// Each group's value under `key` (see [`lr_value`]); None if one is a narrow tensor.
 fn group_floats(
     groups: &Bound<'_, PyAny>,
     key: &Bound<'_, pyo3::types::PyString>,
-) -> PyResult<Vec<f64>> {
+) -> PyResult<Option<Vec<f64>>> {
     let mut out = Vec::new();
     for g in groups.try_iter()? {
         let g = g?;
         let v = g
             .get_item(key)
             .map_err(|_| Error::Value(format!("a param_group has no '{key}'")))?;
-        out.push(v.extract::<f64>().map_err(|_| {
-            Error::Type(format!(
-                "param_group['{key}'] must be a float or a 1-element tensor, got {}",
-                v.get_type()
-            ))
-        })?);
+        match lr_value(&v, &format!("param_group['{key}']"))? {
+            Some(x) => out.push(x),
+            None => return Ok(None),
+        }
     }
-    Ok(out)
+    Ok(Some(out))
+}
+
+/// `base_lrs` (see [`lr_value`]); None if one is a narrow tensor.
+fn base_values(base_lrs: &Bound<'_, PyAny>) -> PyResult<Option<Vec<f64>>> {
+    let mut out = Vec::new();
+    for v in base_lrs.try_iter()? {
+        match lr_value(&v?, "base_lrs")? {
+            Some(x) => out.push(x),
+            None => return Ok(None),
+        }
+    }
+    Ok(Some(out))
 }
 
 /// The lrs of a StepLR/MultiStepLR/ConstantLR/LinearLR/ExponentialLR/PolynomialLR/
 /// CosineAnnealingLR/CosineAnnealingWarmRestarts step: torch's chainable form from the
-/// groups' current lrs, or the closed form from `base_lrs` when `closed`.
+/// groups' current lrs, or the closed form from `base_lrs` when `closed`. None when an lr
+/// is a tensor narrower than float64 (the caller then runs torch's formula).
 ///
 /// Hyper-parameters, by kind: step (a=step_size, b=gamma), multistep (a=gamma,
 /// milestones), constant (a=factor, b=total_iters), linear (a=start_factor, b=end_factor,
@@ -64,7 +103,7 @@ fn group_floats(
 pub fn schedule_lrs(
     kind: &str,
     groups: &Bound<'_, PyAny>,
-    base_lrs: Vec<f64>,
+    base_lrs: &Bound<'_, PyAny>,
     last_epoch: i64,
     is_initial: bool,
     step_count: i64,
@@ -73,11 +112,17 @@ pub fn schedule_lrs(
     b: f64,
     c: f64,
     milestones: Option<Vec<i64>>,
-) -> PyResult<Vec<f64>> {
+) -> PyResult<Option<Vec<f64>>> {
+    let Some(base_lrs) = base_values(base_lrs)? else {
+        return Ok(None);
+    };
     let lrs = if closed {
         base_lrs.clone()
     } else {
-        group_lrs(groups)?
+        match group_lrs(groups)? {
+            Some(l) => l,
+            None => return Ok(None),
+        }
     };
     if lrs.len() != base_lrs.len() {
         return Err(Error::Value(format!(
@@ -197,7 +242,7 @@ pub fn schedule_lrs(
             .collect(),
         other => return Err(Error::Value(format!("unknown schedule kind {other:?}")).into()),
     };
-    Ok(out)
+    Ok(Some(out))
 }
 
 /// `lrs[i] * factors[i]` (LambdaLR, MultiplicativeLR, warm-up and factor schedules).
@@ -549,21 +594,27 @@ pub fn steepest_descent(losses: Vec<f64>) -> Option<usize> {
     s::steepest_descent(&losses)
 }
 
-/// SWALR's lrs for this step, from the groups' `lr` and `swa_lr` (see `schedule::swalr`).
+/// SWALR's lrs for this step, from the groups' `lr` and `swa_lr` (see `schedule::swalr`);
+/// None when one is a tensor narrower than float64.
 #[pyfunction]
 pub fn swalr_lrs(
     groups: &Bound<'_, PyAny>,
     step_count: i64,
     anneal_epochs: i64,
     cosine: bool,
-) -> PyResult<Vec<f64>> {
-    let lrs = group_lrs(groups)?;
-    let swa = group_floats(groups, intern!(groups.py(), "swa_lr"))?;
-    Ok(lrs
-        .iter()
-        .zip(&swa)
-        .map(|(&lr, &swa_lr)| s::swalr(lr, swa_lr, step_count, anneal_epochs, cosine))
-        .collect())
+) -> PyResult<Option<Vec<f64>>> {
+    let (Some(lrs), Some(swa)) = (
+        group_lrs(groups)?,
+        group_floats(groups, intern!(groups.py(), "swa_lr"))?,
+    ) else {
+        return Ok(None);
+    };
+    Ok(Some(
+        lrs.iter()
+            .zip(&swa)
+            .map(|(&lr, &swa_lr)| s::swalr(lr, swa_lr, step_count, anneal_epochs, cosine))
+            .collect(),
+    ))
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -76,9 +76,13 @@ def _floats(values: Sequence[Any]) -> list[float]:
 def _tensor_math(sched: Any) -> bool:
     """Whether a group's lr (or a base lr) is a tensor narrower than float64 (a float32
     ``lr=torch.tensor(0.01)``, as torch.compile recipes use). torch's formulas then run in
-    the tensor's dtype, so only torch's own formula gives torch's numbers."""
-    values = [g.get("lr") for g in sched.optimizer.param_groups] + list(getattr(sched, "base_lrs", ()))
-    return any(isinstance(v, torch.Tensor) and v.dtype != torch.float64 for v in values)
+    the tensor's dtype, so only torch's own formula gives torch's numbers. (The Rust
+    schedules make the same check as they read the lrs, and answer None.)"""
+    for values in ((g["lr"] for g in sched.optimizer.param_groups), getattr(sched, "base_lrs", ())):
+        for v in values:
+            if type(v) is not float and isinstance(v, torch.Tensor) and v.dtype != torch.float64:
+                return True
+    return False
 
 
 class _GhostOptimizer(Optimizer):
@@ -242,7 +246,7 @@ class _Ferro:
         return lr_curve(self, steps, key, metrics)
 
 
-def _chain(sched: Any, kind: str, closed: bool = False, a: float = 0.0, b: float = 0.0, c: float = 0.0, milestones: list[int] | None = None) -> list[float]:
+def _chain(sched: Any, kind: str, closed: bool = False, a: float = 0.0, b: float = 0.0, c: float = 0.0, milestones: list[int] | None = None) -> list[float] | None:
     # The Rust side reads the groups' lrs itself; hyper-parameters go positionally.
     return _native.schedule_lrs(
         kind, sched.optimizer.param_groups, sched.base_lrs, sched.last_epoch, sched._is_initial, sched._step_count, closed, a, b, c, milestones
@@ -259,15 +263,15 @@ class _Chainable(_Ferro):
         raise NotImplementedError
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
-        if _tensor_math(self):
+        lrs = _chain(self, self._ft_kind, False, *self._ft_args(False))
+        if lrs is None:  # float32/bf16 tensor lrs: torch's formula, in their dtype
             return super().get_lr()  # type: ignore[misc]
         _warn_get_lr_called_within_step(self)
-        return _chain(self, self._ft_kind, False, *self._ft_args(False))
+        return lrs
 
     def _get_closed_form_lr(self) -> list[float]:
-        if _tensor_math(self):
-            return super()._get_closed_form_lr()  # type: ignore[misc]
-        return _chain(self, self._ft_kind, True, *self._ft_args(True))
+        lrs = _chain(self, self._ft_kind, True, *self._ft_args(True))
+        return super()._get_closed_form_lr() if lrs is None else lrs  # type: ignore[misc]
 
 
 class LambdaLR(_Ferro, _tls.LambdaLR):
@@ -413,10 +417,11 @@ class CosineAnnealingWarmRestarts(_Ferro, _tls.CosineAnnealingWarmRestarts):
     _ft_required = ("last_epoch", "_last_lr", "base_lrs", "T_0", "T_i", "T_mult", "T_cur", "eta_min")
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
-        if _tensor_math(self):
+        lrs = _chain(self, "warm_restarts", True, self.T_cur, self.T_i, self.eta_min)
+        if lrs is None:  # float32/bf16 tensor lrs: torch's formula, in their dtype
             return super().get_lr()
         _warn_get_lr_called_within_step(self)
-        return _chain(self, "warm_restarts", True, self.T_cur, self.T_i, self.eta_min)
+        return lrs
 
     def step(self, epoch: float | None = None) -> None:  # type: ignore[override]
         """Advances one epoch, or jumps to ``epoch`` (which may be fractional)."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import Tensor
 from torch.optim import swa_utils as _swa
 from torch.optim.swa_utils import (
     AveragedModel,
@@ -30,7 +29,7 @@ from torch.optim.swa_utils import (
 
 from .. import _native
 from .._compat import warn_get_lr_called_within_step as _warn_get_lr_called_within_step
-from .lr_scheduler import _Ferro, _tensor_math
+from .lr_scheduler import _Ferro
 
 
 class SWALR(_Ferro, _swa.SWALR):
@@ -46,14 +45,15 @@ class SWALR(_Ferro, _swa.SWALR):
 
     def get_lr(self) -> list[Any]:  # type: ignore[override]
         anneal = self.anneal_func
-        groups = self.optimizer.param_groups
-        native = anneal is _swa.SWALR._cosine_anneal or anneal is _swa.SWALR._linear_anneal
-        if not native or _tensor_math(self) or any(isinstance(g["swa_lr"], Tensor) for g in groups):
-            # An anneal function of the user's own, or float32 tensor lrs (whose arithmetic
-            # runs in the tensor's dtype): torch's own formula.
-            return super().get_lr()
-        _warn_get_lr_called_within_step(self)
-        return _native.swalr_lrs(groups, self._step_count, self.anneal_epochs, anneal is _swa.SWALR._cosine_anneal)
+        if anneal is _swa.SWALR._cosine_anneal or anneal is _swa.SWALR._linear_anneal:
+            cosine = anneal is _swa.SWALR._cosine_anneal
+            lrs = _native.swalr_lrs(self.optimizer.param_groups, self._step_count, self.anneal_epochs, cosine)
+            if lrs is not None:
+                _warn_get_lr_called_within_step(self)
+                return lrs
+        # An anneal function of the user's own, or float32/bf16 tensor lrs (whose arithmetic
+        # runs in the tensor's dtype): torch's own formula.
+        return super().get_lr()
 
 
 __all__ = [
