@@ -10,7 +10,7 @@ use ferrotorch_kernels::DType;
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
-use crate::access::{any_overlap, bump_versions, Flat, Meta};
+use crate::access::{any_overlap, bump_versions, Flat, Meta, Scalar};
 use crate::errors::{enter, Error};
 
 /// A flat buffer of `dtype` with exactly `sizes`, or None.
@@ -61,8 +61,8 @@ unsafe fn run<T: Wide>(h: &Adafactor, step: f64, w: &Work, threads: usize) {
     );
 }
 
-/// Checks one parameter and its state as they are now; on success bumps `step` (torch does
-/// so before its math) and returns the work, else None with nothing changed.
+/// Checks one parameter and its state as they are now; returns the work and its step
+/// counter (not bumped yet), else None. Changes nothing.
 fn prepare<'py>(
     param: &Bound<'py, PyAny>,
     grad: &Bound<'py, PyAny>,
@@ -71,7 +71,7 @@ fn prepare<'py>(
     col_var: Option<&Bound<'py, PyAny>>,
     variance: Option<&Bound<'py, PyAny>>,
     written: &mut Vec<Bound<'py, PyAny>>,
-) -> PyResult<Option<(Work, f64)>> {
+) -> PyResult<Option<(Work, Scalar)>> {
     let (Some(pm), Some(gm), Some(sm)) = (Meta::of(param)?, Meta::of(grad)?, Meta::of(step)?)
     else {
         return Ok(None);
@@ -124,7 +124,6 @@ fn prepare<'py>(
     if any_overlap(&mut ranges) {
         return Ok(None);
     }
-    let step_now = counter.bump();
     written.extend([param.clone(), step.clone()]);
     written.extend(states.into_iter().cloned());
     let work = Work {
@@ -135,7 +134,7 @@ fn prepare<'py>(
         factored,
         variance: var_addr,
     };
-    Ok(Some((work, step_now)))
+    Ok(Some((work, counter)))
 }
 
 fn item<'py>(list: &Bound<'py, PyList>, i: usize) -> PyResult<Option<Bound<'py, PyAny>>> {
@@ -200,6 +199,9 @@ pub fn adafactor_group(
             None => slow.push(i),
         }
     }
+    // Every parameter was read and checked: only now do the counters move (torch bumps
+    // `step` before its math), in list order, so a parameter listed twice counts twice.
+    let work: Vec<(Work, f64)> = work.into_iter().map(|(w, c)| (w, c.bump())).collect();
     let threads = tch::get_num_threads().max(1) as usize;
     enter(py, "Adafactor", move || {
         for (w, step) in &work {
