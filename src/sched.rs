@@ -27,21 +27,39 @@ fn param<'py, T: FromPyObject<'py>>(params: &Bound<'py, PyDict>, key: &str) -> P
 
 static FLOAT64: GILOnceCell<Py<PyAny>> = GILOnceCell::new();
 
-/// An lr as a float, or None for a tensor narrower than float64: torch's formulas run in
-/// such a tensor's dtype, so only torch's own formula gives torch's numbers (the Python
-/// classes fall back to it).
+/// Whether `v` is a tensor narrower than float64 (a float32 `lr=torch.tensor(0.01)`, as
+/// torch.compile recipes write it). torch's lr formulas run in such a tensor's dtype, so
+/// only torch's own formula gives torch's numbers: the Python classes fall back to it.
+fn is_narrow_tensor(v: &Bound<'_, PyAny>) -> PyResult<bool> {
+    if v.is_instance_of::<PyFloat>() || !is_tensor(v)? {
+        return Ok(false);
+    }
+    let py = v.py();
+    let f64_dtype = FLOAT64.get_or_try_init(py, || {
+        Ok::<_, PyErr>(py.import("torch")?.getattr("float64")?.unbind())
+    })?;
+    Ok(!v.getattr(intern!(py, "dtype"))?.is(f64_dtype.bind(py)))
+}
+
+/// Whether one of `values` is a tensor narrower than float64 (see [`is_narrow_tensor`]),
+/// for the schedulers whose lr arithmetic (user lambdas) stays in Python.
+#[pyfunction]
+pub fn narrow_tensor_lrs(values: &Bound<'_, PyAny>) -> PyResult<bool> {
+    for v in values.try_iter()? {
+        if is_narrow_tensor(&v?)? {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// An lr as a float, or None for a tensor narrower than float64 (see [`is_narrow_tensor`]).
 fn lr_value(v: &Bound<'_, PyAny>, what: &str) -> PyResult<Option<f64>> {
     if let Ok(f) = v.downcast::<PyFloat>() {
         return Ok(Some(f.value()));
     }
-    if is_tensor(v)? {
-        let py = v.py();
-        let f64_dtype = FLOAT64.get_or_try_init(py, || {
-            Ok::<_, PyErr>(py.import("torch")?.getattr("float64")?.unbind())
-        })?;
-        if !v.getattr(intern!(py, "dtype"))?.is(f64_dtype.bind(py)) {
-            return Ok(None);
-        }
+    if is_narrow_tensor(v)? {
+        return Ok(None);
     }
     v.extract::<f64>().map(Some).map_err(|_| {
         Error::Type(format!(
@@ -618,6 +636,7 @@ pub fn swalr_lrs(
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(narrow_tensor_lrs, m)?)?;
     m.add_function(wrap_pyfunction!(swalr_lrs, m)?)?;
     m.add_function(wrap_pyfunction!(range_test_lr, m)?)?;
     m.add_function(wrap_pyfunction!(range_test_update, m)?)?;

@@ -17,6 +17,7 @@ __all__ = [
     "cpu_capability",
     "schedule_lrs",
     "scale_lrs",
+    "narrow_tensor_lrs",
     "warm_restarts_step",
     "cyclic_step",
     "one_cycle_step",
@@ -139,6 +140,7 @@ def schedule_lrs(
     milestones: Sequence[int] | None = None,
 ) -> list[float] | None: ...
 def scale_lrs(lrs: Sequence[float], factors: Sequence[float]) -> list[float]: ...
+def narrow_tensor_lrs(values: Sequence[object]) -> bool: ...
 def warm_restarts_step(
     t_cur: float,
     t_i: float,

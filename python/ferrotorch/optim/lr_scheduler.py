@@ -73,18 +73,6 @@ def _floats(values: Sequence[Any]) -> list[float]:
     return [float(v) for v in values]
 
 
-def _tensor_math(sched: Any) -> bool:
-    """Whether a group's lr (or a base lr) is a tensor narrower than float64 (a float32
-    ``lr=torch.tensor(0.01)``, as torch.compile recipes use). torch's formulas then run in
-    the tensor's dtype, so only torch's own formula gives torch's numbers. (The Rust
-    schedules make the same check as they read the lrs, and answer None.)"""
-    for values in ((g["lr"] for g in sched.optimizer.param_groups), getattr(sched, "base_lrs", ())):
-        for v in values:
-            if type(v) is not float and isinstance(v, torch.Tensor) and v.dtype != torch.float64:
-                return True
-    return False
-
-
 class _GhostOptimizer(Optimizer):
     """Stands in for an optimizer while a copied scheduler computes its curve."""
 
@@ -284,7 +272,7 @@ class LambdaLR(_Ferro, _tls.LambdaLR):
     _ft_required = ("last_epoch", "_last_lr", "base_lrs", "lr_lambdas")
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
-        if _tensor_math(self):
+        if _native.narrow_tensor_lrs(self.base_lrs):  # float32/bf16 tensor lrs: torch's formula
             return super().get_lr()
         _warn_get_lr_called_within_step(self)
         return _native.scale_lrs(_floats(self.base_lrs), [float(f(self.last_epoch)) for f in self.lr_lambdas])
@@ -300,8 +288,8 @@ class MultiplicativeLR(_Ferro, _tls.MultiplicativeLR):
     _ft_required = ("last_epoch", "_last_lr", "base_lrs", "lr_lambdas")
 
     def get_lr(self) -> list[Any]:  # type: ignore[override]
-        if _tensor_math(self):
-            return super().get_lr()
+        if _native.narrow_tensor_lrs([g["lr"] for g in self.optimizer.param_groups]):
+            return super().get_lr()  # float32/bf16 tensor lrs: torch's formula
         _warn_get_lr_called_within_step(self)
         if self._is_initial:
             return _param_groups_val_list(self.optimizer, "lr")
@@ -425,7 +413,7 @@ class CosineAnnealingWarmRestarts(_Ferro, _tls.CosineAnnealingWarmRestarts):
 
     def step(self, epoch: float | None = None) -> None:  # type: ignore[override]
         """Advances one epoch, or jumps to ``epoch`` (which may be fractional)."""
-        if _tensor_math(self):
+        if _native.narrow_tensor_lrs(self.base_lrs):  # float32/bf16 tensor lrs: torch's step
             super().step(epoch)
             _print_lr(self, self.last_epoch if epoch is None else epoch)
             return
