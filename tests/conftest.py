@@ -211,3 +211,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def check_torch_error_input(cls: type, ei) -> None:
+    """One of ``optim_db``'s bad inputs (an ``ErrorOptimizerInput``) gives torch's error or
+    warning from ferrotorch's ``cls``: at construction, or for a step error at the first
+    step with random gradients."""
+    inp = ei.optimizer_error_input
+    if issubclass(ei.error_type, Warning):  # e.g. torch 2.15's FutureWarning for a set of params
+        with pytest.warns(ei.error_type, match=ei.error_regex):
+            cls(inp.params, **inp.kwargs)
+        return
+    with pytest.raises(ei.error_type, match=ei.error_regex):
+        opt = cls(inp.params, **inp.kwargs)
+        if ei.error_on.name == "STEP_ERROR":
+            for p in opt.param_groups[0]["params"]:
+                p.grad = torch.rand_like(p)
+            opt.step()

@@ -14,7 +14,7 @@ import torch
 from torch.testing._internal.common_optimizers import optim_db
 
 import ferrotorch.optim as fopt
-from conftest import rel_err
+from conftest import check_torch_error_input, rel_err
 from ferrotorch import _compat
 
 INFO = next(o for o in optim_db if o.optim_cls is torch.optim.Adafactor)
@@ -81,17 +81,7 @@ def test_the_kernel_runs_for_float_tensors(monkeypatch):
 
 @pytest.mark.parametrize("ei", INFO.optim_error_inputs_func(device="cpu", dtype=torch.float32), ids=lambda e: str(e.error_regex)[:40])
 def test_torchs_error_inputs_give_torchs_errors(ei):
-    inp = ei.optimizer_error_input
-    if issubclass(ei.error_type, Warning):  # e.g. torch 2.15's FutureWarning for a set of params
-        with pytest.warns(ei.error_type, match=ei.error_regex):
-            fopt.Adafactor(inp.params, **inp.kwargs)
-        return
-    with pytest.raises(ei.error_type, match=ei.error_regex):
-        opt = fopt.Adafactor(inp.params, **inp.kwargs)
-        if ei.error_on.name == "STEP_ERROR":
-            for p in opt.param_groups[0]["params"]:
-                p.grad = torch.rand_like(p)
-            opt.step()
+    check_torch_error_input(fopt.Adafactor, ei)
 
 
 def test_empty_parameter_gives_torchs_error():

@@ -18,7 +18,7 @@ import torch
 from torch.testing._internal.common_optimizers import optim_db
 
 import ferrotorch.optim as fopt
-from conftest import rel_err
+from conftest import check_torch_error_input, rel_err
 from ferrotorch import _compat
 
 INFO = next(o for o in optim_db if o.optim_cls is torch.optim.SparseAdam)
@@ -134,14 +134,7 @@ def test_embedding_training_matches_torch():
 
 @pytest.mark.parametrize("ei", INFO.optim_error_inputs_func(device="cpu", dtype=torch.float32), ids=lambda e: e.optimizer_error_input.desc if hasattr(e.optimizer_error_input, "desc") else str(e.error_type))
 def test_torchs_error_inputs_give_torchs_errors(ei):
-    inp = ei.optimizer_error_input
-    if issubclass(ei.error_type, Warning):  # e.g. torch 2.15's FutureWarning for a set of params
-        with pytest.warns(ei.error_type, match=ei.error_regex):
-            fopt.SparseAdam(inp.params, **inp.kwargs)
-        return
-    with pytest.raises(ei.error_type, match=ei.error_regex):
-        opt = fopt.SparseAdam(inp.params, **inp.kwargs)
-        opt.step()
+    check_torch_error_input(fopt.SparseAdam, ei)
 
 
 def test_dense_gradient_is_torchs_error_and_changes_nothing():
