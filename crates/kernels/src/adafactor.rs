@@ -16,7 +16,7 @@
 //! with torch to rounding, not bit for bit.
 
 use crate::common::lerp;
-use crate::driver::{map_pieces, simd_level, Executor};
+use crate::driver::{map_pieces, with_simd, Executor, SimdWork};
 use crate::elem::OpFloat;
 
 /// One Adafactor step's hyper-parameters (`eps1` resolved: torch's default is the dtype's
@@ -88,31 +88,15 @@ trait Pass: Sync {
     fn run(&self, lo: usize, hi: usize) -> f64;
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn run_avx512<P: Pass>(p: &P, lo: usize, hi: usize) -> f64 {
-    p.run(lo, hi)
-}
+/// Units `lo..hi` of a pass, as [`SimdWork`].
+struct Piece<'a, P>(&'a P, usize, usize);
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn run_avx2<P: Pass>(p: &P, lo: usize, hi: usize) -> f64 {
-    p.run(lo, hi)
-}
-
-fn run_piece<P: Pass>(p: &P, lo: usize, hi: usize) -> f64 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let level = simd_level();
-        // SAFETY: the CPU has the features (checked by simd_level).
-        if level == 3 {
-            return unsafe { run_avx512(p, lo, hi) };
-        }
-        if level == 2 {
-            return unsafe { run_avx2(p, lo, hi) };
-        }
+impl<P: Pass> SimdWork for Piece<'_, P> {
+    type Out = f64;
+    #[inline(always)]
+    fn run(self) -> f64 {
+        self.0.run(self.1, self.2)
     }
-    p.run(lo, hi)
 }
 
 /// Runs `pass` over `units` in pieces of `per` on up to `threads` workers; the partial sums
@@ -124,7 +108,7 @@ fn par<P: Pass>(pass: &P, units: usize, per: usize, threads: usize, exec: &dyn E
         .map(|u| (0, u, (u + per).min(units)))
         .collect();
     map_pieces(&pieces, threads, exec, 0.0, &|_, lo, hi| {
-        run_piece(pass, lo, hi)
+        with_simd(Piece(pass, lo, hi))
     })
     .into_iter()
     .sum()

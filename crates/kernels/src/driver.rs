@@ -261,34 +261,72 @@ pub fn simd_level() -> u8 {
     1
 }
 
-/// Runs the chunk compiled for AVX2+FMA when the CPU has them, else for the baseline
-/// target. Results are identical: Rust never contracts `a * b + c` into an FMA on its own,
-/// and `mul_add` is exactly rounded either way (a library call on the baseline).
-#[inline(always)]
-unsafe fn dispatch<A: Algorithm, E: Elem>(alg: &A, job: &Job<A::Scalars>, b: usize, e: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let has = simd_level();
-        if has == 3 {
-            return chunk_avx512::<A, E>(alg, job, b, e);
-        }
-        if has == 2 {
-            return chunk_avx2::<A, E>(alg, job, b, e);
-        }
-    }
-    chunk::<A, E>(alg, job, b, e)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn chunk_avx2<A: Algorithm, E: Elem>(alg: &A, job: &Job<A::Scalars>, b: usize, e: usize) {
-    chunk::<A, E>(alg, job, b, e)
+/// Work compiled once per SIMD level by [`with_simd`]. `run` must be `#[inline(always)]`,
+/// so that it is compiled into each feature-enabled wrapper.
+pub trait SimdWork {
+    type Out;
+    fn run(self) -> Self::Out;
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn chunk_avx512<A: Algorithm, E: Elem>(alg: &A, job: &Job<A::Scalars>, b: usize, e: usize) {
-    chunk::<A, E>(alg, job, b, e)
+unsafe fn with_avx512<W: SimdWork>(w: W) -> W::Out {
+    w.run()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn with_avx2<W: SimdWork>(w: W) -> W::Out {
+    w.run()
+}
+
+/// Runs `w` compiled for the widest level [`simd_level`] allows (AVX-512, AVX2+FMA, else
+/// the baseline target). Results are identical at every level: Rust never contracts
+/// `a * b + c` into an FMA on its own, and `mul_add` is exactly rounded either way (a
+/// library call on the baseline).
+#[inline(always)]
+pub fn with_simd<W: SimdWork>(w: W) -> W::Out {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let level = simd_level();
+        // SAFETY: simd_level reports only features the CPU has.
+        if level == 3 {
+            return unsafe { with_avx512(w) };
+        }
+        if level == 2 {
+            return unsafe { with_avx2(w) };
+        }
+    }
+    w.run()
+}
+
+/// One chunk of one job, as [`SimdWork`].
+struct Chunk<'a, A: Algorithm, E> {
+    alg: &'a A,
+    job: &'a Job<A::Scalars>,
+    b: usize,
+    e: usize,
+    elem: std::marker::PhantomData<E>,
+}
+
+impl<A: Algorithm, E: Elem> SimdWork for Chunk<'_, A, E> {
+    type Out = ();
+    #[inline(always)]
+    fn run(self) {
+        // SAFETY: built only by `dispatch`, whose caller upholds `chunk`'s contract.
+        unsafe { chunk::<A, E>(self.alg, self.job, self.b, self.e) }
+    }
+}
+
+#[inline(always)]
+unsafe fn dispatch<A: Algorithm, E: Elem>(alg: &A, job: &Job<A::Scalars>, b: usize, e: usize) {
+    with_simd(Chunk::<A, E> {
+        alg,
+        job,
+        b,
+        e,
+        elem: std::marker::PhantomData,
+    })
 }
 
 #[inline(always)]

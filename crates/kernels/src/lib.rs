@@ -28,8 +28,8 @@ pub mod sparse_adam;
 pub mod vit;
 
 pub use driver::{
-    capability_cap, map_pieces, pieces, run, simd_level, Algorithm, DType, Executor, Job,
-    RayonPool, Serial, MAX_STATES,
+    capability_cap, map_pieces, pieces, run, simd_level, with_simd, Algorithm, DType, Executor,
+    Job, RayonPool, Serial, SimdWork, MAX_STATES,
 };
 pub use elem::{Elem, OpFloat};
 

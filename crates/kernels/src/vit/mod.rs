@@ -14,7 +14,7 @@
 
 use half::{bf16, f16};
 
-use crate::driver::{map_pieces, simd_level, DType, Executor};
+use crate::driver::{map_pieces, with_simd, DType, Executor, SimdWork};
 use crate::elem::{Elem, OpFloat};
 
 mod attention;
@@ -204,31 +204,19 @@ trait RowOp: Sync {
     fn rows<E: VElem>(&self, r0: usize, r1: usize) -> Vec<f64>;
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn rows_avx512<O: RowOp, E: VElem>(op: &O, r0: usize, r1: usize) -> Vec<f64> {
-    op.rows::<E>(r0, r1)
-}
+/// Rows `r0..r1` of an op for element type `E`, as [`SimdWork`].
+struct Rows<'a, O, E>(&'a O, usize, usize, std::marker::PhantomData<E>);
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn rows_avx2<O: RowOp, E: VElem>(op: &O, r0: usize, r1: usize) -> Vec<f64> {
-    op.rows::<E>(r0, r1)
+impl<O: RowOp, E: VElem> SimdWork for Rows<'_, O, E> {
+    type Out = Vec<f64>;
+    #[inline(always)]
+    fn run(self) -> Vec<f64> {
+        self.0.rows::<E>(self.1, self.2)
+    }
 }
 
 fn rows_dispatch<O: RowOp, E: VElem>(op: &O, r0: usize, r1: usize) -> Vec<f64> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let level = simd_level();
-        // SAFETY: the CPU has the features (checked above).
-        if level == 3 {
-            return unsafe { rows_avx512::<O, E>(op, r0, r1) };
-        }
-        if level == 2 {
-            return unsafe { rows_avx2::<O, E>(op, r0, r1) };
-        }
-    }
-    op.rows::<E>(r0, r1)
+    with_simd(Rows::<O, E>(op, r0, r1, std::marker::PhantomData))
 }
 
 /// Runs `op` over `n_rows` rows of `row_len` elements on up to `threads` workers; returns the
