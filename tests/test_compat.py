@@ -142,3 +142,38 @@ def test_adafactor_helpers_are_torchs():
         _compat.adafactor(params, grads, rows, cols, variances, steps, d=1.0, lr=0.01, beta2_decay=-0.8, weight_decay=0.0, eps1=None, eps2=1e-3, maximize=False, foreach=False)
     ref.step()
     assert torch.equal(p, ref.param_groups[0]["params"][0]) and int(steps[0]) == 1
+
+
+def test_scheduler_private_attributes_and_hooks():
+    """The private scheduler state ferrotorch reads and the hooks it overrides exist in this torch."""
+    for cls_name, hooks in _compat.SCHEDULER_HOOKS.items():
+        cls = getattr(torch.optim.lr_scheduler, cls_name)
+        for hook in hooks:
+            assert callable(getattr(cls, hook, None)), f"torch {torch.__version__}: {cls_name}.{hook} is gone"
+    p = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1)
+    assert not _compat.sched_is_initial(sched) and _compat.sched_step_count(sched) == 1
+    _compat.set_last_lr(sched, [0.25])
+    assert sched.get_last_lr() == [0.25]
+    one = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=10, anneal_strategy="linear")
+    assert [ph["end_step"] for ph in _compat.one_cycle_phases(one)] == [2.0, 9]
+    assert not _compat.one_cycle_cosine(one)
+    cyc = torch.optim.lr_scheduler.CyclicLR(opt, 0.01, 0.1, scale_fn=lambda x: 0.5)
+    assert _compat.cyclic_custom_scale_fn(cyc)(3.0) == 0.5
+    assert _compat.cyclic_custom_scale_fn(torch.optim.lr_scheduler.CyclicLR(opt, 0.01, 0.1)) is None
+    swa = torch.optim.swa_utils.SWALR(opt, swa_lr=0.05, anneal_strategy="linear")
+    assert _compat.swalr_anneal_kind(swa) == "linear"
+    swa.anneal_func = lambda t: t
+    assert _compat.swalr_anneal_kind(swa) is None
+
+    class Ghost(torch.optim.Optimizer):
+        def step(self, closure=None):
+            return None
+
+    _compat.mark_step_patched(Ghost.step)
+    ghost = Ghost([torch.zeros(1)], {"lr": 1.0})
+    _compat.mark_stepped(ghost)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.optim.lr_scheduler.StepLR(ghost, step_size=1).step()  # no step-order warning

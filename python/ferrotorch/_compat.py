@@ -35,6 +35,17 @@ __all__ = [
     "adafactor_init_group",
     "adafactor",
     "graph_capture_health_check",
+    "sched_is_initial",
+    "sched_step_count",
+    "set_last_lr",
+    "one_cycle_phases",
+    "one_cycle_cosine",
+    "cyclic_custom_scale_fn",
+    "swalr_anneal_kind",
+    "sequential_start",
+    "mark_step_patched",
+    "mark_stepped",
+    "SCHEDULER_HOOKS",
     "FLOATS",
     "is_plain",
     "is_wrapped",
@@ -73,6 +84,79 @@ def graph_capture_health_check(opt: torch.optim.Optimizer) -> None:
     """torch's check that a step is not captured into a CUDA graph unsafely."""
     check = getattr(opt, "_accelerator_graph_capture_health_check", None) or getattr(opt, "_cuda_graph_capture_health_check")
     check()
+
+
+# ---- schedulers: torch's private attributes and the hooks ferrotorch overrides ----------
+
+#: The private methods of torch's schedulers that ferrotorch's subclasses override (checked
+#: per torch version by tests/test_compat.py).
+SCHEDULER_HOOKS: dict[str, tuple[str, ...]] = {
+    "LRScheduler": ("_update_lr", "_initial_step"),
+    **{
+        name: ("_get_closed_form_lr",)
+        for name in ("StepLR", "MultiStepLR", "ConstantLR", "LinearLR", "ExponentialLR", "PolynomialLR", "CosineAnnealingLR")
+    },
+    "ReduceLROnPlateau": ("_reduce_lr",),
+    "SequentialLR": ("recursive_undo",),
+}
+
+
+def sched_is_initial(sched: Any) -> bool:
+    """Whether the scheduler is in its constructor's initial step (torch's ``_is_initial``)."""
+    return bool(sched._is_initial)
+
+
+def sched_step_count(sched: Any) -> int:
+    """How many times ``step()`` has run, the initial one included (``_step_count``)."""
+    return int(sched._step_count)
+
+
+def set_last_lr(sched: Any, lrs: list[Any]) -> None:
+    """What ``get_last_lr()`` returns from now on."""
+    sched._last_lr = lrs
+
+
+def one_cycle_phases(sched: Any) -> list[dict[str, Any]]:
+    """OneCycleLR's phases (``end_step``, ``start_lr``/``end_lr`` keys, ...)."""
+    return sched._schedule_phases
+
+
+def one_cycle_cosine(sched: Any) -> bool:
+    """OneCycleLR anneals with cosine (else linear)."""
+    return getattr(sched, "_anneal_func_type", "cos") == "cos"
+
+
+def cyclic_custom_scale_fn(sched: Any) -> Callable[[float], float] | None:
+    """CyclicLR's user-given ``scale_fn``, or None for the built-in modes."""
+    return sched._scale_fn_custom
+
+
+def swalr_anneal_kind(sched: Any) -> str | None:
+    """``"cos"`` or ``"linear"`` for SWALR's built-in anneal functions, None for a user's."""
+    from torch.optim.swa_utils import SWALR
+
+    if sched.anneal_func is SWALR._cosine_anneal:
+        return "cos"
+    if sched.anneal_func is SWALR._linear_anneal:
+        return "linear"
+    return None
+
+
+def sequential_start(sched: Any, first: Any) -> None:
+    """torch's SequentialLR construction after its checks: undo the members' initial
+    steps, then run the first phase's."""
+    sched.recursive_undo()
+    first._initial_step()
+
+
+def mark_step_patched(step: Callable[..., Any]) -> None:
+    """Schedulers leave this optimizer ``step`` unwrapped (no step-order tracking)."""
+    step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+
+
+def mark_stepped(opt: Any) -> None:
+    """As if ``opt.step()`` had run: no "scheduler stepped before optimizer" warning."""
+    opt._opt_called = True
 
 
 def is_compiling() -> bool:

@@ -23,24 +23,21 @@ Every scheduler can also return its curve without touching the optimizer:
 
 from __future__ import annotations
 
-import copy
-import inspect
 import warnings
 from bisect import bisect_right
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
 
-import numpy as np
-import torch
 from torch.optim import Optimizer
 from torch.optim import lr_scheduler as _tls
 from torch.optim.lr_scheduler import EPOCH_DEPRECATION_WARNING, LRScheduler  # noqa: F401  (torch's public constant)
 
-from .. import _native
+from .. import _compat, _native
 from .._compat import param_groups_val_list as _param_groups_val_list
 from .._compat import update_param_group_val as _update_param_group_val
 from .._compat import warn_get_lr_called_within_step as _warn_get_lr_called_within_step
 from ..errors import FerrotorchTypeError, FerrotorchValueError
+from ._sched_base import _Chainable, _chain, _check_verbose, _epoch_str, _FactorLR, _Ferro, _floats, _lrs, _print_lr, lr_curve
 
 __all__ = [
     "LRScheduler",
@@ -63,203 +60,6 @@ __all__ = [
     "NoamLR",
     "lr_curve",
 ]
-
-
-def _lrs(sched: Any) -> list[float]:
-    return [float(g["lr"]) for g in sched.optimizer.param_groups]
-
-
-def _floats(values: Sequence[Any]) -> list[float]:
-    return [float(v) for v in values]
-
-
-class _GhostOptimizer(Optimizer):
-    """Stands in for an optimizer while a copied scheduler computes its curve."""
-
-    def __init__(self, param_groups: list[dict[str, Any]], defaults: dict[str, Any]) -> None:
-        # No parameters, no Optimizer.__init__: only what schedulers read and write.
-        self.param_groups = param_groups
-        self.defaults = defaults
-        self.state = {}
-
-    def step(self, closure: Any = None) -> None:  # pragma: no cover - never called
-        return None
-
-
-_GhostOptimizer.step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
-
-
-def lr_curve(scheduler: Any, steps: int, key: str = "lr", metrics: Sequence[float] | None = None) -> np.ndarray:
-    """The values of ``group[key]`` (``"lr"``, ``"momentum"``, or ``"betas"``' first
-    element) for the next ``steps`` optimizer steps, as an array of shape
-    ``(steps, len(param_groups))``. Works on a copy: the scheduler and its optimizer are
-    left untouched.
-
-        curve = lr_curve(sched, 1000)          # or sched.lr_curve(1000)
-        plt.plot(curve[:, 0])
-    """
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
-        raise FerrotorchValueError(f"lr_curve: steps must be a non-negative int, got {steps!r}")
-    real = scheduler.optimizer
-    groups = [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in real.param_groups]
-    ghost = _GhostOptimizer(groups, dict(getattr(real, "defaults", {})))
-    ghost._opt_called = True  # type: ignore[attr-defined]
-    twin = copy.deepcopy(scheduler, memo={id(real): ghost})
-    _silence(twin)
-    plateau = isinstance(scheduler, _tls.ReduceLROnPlateau) or any(
-        isinstance(s, _tls.ReduceLROnPlateau) for s in getattr(scheduler, "_schedulers", [])
-    )
-    if plateau and (metrics is None or len(metrics) < steps):
-        raise FerrotorchTypeError(
-            f"{type(scheduler).__name__}.lr_curve needs the metric of every step: pass metrics=[...] with {steps} values"
-        )
-    out = np.empty((steps, len(groups)), dtype=np.float64)
-    for i in range(steps):
-        for j, g in enumerate(ghost.param_groups):
-            v = g[key]
-            out[i, j] = float(v[0] if key == "betas" else v)
-        if plateau:
-            twin.step(metrics[i])  # type: ignore[index]
-        else:
-            twin.step()
-    return out
-
-
-# ---- torch's removed ``verbose`` argument ----------------------------------------------------
-
-_VERBOSE_DEPRECATED = (
-    "The verbose parameter is deprecated. Please use get_last_lr() to access the learning rate."
-)
-_UNSET: Any = object()
-_INIT_ARITY: dict[type, int] = {}
-
-
-def _check_verbose(verbose: Any, stacklevel: int) -> bool:
-    """torch 2.2–2.6's ``_check_verbose_deprecated_warning``: any value but the default
-    ``"deprecated"`` warns; returns whether to print."""
-    if isinstance(verbose, str) and verbose == "deprecated":
-        return False
-    warnings.warn(_VERBOSE_DEPRECATED, UserWarning, stacklevel=stacklevel + 1)
-    return bool(verbose)
-
-
-def _epoch_str(epoch: float) -> str:
-    """torch 2.1's epoch format in its verbose messages."""
-    return ("%.2f" if isinstance(epoch, float) else "%.5d") % epoch
-
-
-def _print_lr(sched: Any, epoch: float | None) -> None:
-    """torch 2.1's ``LRScheduler.print_lr`` for every group, when ``verbose`` is on."""
-    if not getattr(sched, "verbose", False):
-        return
-    for i, group in enumerate(sched.optimizer.param_groups):
-        lr = float(group["lr"])
-        if epoch is None:
-            print(f"Adjusting learning rate of group {i} to {lr:.4e}.")
-        else:
-            print(f"Epoch {_epoch_str(epoch)}: adjusting learning rate of group {i} to {lr:.4e}.")
-
-
-def _silence(sched: Any) -> None:
-    """No verbose output from a copy (``lr_curve``'s twin) or its members."""
-    if "verbose" in vars(sched):
-        sched.verbose = False
-    for s in getattr(sched, "_schedulers", []):
-        _silence(s)
-
-
-def _torch_init_arity(cls: type) -> int:
-    """How many arguments (after self) the ``__init__`` behind ``_Ferro`` takes."""
-    if cls not in _INIT_ARITY:
-        mro = cls.__mro__
-        nxt = next(c for c in mro[mro.index(_Ferro) + 1 :] if "__init__" in vars(c))
-        params = list(inspect.signature(vars(nxt)["__init__"]).parameters.values())[1:]
-        _INIT_ARITY[cls] = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
-    return _INIT_ARITY[cls]
-
-
-class _Ferro:
-    """Mixin for ferrotorch schedulers: exact resume, state checks, ``lr_curve``, and
-    torch's removed ``verbose`` argument."""
-
-    #: Attributes a state dict of this class must carry (checked on load).
-    _ft_required: ClassVar[tuple[str, ...]] = ("last_epoch", "_last_lr")
-    #: Whether torch's class once took ``verbose`` (SWALR never did).
-    _ft_verbose: ClassVar[bool] = True
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        if not self._ft_verbose:
-            super().__init__(*args, **kwargs)
-            return
-        # torch <= 2.6 took ``verbose`` last (after last_epoch / eps), by keyword or position.
-        verbose = kwargs.pop("verbose", _UNSET)
-        if verbose is _UNSET and len(args) == _torch_init_arity(type(self)) + 1:
-            *args_list, verbose = args
-            args = tuple(args_list)
-        if verbose is not _UNSET:
-            # Set before torch's __init__: its initial step already prints (as torch 2.1's).
-            self.verbose = _check_verbose(verbose, stacklevel=2)
-        super().__init__(*args, **kwargs)
-
-    def _update_lr(self, epoch: int | None = None) -> None:
-        super()._update_lr(epoch)  # type: ignore[misc]
-        _print_lr(self, epoch)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Loads a state dict written by this class or its torch twin, and puts the saved
-        learning rates back into the optimizer so training resumes exactly."""
-        name = type(self).__name__
-        if not isinstance(state_dict, dict):
-            raise FerrotorchTypeError(f"{name}.load_state_dict expects a dict, got {type(state_dict).__name__}")
-        missing = [k for k in self._ft_required if k not in state_dict]
-        if missing:
-            raise FerrotorchValueError(
-                f"{name}.load_state_dict: the state dict has no {missing}; it was not written by a {name}"
-            )
-        last = state_dict.get("_last_lr")
-        if last is not None and len(last) != len(self.optimizer.param_groups):  # type: ignore[attr-defined]
-            raise FerrotorchValueError(
-                f"{name}.load_state_dict: the state dict has {len(last)} learning rates, "
-                f"the optimizer has {len(self.optimizer.param_groups)} param groups"  # type: ignore[attr-defined]
-            )
-        super().load_state_dict(state_dict)  # type: ignore[misc]
-        self._restore_group_lrs()
-
-    def _restore_group_lrs(self) -> None:
-        for group, lr in zip(self.optimizer.param_groups, self._last_lr):  # type: ignore[attr-defined]
-            _update_param_group_val(group, "lr", lr.clone() if isinstance(lr, torch.Tensor) else lr)
-
-    def lr_curve(self, steps: int, key: str = "lr", metrics: Sequence[float] | None = None) -> np.ndarray:
-        """The lrs (or ``key`` values) of the next ``steps`` steps; see :func:`lr_curve`."""
-        return lr_curve(self, steps, key, metrics)
-
-
-def _chain(sched: Any, kind: str, closed: bool = False, a: float = 0.0, b: float = 0.0, c: float = 0.0, milestones: list[int] | None = None) -> list[float] | None:
-    # The Rust side reads the groups' lrs itself; hyper-parameters go positionally.
-    return _native.schedule_lrs(
-        kind, sched.optimizer.param_groups, sched.base_lrs, sched.last_epoch, sched._is_initial, sched._step_count, closed, a, b, c, milestones
-    )
-
-
-class _Chainable(_Ferro):
-    """A scheduler whose chainable and closed forms are one Rust schedule ``_ft_kind``."""
-
-    _ft_kind: ClassVar[str]
-
-    def _ft_args(self, closed: bool) -> tuple[Any, ...]:
-        """The schedule's hyper-parameters, in ``schedule_lrs``' a, b, c order."""
-        raise NotImplementedError
-
-    def get_lr(self) -> list[float]:  # type: ignore[override]
-        lrs = _chain(self, self._ft_kind, False, *self._ft_args(False))
-        if lrs is None:  # float32/bf16 tensor lrs: torch's formula, in their dtype
-            return super().get_lr()  # type: ignore[misc]
-        _warn_get_lr_called_within_step(self)
-        return lrs
-
-    def _get_closed_form_lr(self) -> list[float]:
-        lrs = _chain(self, self._ft_kind, True, *self._ft_args(True))
-        return super()._get_closed_form_lr() if lrs is None else lrs  # type: ignore[misc]
 
 
 class LambdaLR(_Ferro, _tls.LambdaLR):
@@ -291,7 +91,7 @@ class MultiplicativeLR(_Ferro, _tls.MultiplicativeLR):
         if _native.narrow_tensor_lrs([g["lr"] for g in self.optimizer.param_groups]):
             return super().get_lr()  # float32/bf16 tensor lrs: torch's formula
         _warn_get_lr_called_within_step(self)
-        if self._is_initial:
+        if _compat.sched_is_initial(self):
             return _param_groups_val_list(self.optimizer, "lr")
         return _native.scale_lrs(_lrs(self), [float(f(self.last_epoch)) for f in self.lr_lambdas])
 
@@ -437,7 +237,7 @@ class CosineAnnealingWarmRestarts(_Ferro, _tls.CosineAnnealingWarmRestarts):
         self.last_epoch = last_epoch
         for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
             _update_param_group_val(group, "lr", lr)
-        self._last_lr = _param_groups_val_list(self.optimizer, "lr")
+        _compat.set_last_lr(self, _param_groups_val_list(self.optimizer, "lr"))
         # torch 2.1 printed the epoch it stepped to (the one passed, else the new last_epoch).
         _print_lr(self, self.last_epoch if epoch is None else epoch)
 
@@ -461,7 +261,7 @@ class CyclicLR(_Ferro, _tls.CyclicLR):
             float(self.step_ratio),
             self.mode,
             float(self.gamma),
-            self._scale_fn_custom,
+            _compat.cyclic_custom_scale_fn(self),
             self.scale_mode == "cycle",
             _floats(self.base_lrs),
             _floats(self.max_lrs),
@@ -489,9 +289,9 @@ class OneCycleLR(_Ferro, _tls.OneCycleLR):
     def get_lr(self) -> list[float]:  # type: ignore[override]
         _warn_get_lr_called_within_step(self)
         momentum = self.cycle_momentum
-        cos = getattr(self, "_anneal_func_type", "cos") == "cos"
+        cos = _compat.one_cycle_cosine(self)
         values = _native.one_cycle_step(
-            self.last_epoch, self.total_steps, self.optimizer.param_groups, self._schedule_phases, cos, momentum
+            self.last_epoch, self.total_steps, self.optimizer.param_groups, _compat.one_cycle_phases(self), cos, momentum
         )
         if momentum:
             for group, (_, m) in zip(self.optimizer.param_groups, values, strict=True):
@@ -527,7 +327,7 @@ class ReduceLROnPlateau(_Ferro, _tls.ReduceLROnPlateau):
         )
         if reduce:
             self._reduce_lr(epoch)
-        self._last_lr = _param_groups_val_list(self.optimizer, "lr")
+        _compat.set_last_lr(self, _param_groups_val_list(self.optimizer, "lr"))
 
     def _reduce_lr(self, epoch: int) -> None:
         if len(self.optimizer.param_groups) != len(self.min_lrs):
@@ -601,10 +401,9 @@ class SequentialLR(_Ferro, _tls.SequentialLR):
         self.optimizer = optimizer
         for group in self.optimizer.param_groups:
             _update_param_group_val(group, "lr", group["initial_lr"])
-        self.recursive_undo()
         idx = bisect_right(self._milestones, 0)
-        self._schedulers[idx]._initial_step()
-        self._last_lr = schedulers[idx].get_last_lr()
+        _compat.sequential_start(self, self._schedulers[idx])
+        _compat.set_last_lr(self, schedulers[idx].get_last_lr())
 
     def step(self, metrics: Any = None) -> None:  # type: ignore[override]
         """One step of the current phase; ``metrics`` is required in a ReduceLROnPlateau phase."""
@@ -626,7 +425,7 @@ class SequentialLR(_Ferro, _tls.SequentialLR):
             scheduler._update_lr(0)
         else:
             scheduler.step()
-        self._last_lr = scheduler.get_last_lr()
+        _compat.set_last_lr(self, scheduler.get_last_lr())
 
 
 class ChainedScheduler(_Ferro, _tls.ChainedScheduler):
@@ -655,7 +454,7 @@ class ChainedScheduler(_Ferro, _tls.ChainedScheduler):
                 )
         self._schedulers = schedulers
         self.optimizer = optimizer
-        self._last_lr = _param_groups_val_list(self._schedulers[-1].optimizer, "lr")
+        _compat.set_last_lr(self, _param_groups_val_list(self._schedulers[-1].optimizer, "lr"))
 
     def step(self, metrics: Any = None) -> None:  # type: ignore[override]
         for scheduler in self._schedulers:
@@ -665,20 +464,7 @@ class ChainedScheduler(_Ferro, _tls.ChainedScheduler):
                 scheduler.step(metrics)
             else:
                 scheduler.step()
-        self._last_lr = _param_groups_val_list(self._schedulers[-1].optimizer, "lr")
-
-
-class _FactorLR(_Ferro, LRScheduler):
-    """``lr = base_lr * factor(last_epoch)`` with the factor from a named Rust schedule."""
-
-    _ft_required = ("last_epoch", "_last_lr", "base_lrs", "_ft_kind", "_ft_params")
-    _ft_kind: str
-    _ft_params: dict[str, Any]
-
-    def get_lr(self) -> list[float]:  # type: ignore[override]
-        _warn_get_lr_called_within_step(self)
-        f = _native.schedule_factor(self._ft_kind, self.last_epoch, self._ft_params)
-        return _native.scale_lrs(_floats(self.base_lrs), [f] * len(self.base_lrs))
+        _compat.set_last_lr(self, _param_groups_val_list(self._schedulers[-1].optimizer, "lr"))
 
 
 class NoamLR(_FactorLR):
@@ -722,161 +508,7 @@ class WarmupLR(_FactorLR):
         super().__init__(optimizer, last_epoch)
 
 
-# ---- transformers-style schedules --------------------------------------------------------
-# Same names, arguments and values as Hugging Face transformers' get_*_schedule* functions;
-# they return a scheduler (not a LambdaLR), so their state dicts pickle without lambdas.
+from .hf_schedules import *  # noqa: E402,F401,F403  (transformers-style schedules)
+from .hf_schedules import __all__ as _hf_all  # noqa: E402
 
-
-class FactorSchedule(_FactorLR):
-    """``lr = base_lr * factor(step)`` for a named schedule; made by the ``get_*`` functions.
-
-        sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=100, num_training_steps=1000)
-        sched.step()
-    """
-
-    def __init__(self, optimizer: Optimizer, kind: str, params: dict[str, Any], last_epoch: int = -1) -> None:
-        self._ft_kind = kind
-        self._ft_params = dict(params)
-        _native.schedule_factor(kind, 0, self._ft_params)  # validates kind and parameters
-        super().__init__(optimizer, last_epoch)
-
-
-def get_constant_schedule(optimizer: Optimizer, last_epoch: int = -1) -> FactorSchedule:
-    """Constant lr (factor 1)."""
-    return FactorSchedule(optimizer, "constant", {"num_warmup_steps": 0}, last_epoch)
-
-
-def get_constant_schedule_with_warmup(optimizer: Optimizer, num_warmup_steps: int, last_epoch: int = -1) -> FactorSchedule:
-    """Linear warm-up from 0 over ``num_warmup_steps``, then constant."""
-    return FactorSchedule(optimizer, "constant", {"num_warmup_steps": num_warmup_steps}, last_epoch)
-
-
-def get_linear_schedule_with_warmup(
-    optimizer: Optimizer, num_warmup_steps: int, num_training_steps: int, last_epoch: int = -1
-) -> FactorSchedule:
-    """Linear warm-up, then linear decay to 0 at ``num_training_steps``."""
-    p = {"num_warmup_steps": num_warmup_steps, "num_training_steps": num_training_steps}
-    return FactorSchedule(optimizer, "linear", p, last_epoch)
-
-
-def get_cosine_schedule_with_warmup(
-    optimizer: Optimizer, num_warmup_steps: int, num_training_steps: int, num_cycles: float = 0.5, last_epoch: int = -1
-) -> FactorSchedule:
-    """Linear warm-up, then cosine decay (``num_cycles`` waves) to 0."""
-    p = {"num_warmup_steps": num_warmup_steps, "num_training_steps": num_training_steps, "num_cycles": float(num_cycles)}
-    return FactorSchedule(optimizer, "cosine", p, last_epoch)
-
-
-def get_cosine_with_hard_restarts_schedule_with_warmup(
-    optimizer: Optimizer, num_warmup_steps: int, num_training_steps: int, num_cycles: int = 1, last_epoch: int = -1
-) -> FactorSchedule:
-    """Linear warm-up, then ``num_cycles`` cosine decays with hard restarts."""
-    p = {"num_warmup_steps": num_warmup_steps, "num_training_steps": num_training_steps, "num_cycles": int(num_cycles)}
-    return FactorSchedule(optimizer, "cosine_with_restarts", p, last_epoch)
-
-
-def get_polynomial_decay_schedule_with_warmup(
-    optimizer: Optimizer,
-    num_warmup_steps: int,
-    num_training_steps: int,
-    lr_end: float = 1e-7,
-    power: float = 1.0,
-    last_epoch: int = -1,
-) -> FactorSchedule:
-    """Linear warm-up, then polynomial decay from the optimizer's default lr to ``lr_end``."""
-    lr_init = optimizer.defaults["lr"]
-    if not (lr_init > lr_end):
-        raise ValueError(f"lr_end ({lr_end}) must be smaller than initial lr ({lr_init})")
-    p = {
-        "num_warmup_steps": num_warmup_steps,
-        "num_training_steps": num_training_steps,
-        "lr_end": float(lr_end),
-        "power": float(power),
-        "lr_init": float(lr_init),
-    }
-    return FactorSchedule(optimizer, "polynomial", p, last_epoch)
-
-
-def get_inverse_sqrt_schedule(
-    optimizer: Optimizer, num_warmup_steps: int, timescale: int | None = None, last_epoch: int = -1
-) -> FactorSchedule:
-    """Linear warm-up, then ``1 / sqrt((step + shift) / timescale)``."""
-    if timescale is None:
-        timescale = num_warmup_steps or 10_000
-    return FactorSchedule(optimizer, "inverse_sqrt", {"num_warmup_steps": num_warmup_steps, "timescale": timescale}, last_epoch)
-
-
-def get_cosine_with_min_lr_schedule_with_warmup(
-    optimizer: Optimizer,
-    num_warmup_steps: int,
-    num_training_steps: int,
-    num_cycles: float = 0.5,
-    last_epoch: int = -1,
-    min_lr: float | None = None,
-    min_lr_rate: float | None = None,
-) -> FactorSchedule:
-    """Linear warm-up, then cosine decay to ``min_lr`` (or ``min_lr_rate`` × the lr)."""
-    if min_lr is not None and min_lr_rate is not None:
-        raise ValueError("Only one of min_lr or min_lr_rate should be set")
-    elif min_lr is not None:
-        min_lr_rate = min_lr / optimizer.defaults["lr"]
-    elif min_lr_rate is None:
-        raise ValueError("One of min_lr or min_lr_rate should be set through the `lr_scheduler_kwargs`")
-    p = {
-        "num_warmup_steps": num_warmup_steps,
-        "num_training_steps": num_training_steps,
-        "num_cycles": float(num_cycles),
-        "min_lr_rate": float(min_lr_rate),
-    }
-    return FactorSchedule(optimizer, "cosine_with_min_lr", p, last_epoch)
-
-
-def get_wsd_schedule(
-    optimizer: Optimizer,
-    num_warmup_steps: int,
-    num_decay_steps: int,
-    num_training_steps: int | None = None,
-    num_stable_steps: int | None = None,
-    warmup_type: str = "linear",
-    decay_type: str = "cosine",
-    min_lr_ratio: float = 0,
-    num_cycles: float = 0.5,
-    last_epoch: int = -1,
-) -> FactorSchedule:
-    """Warmup-stable-decay: warm up, hold, then decay to ``min_lr_ratio``."""
-    import warnings
-
-    if num_training_steps is None and num_stable_steps is None:
-        raise ValueError("Either num_training_steps or num_stable_steps must be specified.")
-    if num_training_steps is not None and num_stable_steps is not None:
-        warnings.warn("Both num_training_steps and num_stable_steps are specified. num_stable_steps will be used.")
-    if warmup_type not in ["linear", "cosine", "1-sqrt"]:
-        raise ValueError(f"Unknown warmup type: {warmup_type}, expected 'linear', 'cosine' or '1-sqrt'")
-    if decay_type not in ["linear", "cosine", "1-sqrt"]:
-        raise ValueError(f"Unknown decay type: {decay_type}, expected 'linear', 'cosine' or '1-sqrt'")
-    if num_stable_steps is None:
-        num_stable_steps = num_training_steps - num_warmup_steps - num_decay_steps  # type: ignore[operator]
-    p = {
-        "num_warmup_steps": num_warmup_steps,
-        "num_stable_steps": num_stable_steps,
-        "num_decay_steps": num_decay_steps,
-        "warmup_type": warmup_type,
-        "decay_type": decay_type,
-        "min_lr_ratio": float(min_lr_ratio),
-        "num_cycles": float(num_cycles),
-    }
-    return FactorSchedule(optimizer, "warmup_stable_decay", p, last_epoch)
-
-
-__all__ += [
-    "FactorSchedule",
-    "get_constant_schedule",
-    "get_constant_schedule_with_warmup",
-    "get_linear_schedule_with_warmup",
-    "get_cosine_schedule_with_warmup",
-    "get_cosine_with_hard_restarts_schedule_with_warmup",
-    "get_polynomial_decay_schedule_with_warmup",
-    "get_inverse_sqrt_schedule",
-    "get_cosine_with_min_lr_schedule_with_warmup",
-    "get_wsd_schedule",
-]
+__all__ += _hf_all

@@ -27,9 +27,9 @@ from torch.optim.swa_utils import (
     update_bn,
 )
 
-from .. import _native
+from .. import _compat, _native
 from .._compat import warn_get_lr_called_within_step as _warn_get_lr_called_within_step
-from .lr_scheduler import _Ferro
+from ._sched_base import _Ferro
 
 
 class SWALR(_Ferro, _swa.SWALR):
@@ -44,10 +44,9 @@ class SWALR(_Ferro, _swa.SWALR):
     _ft_verbose = False
 
     def get_lr(self) -> list[Any]:  # type: ignore[override]
-        anneal = self.anneal_func
-        if anneal is _swa.SWALR._cosine_anneal or anneal is _swa.SWALR._linear_anneal:
-            cosine = anneal is _swa.SWALR._cosine_anneal
-            lrs = _native.swalr_lrs(self.optimizer.param_groups, self._step_count, self.anneal_epochs, cosine)
+        kind = _compat.swalr_anneal_kind(self)
+        if kind is not None:
+            lrs = _native.swalr_lrs(self.optimizer.param_groups, _compat.sched_step_count(self), self.anneal_epochs, kind == "cos")
             if lrs is not None:
                 _warn_get_lr_called_within_step(self)
                 return lrs
