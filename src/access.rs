@@ -201,7 +201,7 @@ impl Meta {
     }
 
     /// Real CPU memory whose bytes are exactly the values, and writable in place here.
-    fn plain_cpu(&self) -> bool {
+    pub fn plain_cpu(&self) -> bool {
         self.flags & FT_CPU_DENSE != 0 && self.flags & (FT_NEG | FT_CONJ | FT_INFERENCE) == 0
     }
 

@@ -1,4 +1,4 @@
-"""SparseAdam and Adafactor (whose native step is their own) under torch.compile and under a
+"""SparseAdam, Adafactor and Muon (whose native step is their own) under torch.compile and under a
 dispatch mode: compiled, the native step runs eagerly behind a graph break (same numbers as
 eager); under a mode, torch's own step runs so the mode sees the ops (torch's numbers)."""
 
@@ -31,7 +31,7 @@ def _params(name: str):
     return p, grad
 
 
-@pytest.mark.parametrize("name", ["SparseAdam", "Adafactor"])
+@pytest.mark.parametrize("name", ["SparseAdam", "Adafactor", "Muon"])
 def test_under_a_dispatch_mode_torch_steps_and_the_mode_sees_it(name):
     results = []
     for mod in (fopt, torch.optim):
@@ -60,3 +60,22 @@ def test_compiled_adafactor_step_runs_the_native_step():
     torch._dynamo.reset()
     (a, sa), (b, sb) = run(True), run(False)
     assert torch.equal(a, b) and torch.equal(sa, sb) and int(sa) == 3
+
+
+def test_compiled_muon_step_runs_the_native_step(monkeypatch):
+    from ferrotorch import _compat
+
+    def run(compiled: bool):
+        p, grad = _params("Muon")
+        opt = fopt.Muon([p], lr=0.01)
+        step = torch.compile(opt.step) if compiled else opt.step
+        for _ in range(3):
+            p.grad = grad.clone()
+            step()
+        return p.detach().clone(), opt.state[p]["momentum_buffer"].clone()
+
+    torch._dynamo.reset()
+    fallbacks = []
+    monkeypatch.setattr(_compat, "muon", lambda *a, **k: fallbacks.append(a))
+    (a, ma), (b, mb) = run(True), run(False)
+    assert fallbacks == [] and torch.equal(a, b) and torch.equal(ma, mb)

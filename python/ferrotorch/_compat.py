@@ -18,6 +18,7 @@ from torch.optim.lr_scheduler import (  # noqa: F401  (re-exported for ferrotorc
 )
 from torch.optim._adafactor import adafactor as _adafactor
 from torch.optim._functional import sparse_adam as _sparse_adam
+from torch.optim._muon import muon as _muon
 from torch.optim.optimizer import _device_dtype_check_for_fused, _get_scalar_dtype
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
@@ -35,6 +36,8 @@ __all__ = [
     "adafactor_init_group",
     "adafactor",
     "graph_capture_health_check",
+    "muon_init_group",
+    "muon",
     "sched_is_initial",
     "sched_step_count",
     "set_last_lr",
@@ -78,6 +81,19 @@ def adafactor_init_group(opt: torch.optim.Adafactor, group: dict[str, Any]) -> t
 def adafactor(params: list[torch.Tensor], grads: list[Any], row_vars: list[Any], col_vars: list[Any], variances: list[Any], steps: list[torch.Tensor], **kw: Any) -> None:
     """torch's own Adafactor math (``torch.optim._adafactor.adafactor``)."""
     _adafactor(params, grads, row_vars, col_vars, variances, steps, **kw)
+
+
+def muon_init_group(opt: Any, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """torch's ``Muon._init_group``: checks the group's grads and creates missing momentum
+    buffers as torch does; returns ``(params, grads, momentum_buffers)``."""
+    lists: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
+    torch.optim.Muon._init_group(opt, group, *lists)
+    return lists
+
+
+def muon(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], **kw: Any) -> None:
+    """torch's own Muon math (``torch.optim._muon.muon``)."""
+    _muon(params, grads, momentum_buffers, has_complex=False, **kw)
 
 
 def graph_capture_health_check(opt: torch.optim.Optimizer) -> None:

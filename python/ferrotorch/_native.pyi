@@ -13,6 +13,7 @@ __all__ = [
     "optimizer_names",
     "sparse_adam_step",
     "adafactor_group",
+    "muon_group",
     "uses_torch_threads",
     "cpu_capability",
     "schedule_lrs",
@@ -123,6 +124,23 @@ def adafactor_group(
 ) -> list[int]:
     """One Adafactor step of a param group (bumps each ``step``); returns the positions
     torch must step."""
+
+def muon_group(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    momentum_buffers: list[torch.Tensor],
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    nesterov: bool,
+    ns_coefficients: tuple[float, float, float],
+    ns_steps: int,
+    eps: float,
+    adjust_lr_fn: str | None,
+) -> bool:
+    """One Muon step of a param group through ATen's C++ ops; False (nothing changed):
+    torch must step it."""
 
 # ---- schedule math (ferrotorch.optim.lr_scheduler / warmup call these) ----------------
 

@@ -6,6 +6,7 @@
 
 mod adafactor;
 mod algos;
+mod muon;
 mod sparse;
 mod step;
 
@@ -156,5 +157,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(optimizer_names, m)?)?;
     m.add_function(wrap_pyfunction!(sparse::sparse_adam_step, m)?)?;
     m.add_function(wrap_pyfunction!(adafactor::adafactor_group, m)?)?;
+    m.add_function(wrap_pyfunction!(muon::muon_group, m)?)?;
     Ok(())
 }
