@@ -177,3 +177,18 @@ def test_scheduler_private_attributes_and_hooks():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         torch.optim.lr_scheduler.StepLR(ghost, step_size=1).step()  # no step-order warning
+
+
+def test_muon_helpers_are_torchs():
+    from torch.optim import _muon
+
+    for fn in (None, "original", "match_rms_adamw"):
+        assert _compat.muon_adjusted_lr(0.02, fn, torch.Size([7, 3])) == _muon._adjust_lr(0.02, fn, torch.Size([7, 3]))
+    x = torch.ones(3, 2, dtype=torch.bfloat16)
+    _muon._zeropower_via_newtonschulz(x, (3.4445, -4.775, 2.0315), 1, 1e-7)
+    assert _compat.muon_copies_bf16() == bool((x == 1).all())
+    p = torch.nn.Parameter(torch.randn(3, 2))
+    p.grad = torch.randn(3, 2)
+    opt = torch.optim.Muon([p])
+    params, grads, bufs = _compat.muon_init_group(opt, opt.param_groups[0])
+    assert params == [p] and grads[0] is p.grad and bufs[0] is opt.state[p]["momentum_buffer"]

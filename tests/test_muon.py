@@ -22,6 +22,17 @@ SHAPES = [(4, 3), (3, 7), (5, 5), (1, 6), (9, 1), (16, 12)]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
+def _adjust_fns():
+    """The lr adjustments this torch accepts (2.15 adds "spectral_unclamped")."""
+    fns = [None, "original", "match_rms_adamw"]
+    try:
+        torch.optim.Muon([torch.nn.Parameter(torch.zeros(2, 2))], adjust_lr_fn="spectral_unclamped")
+        fns.append("spectral_unclamped")
+    except ValueError:
+        pass
+    return fns
+
+
 def _run(mod, cfg, dtype, steps, seed=0, shapes=SHAPES):
     g = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
@@ -39,6 +50,9 @@ def _run(mod, cfg, dtype, steps, seed=0, shapes=SHAPES):
 def _configs():
     for oi in INFO.optim_inputs_func(device="cpu"):
         yield pytest.param(oi.kwargs, id="optim_db-" + oi.desc.replace(" ", "_"))
+    yield pytest.param({"nesterov": False, "weight_decay": 0.2}, id="no_nesterov")  # bf16: torch <2.15 divides the buffer in place
+    for fn in _adjust_fns():
+        yield pytest.param({"adjust_lr_fn": fn}, id=f"adjust-{fn}")
     rng = random.Random(3)
     for i in range(4):
         cfg = {

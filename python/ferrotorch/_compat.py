@@ -18,6 +18,8 @@ from torch.optim.lr_scheduler import (  # noqa: F401  (re-exported for ferrotorc
 )
 from torch.optim._adafactor import adafactor as _adafactor
 from torch.optim._functional import sparse_adam as _sparse_adam
+from torch.optim._muon import _adjust_lr as _muon_adjust_lr
+from torch.optim._muon import _zeropower_via_newtonschulz as _muon_zeropower
 from torch.optim._muon import muon as _muon
 from torch.optim.optimizer import _device_dtype_check_for_fused, _get_scalar_dtype
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
@@ -38,6 +40,8 @@ __all__ = [
     "graph_capture_health_check",
     "muon_init_group",
     "muon",
+    "muon_adjusted_lr",
+    "muon_copies_bf16",
     "sched_is_initial",
     "sched_step_count",
     "set_last_lr",
@@ -94,6 +98,24 @@ def muon_init_group(opt: Any, group: dict[str, Any]) -> tuple[list[Tensor], list
 def muon(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], **kw: Any) -> None:
     """torch's own Muon math (``torch.optim._muon.muon``)."""
     _muon(params, grads, momentum_buffers, has_complex=False, **kw)
+
+
+def muon_adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """torch's ``_adjust_lr``: Muon's lr for a matrix of ``shape`` (rules vary by version)."""
+    return float(_muon_adjust_lr(lr, adjust_lr_fn, shape))
+
+
+_MUON_COPIES: list[bool] = []
+
+
+def muon_copies_bf16() -> bool:
+    """Whether torch's Newton–Schulz copies a bf16 input (torch >= 2.15) rather than
+    dividing it in place (``.bfloat16()`` returns a bf16 tensor itself): probed once."""
+    if not _MUON_COPIES:
+        x = torch.ones(2, 2, dtype=torch.bfloat16)
+        _muon_zeropower(x, (3.4445, -4.775, 2.0315), 0, 1e-7)
+        _MUON_COPIES.append(bool((x == 1).all()))
+    return _MUON_COPIES[0]
 
 
 def graph_capture_health_check(opt: torch.optim.Optimizer) -> None:

@@ -129,6 +129,7 @@ def muon_group(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
     momentum_buffers: list[torch.Tensor],
+    adjusted_lrs: list[float],
     *,
     lr: float,
     weight_decay: float,
@@ -137,10 +138,10 @@ def muon_group(
     ns_coefficients: tuple[float, float, float],
     ns_steps: int,
     eps: float,
-    adjust_lr_fn: str | None,
+    copy_bf16: bool,
 ) -> bool:
-    """One Muon step of a param group through ATen's C++ ops; False (nothing changed):
-    torch must step it."""
+    """One Muon step of a param group through ATen's C++ ops (``adjusted_lrs`` from torch's
+    ``_adjust_lr``); False (nothing changed): torch must step it."""
 
 # ---- schedule math (ferrotorch.optim.lr_scheduler / warmup call these) ----------------
 

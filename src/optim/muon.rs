@@ -23,6 +23,7 @@ struct FtMuon {
     one_minus_momentum: f64,
     momentum: f64,
     nesterov: i32,
+    copy_bf16: i32,
     a: f64,
     b: f64,
     c: f64,
@@ -42,16 +43,6 @@ extern "C" {
         err: *mut c_char,
         errlen: usize,
     ) -> c_int;
-}
-
-/// torch's `_adjust_lr`: the lr scaled for the matrix's shape `(rows, cols)`.
-fn adjusted_lr(lr: f64, adjust_lr_fn: Option<&str>, rows: i64, cols: i64) -> f64 {
-    let ratio = match adjust_lr_fn {
-        None | Some("original") => (rows as f64 / cols as f64).max(1.0).sqrt(),
-        Some("match_rms_adamw") => 0.2 * (rows.max(cols) as f64).sqrt(),
-        Some(_) => 1.0,
-    };
-    lr * ratio
 }
 
 /// One parameter's handles, taken while the GIL is held.
@@ -84,19 +75,21 @@ fn entry(p: &Bound<'_, PyAny>, g: &Bound<'_, PyAny>, b: &Bound<'_, PyAny>) -> Py
 }
 
 /// Steps a Muon param group (`params`, their `grads` and `momentum_buffer`s, as torch's
-/// `_init_group` lists them); True when done, False (nothing changed) when torch's
+/// `_init_group` lists them, and each parameter's `adjusted_lrs` from torch's own
+/// `_adjust_lr`, whose rules differ between torch versions); True when done, False (nothing changed) when torch's
 /// function must run instead. Raises torch's ValueErrors before changing anything.
 ///
 /// Parameters are stepped in list order, as torch steps them, so a parameter listed twice
 /// is stepped twice.
 #[pyfunction]
-#[pyo3(signature = (params, grads, momentum_buffers, *, lr, weight_decay, momentum, nesterov, ns_coefficients, ns_steps, eps, adjust_lr_fn))]
+#[pyo3(signature = (params, grads, momentum_buffers, adjusted_lrs, *, lr, weight_decay, momentum, nesterov, ns_coefficients, ns_steps, eps, copy_bf16))]
 #[allow(clippy::too_many_arguments)]
 pub fn muon_group(
     py: Python<'_>,
     params: &Bound<'_, PyList>,
     grads: &Bound<'_, PyList>,
     momentum_buffers: &Bound<'_, PyList>,
+    adjusted_lrs: Vec<f64>,
     lr: f64,
     weight_decay: f64,
     momentum: f64,
@@ -104,12 +97,12 @@ pub fn muon_group(
     ns_coefficients: &Bound<'_, PyAny>,
     ns_steps: i64,
     eps: f64,
-    adjust_lr_fn: Option<String>,
+    copy_bf16: bool,
 ) -> PyResult<bool> {
     let n = params.len();
-    if grads.len() != n || momentum_buffers.len() != n {
+    if grads.len() != n || momentum_buffers.len() != n || adjusted_lrs.len() != n {
         return Err(Error::Value(format!(
-            "muon_group: expected {n} grads and momentum buffers (one per parameter)"
+            "muon_group: expected {n} grads, momentum buffers and adjusted lrs (one per parameter)"
         ))
         .into());
     }
@@ -142,14 +135,13 @@ pub fn muon_group(
         let Some([param, grad, buf]) = entry(&p, &g, &m)? else {
             return Ok(false);
         };
-        let size = param.size();
-        let alpha = -adjusted_lr(lr, adjust_lr_fn.as_deref(), size[0], size[1]);
-        work.push(Entry { param, grad, buf, alpha });
+        work.push(Entry { param, grad, buf, alpha: -adjusted_lrs[i] });
     }
     let h = FtMuon {
         one_minus_momentum: 1.0 - momentum,
         momentum,
         nesterov: nesterov as i32,
+        copy_bf16: copy_bf16 as i32,
         a,
         b,
         c,

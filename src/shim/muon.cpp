@@ -17,6 +17,7 @@ struct FtMuon {
   double one_minus_momentum;  // Python's `1 - momentum`
   double momentum;
   int32_t nesterov;
+  int32_t copy_bf16;          // torch >= 2.15: `grad.to(dtype=torch.bfloat16, copy=True)`
   double a, b, c;             // ns_coefficients
   int64_t ns_steps;
   double eps;
@@ -36,9 +37,10 @@ int ft_muon_update(void* param_h, void* grad_h, void* buf_h, const FtMuon* h, ch
     buf.lerp_(grad, h->one_minus_momentum);
     at::Tensor update = h->nesterov ? grad.lerp(buf, h->momentum) : buf;
 
-    // _zeropower_via_newtonschulz. `.bfloat16()` returns the tensor itself when it is
-    // already bf16, so (as in torch) a bf16 buffer without Nesterov is divided in place.
-    at::Tensor ortho = update.to(at::kBFloat16);
+    // _zeropower_via_newtonschulz. Before torch 2.15, `.bfloat16()` returns the tensor
+    // itself when it is already bf16, so (as in torch) a bf16 buffer without Nesterov is
+    // divided in place; 2.15 copies.
+    at::Tensor ortho = update.to(at::kBFloat16, false, h->copy_bf16 != 0);
     const bool tall = update.size(0) > update.size(1);
     if (tall) ortho = ortho.t();
     // Tensor.norm() on a strided CPU tensor is linalg.vector_norm(x, 2); clamp(min=eps).

@@ -53,7 +53,12 @@ class Muon(_NativeStep, torch.optim.Muon):
                 and type(kw["ns_steps"]) is int
                 and (kw["adjust_lr_fn"] is None or type(kw["adjust_lr_fn"]) is str)
             )
-            if native and muon_group(params, grads, bufs, lr=float(lr), **kw):
-                continue
+            if native:
+                fn = kw["adjust_lr_fn"]
+                # (a non-2-D one is refused by muon_group with torch's error)
+                adjusted = [_compat.muon_adjusted_lr(lr, fn, p.shape) if p.ndim == 2 else 0.0 for p in params]
+                native_kw = {k: v for k, v in kw.items() if k != "adjust_lr_fn"}
+                if muon_group(params, grads, bufs, adjusted, lr=float(lr), copy_bf16=_compat.muon_copies_bf16(), **native_kw):
+                    continue
             _compat.muon(params, grads, bufs, lr=lr, **kw)
         return loss
