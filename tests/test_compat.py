@@ -192,3 +192,21 @@ def test_muon_helpers_are_torchs():
     opt = torch.optim.Muon([p])
     params, grads, bufs = _compat.muon_init_group(opt, opt.param_groups[0])
     assert params == [p] and grads[0] is p.grad and bufs[0] is opt.state[p]["momentum_buffer"]
+
+
+def test_lbfgs_helpers_are_torchs():
+    from torch.optim import lbfgs as _lbfgs
+    from torch.optim.optimizer import _to_scalar
+
+    assert _compat.to_scalar(torch.tensor([0.5])).dim() == 0 and _compat.to_scalar(0.5) == _to_scalar(0.5)
+    x = torch.tensor([3.0], dtype=torch.float64)
+    d = torch.tensor([-1.0], dtype=torch.float64)
+
+    def obj(x0, t, d):  # f(x) = (x - 1)^2 along d from x0
+        v = x0 + t * d
+        return float((v - 1) ** 2), 2 * (v - 1)
+
+    f, g = obj(x, 0.0, d)
+    want = _lbfgs._strong_wolfe(obj, x, 1.0, d, f, g, g.dot(d))
+    got = _compat.strong_wolfe(obj, x, 1.0, d, f, g, g.dot(d))
+    assert got[0] == want[0] and got[2] == want[2] and got[3] == want[3]

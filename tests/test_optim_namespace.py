@@ -76,7 +76,7 @@ def test_torch_computed_and_native_optimizers_train_like_torch(name):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
-def test_lbfgs_resolves_to_torch_and_runs():
+def test_lbfgs_and_muon_are_torchs_classes_and_run():
     for mod in (fopt, topt):
         torch.manual_seed(0)
         w = torch.nn.Parameter(torch.randn(3, 3, dtype=torch.float64))
@@ -89,8 +89,9 @@ def test_lbfgs_resolves_to_torch_and_runs():
             return loss
 
         opt.step(closure)
-    assert fopt.LBFGS is topt.LBFGS
-    assert issubclass(fopt.Muon, topt.Muon) and fopt.Muon is not topt.Muon  # native (tests/test_muon.py)
+    # native (tests/test_lbfgs.py, tests/test_muon.py), subclasses of torch's
+    assert issubclass(fopt.LBFGS, topt.LBFGS) and fopt.LBFGS is not topt.LBFGS
+    assert issubclass(fopt.Muon, topt.Muon) and fopt.Muon is not topt.Muon
 
 
 def test_swa_utils_names_are_torchs():

@@ -19,6 +19,8 @@ from torch.optim.lr_scheduler import (  # noqa: F401  (re-exported for ferrotorc
 from torch.optim._adafactor import adafactor as _adafactor
 from torch.optim._functional import sparse_adam as _sparse_adam
 from torch.optim._muon import _adjust_lr as _muon_adjust_lr
+from torch.optim.lbfgs import _strong_wolfe
+from torch.optim.optimizer import _to_scalar
 from torch.optim._muon import _zeropower_via_newtonschulz as _muon_zeropower
 from torch.optim._muon import muon as _muon
 from torch.optim.optimizer import _device_dtype_check_for_fused, _get_scalar_dtype
@@ -41,6 +43,8 @@ __all__ = [
     "muon_init_group",
     "muon",
     "muon_adjusted_lr",
+    "strong_wolfe",
+    "to_scalar",
     "muon_copies_bf16",
     "sched_is_initial",
     "sched_step_count",
@@ -116,6 +120,17 @@ def muon_copies_bf16() -> bool:
         _muon_zeropower(x, (3.4445, -4.775, 2.0315), 0, 1e-7)
         _MUON_COPIES.append(bool((x == 1).all()))
     return _MUON_COPIES[0]
+
+
+def strong_wolfe(obj_func: Callable[..., Any], x: Any, t: Any, d: Tensor, f: float, g: Tensor, gtd: Tensor, **kw: Any) -> tuple[Any, ...]:
+    """torch's strong-Wolfe line search for LBFGS (``torch.optim.lbfgs._strong_wolfe``):
+    ``(loss, flat_grad, t, func_evals)``."""
+    return _strong_wolfe(obj_func, x, t, d, f, g, gtd, **kw)
+
+
+def to_scalar(x: Any) -> Any:
+    """torch's ``_to_scalar`` for a group's lr (a 1-element tensor stays a tensor)."""
+    return _to_scalar(x)
 
 
 def graph_capture_health_check(opt: torch.optim.Optimizer) -> None:

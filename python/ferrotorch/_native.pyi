@@ -14,6 +14,10 @@ __all__ = [
     "sparse_adam_step",
     "adafactor_group",
     "muon_group",
+    "lbfgs_two_loop",
+    "lbfgs_gather",
+    "lbfgs_add",
+    "lbfgs_set",
     "uses_torch_threads",
     "cpu_capability",
     "schedule_lrs",
@@ -142,6 +146,27 @@ def muon_group(
 ) -> bool:
     """One Muon step of a param group through ATen's C++ ops (``adjusted_lrs`` from torch's
     ``_adjust_lr``); False (nothing changed): torch must step it."""
+
+def lbfgs_two_loop(
+    flat_grad: torch.Tensor,
+    old_dirs: list[torch.Tensor],
+    old_stps: list[torch.Tensor],
+    ro: list[torch.Tensor | float],
+    h_diag: torch.Tensor | float,
+    al: torch.Tensor,
+    d: torch.Tensor,
+) -> bool:
+    """The L-BFGS direction for ``flat_grad`` into ``d`` (first-loop coefficients into
+    ``al``); False (nothing written): torch's loops must run."""
+
+def lbfgs_gather(params: list[torch.Tensor], sources: list[torch.Tensor | None], out: torch.Tensor) -> bool:
+    """``out = cat(each source flattened, zeros for None)``; False: nothing written."""
+
+def lbfgs_add(params: list[torch.Tensor], update: torch.Tensor, alpha: float) -> bool:
+    """``p.add_(update[slice].view_as(p), alpha=alpha)`` per parameter; False: nothing written."""
+
+def lbfgs_set(params: list[torch.Tensor], flat_params: torch.Tensor) -> bool:
+    """``p.copy_(flat_params[slice].view_as(p))`` per parameter; False: nothing written."""
 
 # ---- schedule math (ferrotorch.optim.lr_scheduler / warmup call these) ----------------
 

@@ -6,6 +6,7 @@
 
 mod adafactor;
 mod algos;
+mod lbfgs;
 mod muon;
 mod sparse;
 mod step;
@@ -158,5 +159,9 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sparse::sparse_adam_step, m)?)?;
     m.add_function(wrap_pyfunction!(adafactor::adafactor_group, m)?)?;
     m.add_function(wrap_pyfunction!(muon::muon_group, m)?)?;
+    m.add_function(wrap_pyfunction!(lbfgs::lbfgs_two_loop, m)?)?;
+    m.add_function(wrap_pyfunction!(lbfgs::lbfgs_gather, m)?)?;
+    m.add_function(wrap_pyfunction!(lbfgs::lbfgs_add, m)?)?;
+    m.add_function(wrap_pyfunction!(lbfgs::lbfgs_set, m)?)?;
     Ok(())
 }

@@ -55,12 +55,18 @@ struct Entry {
 
 /// The three tensors of parameter `i` if the shim may step them: plain dense CPU tensors
 /// of one float dtype and one 2-D shape.
-fn entry(p: &Bound<'_, PyAny>, g: &Bound<'_, PyAny>, b: &Bound<'_, PyAny>) -> PyResult<Option<[Tensor; 3]>> {
+fn entry(
+    p: &Bound<'_, PyAny>,
+    g: &Bound<'_, PyAny>,
+    b: &Bound<'_, PyAny>,
+) -> PyResult<Option<[Tensor; 3]>> {
     let metas = [Meta::of(p)?, Meta::of(g)?, Meta::of(b)?];
     let [Some(mp), Some(mg), Some(mb)] = metas else {
         return Ok(None);
     };
-    let fits = [mp, mg, mb].iter().all(|m| m.plain_cpu() && m.kernel_dtype().is_some() && m.sizes().len() == 2)
+    let fits = [mp, mg, mb]
+        .iter()
+        .all(|m| m.plain_cpu() && m.kernel_dtype().is_some() && m.sizes().len() == 2)
         && mp.same_shape(&mg)
         && mp.same_shape(&mb)
         && mp.same_dtype(&mg)
@@ -120,7 +126,9 @@ pub fn muon_group(
             .into());
         }
         if i == 0 && ns_coefficients.len()? != 3 {
-            return Err(Error::Value("Coefficients must be a tuple of exactly 3 values".into()).into());
+            return Err(
+                Error::Value("Coefficients must be a tuple of exactly 3 values".into()).into(),
+            );
         }
     }
     if n == 0 {
@@ -131,11 +139,20 @@ pub fn muon_group(
     };
     let mut work = Vec::with_capacity(n);
     for i in 0..n {
-        let (p, g, m) = (params.get_item(i)?, grads.get_item(i)?, momentum_buffers.get_item(i)?);
+        let (p, g, m) = (
+            params.get_item(i)?,
+            grads.get_item(i)?,
+            momentum_buffers.get_item(i)?,
+        );
         let Some([param, grad, buf]) = entry(&p, &g, &m)? else {
             return Ok(false);
         };
-        work.push(Entry { param, grad, buf, alpha: -adjusted_lrs[i] });
+        work.push(Entry {
+            param,
+            grad,
+            buf,
+            alpha: -adjusted_lrs[i],
+        });
     }
     let h = FtMuon {
         one_minus_momentum: 1.0 - momentum,
@@ -153,7 +170,10 @@ pub fn muon_group(
     enter(py, "Muon", move || {
         let mut err = [0 as c_char; 512];
         for mut e in work {
-            let h = FtMuon { alpha: e.alpha, ..h };
+            let h = FtMuon {
+                alpha: e.alpha,
+                ..h
+            };
             // SAFETY: the handles are live tch tensors owned by `e` for the whole call; the
             // shim only runs ATen ops on them and writes at most `err.len()` bytes to `err`.
             let rc = unsafe {
@@ -168,7 +188,9 @@ pub fn muon_group(
             };
             if rc != 0 {
                 // SAFETY: the shim wrote a NUL-terminated message (snprintf).
-                let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
+                let msg = unsafe { CStr::from_ptr(err.as_ptr()) }
+                    .to_string_lossy()
+                    .into_owned();
                 return Err(Error::Runtime(format!("Muon: torch reported: {msg}")));
             }
         }

@@ -17,6 +17,7 @@ pub mod common;
 mod driver;
 pub mod elem;
 pub mod ema;
+pub mod lbfgs;
 pub mod nadam;
 pub mod pool;
 pub mod radam;

@@ -10,14 +10,12 @@ import swap:
 
 * native (fused Rust kernels): ``Adam``, ``AdamW``, ``SGD``, ``RMSprop``, ``Adagrad``,
   ``Adamax``, ``RAdam``, ``Adadelta``, ``Rprop``, ``NAdam``, ``ASGD``, ``SparseAdam``,
-  ``Adafactor``, and ``Muon`` (torch's ops run from C++);
+  ``Adafactor``, ``Muon`` (torch's ops run from C++) and ``LBFGS`` (its vector work);
 * ``lr_scheduler``: every torch scheduler, schedule math in Rust;
 * ``swa_utils``: ``SWALR`` (lr math in Rust) and torch's ``AveragedModel``,
   ``update_bn``, ... re-exported;
-* computed by torch; no native kernel yet — re-exported from ``torch.optim`` as they are,
-  so ``optim.LBFGS(...)`` gives torch's LBFGS: ``LBFGS``, and
-  ``Optimizer`` and, from torch 2.12 on, ``swap_in_optimizer_params_and_state`` (torch's
-  base class and helper).
+* torch's own objects, re-exported as they are: ``Optimizer`` (the base class) and, from
+  torch 2.12 on, ``swap_in_optimizer_params_and_state``.
   Any other name a later torch adds to ``torch.optim.__all__`` (such as torch 2.15's
   ``functional`` module) is re-exported the same way.
 
@@ -28,17 +26,18 @@ import types as _types
 
 import torch.optim as _torch_optim
 
-# Computed by torch; no native kernel yet (re-exported unchanged from torch.optim).
-from torch.optim import LBFGS, Optimizer
+# torch's base class, re-exported unchanged.
+from torch.optim import Optimizer
 
 from . import lr_scheduler, swa_utils, warmup
 from .optimizers import ASGD, SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, NAdam, RAdam, RMSprop, Rprop
 from .adafactor import Adafactor
+from .lbfgs import LBFGS
 from .muon import Muon
 from .sparse_adam import SparseAdam
 
 #: The optimizers ferrotorch runs with its own fused kernels.
-NATIVE = ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adamax", "RAdam", "Adadelta", "Rprop", "NAdam", "ASGD", "SparseAdam", "Adafactor", "Muon")
+NATIVE = ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adamax", "RAdam", "Adadelta", "Rprop", "NAdam", "ASGD", "SparseAdam", "Adafactor", "Muon", "LBFGS")
 #: torch.optim's names that are torch's own objects here (no native kernel yet).
 TORCH_COMPUTED = tuple(
     n
@@ -71,6 +70,7 @@ __all__ = [
     "SparseAdam",
     "Adafactor",
     "Muon",
+    "LBFGS",
     "lr_scheduler",
     "swa_utils",
     "warmup",

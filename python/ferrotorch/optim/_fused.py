@@ -313,7 +313,7 @@ def _eager_step(opt: _FusedOptimizer | _NativeStep, closure: Callable[[], Any] |
 
 class _NativeStep:
     """The routing of an optimizer whose native step is its own ``_step`` (SparseAdam,
-    Adafactor): under ``torch.compile`` the native step runs eagerly behind a graph break;
+    Adafactor, Muon, LBFGS): under ``torch.compile`` the native step runs eagerly behind a graph break;
     under a torch function/dispatch mode (FakeTensorMode, a user's logging mode) torch's own
     step runs, so the mode sees every op."""
 
