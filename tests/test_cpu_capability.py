@@ -1,6 +1,7 @@
 """``FERROTORCH_CPU_CAPABILITY`` / torch's ``ATEN_CPU_CAPABILITY`` cap the SIMD kernels
 ferrotorch runs (so AVX2 figures can be measured on an AVX-512 machine), and every level
-gives the same numbers: Adam, Adafactor and the ViT kernels bit for bit."""
+gives the same numbers: Adam, Adafactor, LBFGS's two-loop recursion and the ViT kernels bit
+for bit."""
 
 from __future__ import annotations
 
@@ -27,6 +28,11 @@ for name in ("Adam", "Adafactor"):
             q.grad = torch.sin(q.detach() * (i + 1))
         opt.step()
     out[name] = [q.detach().double().sum().item() for q in qs] + [float(q.detach().view(torch.int32).sum()) for q in qs]
+g = torch.randn(1001)
+pairs = [(torch.randn(1001), torch.randn(1001)) for _ in range(5)]
+al, d = torch.zeros(5), torch.zeros(1001)
+assert _native.lbfgs_two_loop(g, [y for y, _ in pairs], [s for _, s in pairs], [torch.tensor(0.3)] * 5, torch.tensor(0.7), al, d)
+out["LBFGS"] = d.double().tolist() + al.double().tolist()
 print(json.dumps(out))
 """
 
@@ -50,5 +56,5 @@ def test_one_switch_caps_torch_and_ferrotorch_and_the_numbers_do_not_change():
     base = _probe(FERROTORCH_CPU_CAPABILITY="default")
     assert avx2["ours"] == "avx2" and avx2["torch"] == "AVX2"
     assert base["ours"] == "default"
-    for name in ("Adam", "Adafactor"):
+    for name in ("Adam", "Adafactor", "LBFGS"):
         assert native[name] == avx2[name] == base[name], name
