@@ -218,3 +218,27 @@ def test_linear_model_trains_like_torch():
 
     for a, b in zip(train(fopt), train(torch.optim)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (1, 1), (3, 0)], ids=str)
+def test_empty_and_one_element_matrices_go_as_in_torch(shape):
+    """(0, 3) and (1, 1) step as torch steps them; (3, 0) raises torch's ZeroDivisionError
+    (its lr adjustment divides by the column count), here before anything changes."""
+    results = []
+    for mod in (fopt, torch.optim):
+        torch.manual_seed(0)
+        p, q = torch.nn.Parameter(torch.randn(shape)), torch.nn.Parameter(torch.randn(4, 3))
+        opt = mod.Muon([q, p], lr=0.1)
+        try:
+            for _ in range(3):
+                p.grad, q.grad = torch.randn(shape), torch.randn(4, 3)
+                opt.step()
+            results.append((p.detach().clone(), q.detach().clone()))
+        except ZeroDivisionError:
+            results.append(("ZeroDivisionError", q.detach().clone(), opt.state[q]["momentum_buffer"].clone()))
+    if shape == (3, 0):
+        ours, ref = results
+        assert ours[0] == ref[0] == "ZeroDivisionError"
+        assert torch.count_nonzero(ours[2]) == 0  # nothing moved, unlike torch's half step
+    else:
+        assert all(torch.equal(a, b) for a, b in zip(*results))
