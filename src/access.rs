@@ -340,7 +340,9 @@ pub fn flat(t: &Tensor) -> Option<Flat> {
 
 /// True when two of the non-empty `ranges` share a byte (sorts `ranges`).
 pub fn any_overlap(ranges: &mut [(usize, usize)]) -> bool {
-    ranges.sort_unstable();
+    // By start only (equal starts of non-empty ranges overlap whatever their order); the
+    // stable sort is adaptive: ranges that arrive as a few sorted runs are merged, not sorted.
+    ranges.sort_by_key(|r| r.0);
     let mut end = 0usize;
     for &(s, e) in ranges.iter() {
         if s == e {

@@ -298,10 +298,7 @@ fn classify<A: Fused>(
             None => return slow(ranges),
         }
     }
-    ranges.push(param.range());
-    ranges.push(grad.range());
-    ranges.extend(states[..n_states].iter().map(Flat::range));
-    ranges.extend(scalars[..n_scalars].iter().map(Scalar::range));
+    // (The ready buffers' ranges are added by run_entries, slot by slot.)
     Ok(Some(Ready {
         param,
         grad,
@@ -329,6 +326,18 @@ fn run_entries<A: Fused>(
             }
             None => slow.push((e.index, e.first)),
         }
+    }
+    // Slot by slot (every parameter, then every grad, every state...): tensors are mostly
+    // allocated in parameter order, so each slot's ranges form an ascending or descending
+    // run and the adaptive sort in any_overlap merges a few runs instead of sorting afresh.
+    let n_scalars = A::SPEC.scalars.len();
+    ranges.extend(ready.iter().map(|r| r.param.range()));
+    ranges.extend(ready.iter().map(|r| r.grad.range()));
+    for k in 0..n_states {
+        ranges.extend(ready.iter().map(|r| r.states[k].range()));
+    }
+    for k in 0..n_scalars {
+        ranges.extend(ready.iter().map(|r| r.scalars[k].range()));
     }
     if any_overlap(&mut ranges) {
         return Ok(Outcome {
