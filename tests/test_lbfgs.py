@@ -254,3 +254,25 @@ def test_native_calls_refuse_overlapping_or_mismatched_buffers():
     before = p._version
     assert _native.lbfgs_add([p], torch.ones(4, dtype=torch.float64), 0.5) and p._version > before
     assert _native.lbfgs_gather([p], [p], flat) and torch.equal(flat, p.detach())
+
+
+def test_no_parameters_and_maximize_follow_the_running_torch():
+    """torch 2.15 returns the closure's loss for an LBFGS without parameters (older ones
+    raise IndexError) and adds ``maximize``; ferrotorch does what the running torch does."""
+    outcomes = []
+    for mod in (fopt, torch.optim):
+        opt = mod.LBFGS([torch.nn.Parameter(torch.zeros(1))])
+        opt.param_groups[0]["params"].clear()
+        try:
+            outcomes.append(float(opt.step(lambda: torch.tensor(3.0))))
+        except IndexError:
+            outcomes.append("IndexError")
+    assert outcomes[0] == outcomes[1]
+    if "maximize" not in torch.optim.LBFGS.__init__.__code__.co_varnames:
+        pytest.skip(f"torch {torch.__version__}'s LBFGS has no maximize")
+    for ls in (None, "strong_wolfe"):
+        cfg = {"maximize": True, "line_search_fn": ls, "max_iter": 5}
+        ours, la, _ = _train(fopt, torch.float64, 2, cfg)
+        ref, lb, _ = _train(torch.optim, torch.float64, 2, cfg)
+        assert la == pytest.approx(lb, rel=1e-9)
+        assert all(_rel(a.detach(), b.detach()) <= 1e-8 for a, b in zip(ours, ref))

@@ -44,6 +44,7 @@ __all__ = [
     "muon",
     "muon_adjusted_lr",
     "strong_wolfe",
+    "lbfgs_maximize",
     "to_scalar",
     "muon_copies_bf16",
     "sched_is_initial",
@@ -126,6 +127,15 @@ def strong_wolfe(obj_func: Callable[..., Any], x: Any, t: Any, d: Tensor, f: flo
     """torch's strong-Wolfe line search for LBFGS (``torch.optim.lbfgs._strong_wolfe``):
     ``(loss, flat_grad, t, func_evals)``."""
     return _strong_wolfe(obj_func, x, t, d, f, g, gtd, **kw)
+
+
+_LBFGS_MAXIMIZE = "maximize" in __import__("inspect").signature(torch.optim.LBFGS.__init__).parameters
+
+
+def lbfgs_maximize(group: dict[str, Any]) -> bool:
+    """Whether LBFGS maximizes: torch >= 2.15 takes ``maximize`` (negated grads and losses);
+    older torch has no such option and ignores the key."""
+    return _LBFGS_MAXIMIZE and bool(group.get("maximize", False))
 
 
 def to_scalar(x: Any) -> Any:

@@ -28,6 +28,7 @@ class LBFGS(_NativeStep, torch.optim.LBFGS):
     to the rounding of the parameters' dtype (torch's BLAS sums in its own order), not bit
     for bit. fp32/fp64 CPU parameters run natively; anything else runs torch's code.
     ``state["al"]`` is a 1-D tensor (torch keeps a list; both read each other's).
+    ``maximize`` exists where torch's LBFGS has it (torch >= 2.15).
     """
 
     # ---- torch's helpers, one native call each (torch's code when the call declines) ----
@@ -39,6 +40,8 @@ class LBFGS(_NativeStep, torch.optim.LBFGS):
         if params and params[0].device.type == "cpu":
             out = torch.empty(self._numel(), dtype=params[0].dtype)
             if _native.lbfgs_gather(params, [p.grad for p in params], out):
+                if _compat.lbfgs_maximize(self.param_groups[0]):
+                    out.neg_()  # torch >= 2.15's maximize (its own gather negates too)
                 return out
         return super()._gather_flat_grad()
 
@@ -87,8 +90,11 @@ class LBFGS(_NativeStep, torch.optim.LBFGS):
     def _step(self, closure: Callable[[], Any] | None) -> Any:  # type: ignore[override]
         if len(self.param_groups) != 1:
             raise AssertionError(f"Expected exactly one param_group, but got {len(self.param_groups)}")
+        if not self._params:  # torch's own answer (2.15 returns closure(); older ones raise)
+            return _compat.torch_step(type(self), self, closure)
         closure = torch.enable_grad()(closure)
         group = self.param_groups[0]
+        sign = -1.0 if _compat.lbfgs_maximize(group) else 1.0  # maximize: minimise -loss
         lr = _compat.to_scalar(group["lr"])
         max_iter, max_eval = group["max_iter"], group["max_eval"]
         tol_grad, tol_change = group["tolerance_grad"], group["tolerance_change"]
@@ -98,7 +104,7 @@ class LBFGS(_NativeStep, torch.optim.LBFGS):
         state.setdefault("func_evals", 0)
         state.setdefault("n_iter", 0)
         orig_loss = closure()
-        loss = float(orig_loss)
+        loss = sign * float(orig_loss)
         evals = 1
         state["func_evals"] += 1
         g = self._gather_flat_grad()
@@ -162,7 +168,7 @@ class LBFGS(_NativeStep, torch.optim.LBFGS):
                 self._add_grad(t, d)
                 opt_cond = False
                 if n_iter != max_iter:
-                    loss = float(closure())
+                    loss = sign * float(closure())
                     g = self._gather_flat_grad()
                     opt_cond = g.abs().max() <= tol_grad
                     ls_evals = 1
