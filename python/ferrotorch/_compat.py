@@ -6,6 +6,8 @@ torch's public API, so a new torch version is supported by adjusting this file.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -19,11 +21,11 @@ from torch.optim.lr_scheduler import (  # noqa: F401  (re-exported for ferrotorc
 from torch.optim._adafactor import adafactor as _adafactor
 from torch.optim._functional import sparse_adam as _sparse_adam
 from torch.optim._muon import _adjust_lr as _muon_adjust_lr
-from torch.optim.lbfgs import _strong_wolfe
-from torch.optim.optimizer import _to_scalar
 from torch.optim._muon import _zeropower_via_newtonschulz as _muon_zeropower
 from torch.optim._muon import muon as _muon
-from torch.optim.optimizer import _device_dtype_check_for_fused, _get_scalar_dtype
+from torch.optim.lbfgs import _strong_wolfe
+from torch.optim.optimizer import _device_dtype_check_for_fused, _get_scalar_dtype, _to_scalar
+from torch.optim.swa_utils import SWALR
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 __all__ = [
@@ -110,17 +112,13 @@ def muon_adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> 
     return float(_muon_adjust_lr(lr, adjust_lr_fn, shape))
 
 
-_MUON_COPIES: list[bool] = []
-
-
+@functools.cache
 def muon_copies_bf16() -> bool:
     """Whether torch's Newton–Schulz copies a bf16 input (torch >= 2.15) rather than
     dividing it in place (``.bfloat16()`` returns a bf16 tensor itself): probed once."""
-    if not _MUON_COPIES:
-        x = torch.ones(2, 2, dtype=torch.bfloat16)
-        _muon_zeropower(x, (3.4445, -4.775, 2.0315), 0, 1e-7)
-        _MUON_COPIES.append(bool((x == 1).all()))
-    return _MUON_COPIES[0]
+    x = torch.ones(2, 2, dtype=torch.bfloat16)
+    _muon_zeropower(x, (3.4445, -4.775, 2.0315), 0, 1e-7)
+    return bool((x == 1).all())
 
 
 def strong_wolfe(obj_func: Callable[..., Any], x: Any, t: Any, d: Tensor, f: float, g: Tensor, gtd: Tensor, **kw: Any) -> tuple[Any, ...]:
@@ -129,7 +127,7 @@ def strong_wolfe(obj_func: Callable[..., Any], x: Any, t: Any, d: Tensor, f: flo
     return _strong_wolfe(obj_func, x, t, d, f, g, gtd, **kw)
 
 
-_LBFGS_MAXIMIZE = "maximize" in __import__("inspect").signature(torch.optim.LBFGS.__init__).parameters
+_LBFGS_MAXIMIZE = "maximize" in inspect.signature(torch.optim.LBFGS.__init__).parameters
 
 
 def lbfgs_maximize(group: dict[str, Any]) -> bool:
@@ -196,8 +194,6 @@ def cyclic_custom_scale_fn(sched: Any) -> Callable[[float], float] | None:
 
 def swalr_anneal_kind(sched: Any) -> str | None:
     """``"cos"`` or ``"linear"`` for SWALR's built-in anneal functions, None for a user's."""
-    from torch.optim.swa_utils import SWALR
-
     if sched.anneal_func is SWALR._cosine_anneal:
         return "cos"
     if sched.anneal_func is SWALR._linear_anneal:

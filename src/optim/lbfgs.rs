@@ -27,17 +27,11 @@ fn scalar(obj: &Bound<'_, PyAny>, dtype: DType) -> PyResult<Option<f64>> {
     if obj.is_instance_of::<pyo3::types::PyFloat>() || obj.is_instance_of::<pyo3::types::PyInt>() {
         return Ok(obj.extract::<f64>().ok());
     }
-    let Some(f) = flat(obj)? else { return Ok(None) };
-    if f.dtype != dtype || f.numel != 1 {
+    let Some(m) = Meta::of(obj)?.filter(|m| m.kernel_dtype() == Some(dtype)) else {
         return Ok(None);
-    }
-    // SAFETY: one live element of `dtype` at `f.ptr` (checked above; the GIL is held).
-    Ok(Some(unsafe {
-        match dtype {
-            DType::F32 => *(f.ptr as *const f32) as f64,
-            _ => *(f.ptr as *const f64),
-        }
-    }))
+    };
+    // SAFETY: read at once, while the caller holds the object (and the GIL).
+    Ok(unsafe { m.scalar() }.map(|s| s.get()))
 }
 
 fn same(f: &Flat, dtype: DType, numel: usize) -> bool {

@@ -25,6 +25,14 @@ from ..errors import FerrotorchRuntimeError, FerrotorchValueError
 __all__: list[str] = []
 
 
+
+def closure_loss(closure: Callable[[], Any] | None) -> Any:
+    """Runs a step's closure with grad enabled (steps run under no_grad); its loss, or None."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
 class _FusedOptimizer:
     """Mixin placed before a ``torch.optim`` class in the bases of a ferrotorch optimizer."""
 
@@ -143,10 +151,7 @@ class _FusedOptimizer:
                         if p.grad is not None:
                             p.grad.mul_(clip)
             return self._torch_step(closure)
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         # GradScaler hands fused optimizers the scale and the inf flag as attributes.
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and bool(found_inf.item()):
@@ -176,9 +181,7 @@ class _FusedOptimizer:
         """
         from ..nn.utils import clip_coefficient, get_total_norm
 
-        if closure is not None:
-            with torch.enable_grad():
-                closure()
+        closure_loss(closure)
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         total_norm = get_total_norm(grads, norm_type, error_if_nonfinite)
         if grads:

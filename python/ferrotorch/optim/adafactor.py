@@ -9,7 +9,7 @@ import torch
 
 from .. import _compat
 from .._native import adafactor_group
-from ._fused import _NativeStep
+from ._fused import _NativeStep, closure_loss
 
 __all__ = ["Adafactor"]
 
@@ -30,10 +30,7 @@ class Adafactor(_NativeStep, torch.optim.Adafactor):
     @torch.no_grad()
     def _step(self, closure: Callable[[], Any] | None) -> Any:
         _compat.graph_capture_health_check(self)
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         scaled = getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None
         for group in self.param_groups:
             params, grads, row_vars, col_vars, variances, steps = _compat.adafactor_init_group(self, group)

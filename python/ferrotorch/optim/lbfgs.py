@@ -33,17 +33,22 @@ class LBFGS(_NativeStep, torch.optim.LBFGS):
 
     # ---- torch's helpers, one native call each (torch's code when the call declines) ----
 
-    # The Rust calls check every tensor themselves; `out` is a CPU buffer they fill or ignore.
+    def _flat(self, sources: list[Tensor | None]) -> Tensor | None:
+        """``cat`` of ``sources`` (one per parameter, None for zeros) in one Rust call, or
+        None when it declines (it checks every tensor; ``out`` is a CPU buffer it fills)."""
+        params = self._params
+        if not params or params[0].device.type != "cpu":
+            return None
+        out = torch.empty(self._numel(), dtype=params[0].dtype)
+        return out if _native.lbfgs_gather(params, sources, out) else None
 
     def _gather_flat_grad(self) -> Tensor:
-        params = self._params
-        if params and params[0].device.type == "cpu":
-            out = torch.empty(self._numel(), dtype=params[0].dtype)
-            if _native.lbfgs_gather(params, [p.grad for p in params], out):
-                if _compat.lbfgs_maximize(self.param_groups[0]):
-                    out.neg_()  # torch >= 2.15's maximize (its own gather negates too)
-                return out
-        return super()._gather_flat_grad()
+        out = self._flat([p.grad for p in self._params])
+        if out is None:
+            return super()._gather_flat_grad()
+        if _compat.lbfgs_maximize(self.param_groups[0]):
+            out.neg_()  # torch >= 2.15's maximize (its own gather negates too)
+        return out
 
     def _add_grad(self, step_size: Any, update: Tensor) -> None:
         if type(update) is Tensor and _native.lbfgs_add(self._params, update, float(step_size)):
@@ -51,12 +56,8 @@ class LBFGS(_NativeStep, torch.optim.LBFGS):
         super()._add_grad(step_size, update)
 
     def _clone_param(self) -> Any:
-        params = self._params
-        if params and params[0].device.type == "cpu":
-            out = torch.empty(self._numel(), dtype=params[0].dtype)
-            if _native.lbfgs_gather(params, params, out):
-                return out  # a flat copy; _set_param takes it back
-        return super()._clone_param()
+        out = self._flat(list(self._params))  # a flat copy; _set_param takes it back
+        return super()._clone_param() if out is None else out
 
     def _set_param(self, params_data: Any) -> None:
         if isinstance(params_data, Tensor):

@@ -9,7 +9,7 @@ import torch
 
 from .. import _compat
 from .._native import muon_group
-from ._fused import _NativeStep
+from ._fused import _NativeStep, closure_loss
 
 __all__ = ["Muon"]
 
@@ -33,10 +33,7 @@ class Muon(_NativeStep, torch.optim.Muon):
 
     @torch.no_grad()
     def _step(self, closure: Callable[[], Any] | None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             params, grads, bufs = _compat.muon_init_group(self, group)
             lr = group["lr"]

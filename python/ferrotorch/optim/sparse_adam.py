@@ -10,7 +10,7 @@ import torch
 
 from .. import _compat
 from .._native import sparse_adam_step
-from ._fused import _NativeStep
+from ._fused import _NativeStep, closure_loss
 
 __all__ = ["SparseAdam"]
 
@@ -31,10 +31,7 @@ class SparseAdam(_NativeStep, torch.optim.SparseAdam):
 
     @torch.no_grad()
     def _step(self, closure: Callable[[], Any] | None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None and not p.grad.is_sparse:
