@@ -47,35 +47,23 @@ def test_under_a_dispatch_mode_torch_steps_and_the_mode_sees_it(name):
     assert torch.equal(*results)
 
 
-def test_compiled_adafactor_step_runs_the_native_step():
-    def run(compiled: bool):
-        p, grad = _params("Adafactor")
-        opt = fopt.Adafactor([p], lr=0.01)
-        step = torch.compile(opt.step) if compiled else opt.step
-        for _ in range(3):
-            p.grad = grad.clone()
-            step()
-        return p.detach().clone(), opt.state[p]["step"].clone()
-
-    torch._dynamo.reset()
-    (a, sa), (b, sb) = run(True), run(False)
-    assert torch.equal(a, b) and torch.equal(sa, sb) and int(sa) == 3
-
-
-def test_compiled_muon_step_runs_the_native_step(monkeypatch):
+@pytest.mark.parametrize("name, fallback, key", [("Adafactor", "adafactor", "step"), ("Muon", "muon", "momentum_buffer")])
+def test_compiled_step_runs_the_native_step(monkeypatch, name, fallback, key):
     from ferrotorch import _compat
 
     def run(compiled: bool):
-        p, grad = _params("Muon")
-        opt = fopt.Muon([p], lr=0.01)
+        p, grad = _params(name)
+        opt = getattr(fopt, name)([p], lr=0.01)
         step = torch.compile(opt.step) if compiled else opt.step
         for _ in range(3):
             p.grad = grad.clone()
             step()
-        return p.detach().clone(), opt.state[p]["momentum_buffer"].clone()
+        return p.detach().clone(), opt.state[p][key].clone()
 
     torch._dynamo.reset()
     fallbacks = []
-    monkeypatch.setattr(_compat, "muon", lambda *a, **k: fallbacks.append(a))
-    (a, ma), (b, mb) = run(True), run(False)
-    assert fallbacks == [] and torch.equal(a, b) and torch.equal(ma, mb)
+    monkeypatch.setattr(_compat, fallback, lambda *a, **k: fallbacks.append(a))  # torch's math
+    (a, sa), (b, sb) = run(True), run(False)
+    assert fallbacks == [] and torch.equal(a, b) and torch.equal(sa, sb)
+    if key == "step":
+        assert int(sa) == 3
