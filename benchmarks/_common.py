@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 
 class NoProgress:
@@ -40,6 +41,33 @@ def chart(rows: list[tuple[str, float]], path: str, xlabel: str = "speed-up vs t
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     print(f"chart written to {path}")
+
+
+def peer_args(doc: str | None):
+    """The command line of a one-optimizer benchmark against its torch twin (``--quick``,
+    ``--threads``); prints the header (CPU, kernels, torch) and returns ``(args, repeats)``."""
+    import argparse
+
+    import torch
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="3 repeats instead of 7")
+    ap.add_argument("--threads", default="1,2")
+    args = ap.parse_args()
+    print(machine())
+    print(f"torch {torch.__version__}")
+    return args, 3 if args.quick else 7
+
+
+def alternate(theirs: Callable[[], float], ours: Callable[[], float], repeats: int) -> tuple[float, float]:
+    """Median of ``repeats`` timings each, taken alternately so load changes hit both alike."""
+    import statistics
+
+    t, f = [], []
+    for _ in range(repeats):
+        t.append(theirs())
+        f.append(ours())
+    return statistics.median(t), statistics.median(f)
 
 
 def machine() -> str:

@@ -12,15 +12,13 @@ ferrotorch's.
 
 from __future__ import annotations
 
-import argparse
-import statistics
 import time
 from collections.abc import Callable
 
 import torch
 
 import ferrotorch.optim as fopt
-from _common import machine as _machine
+from _common import alternate, peer_args
 
 
 def mlp_fit(width: int) -> Callable[[], tuple[list[torch.Tensor], Callable[[torch.optim.Optimizer], Callable[[], torch.Tensor]]]]:
@@ -79,45 +77,26 @@ CASES = {
 }
 
 
-def timed(cls: type, make, line_search: str | None, repeats: int) -> list[float]:
+def timed(cls: type, make, line_search: str | None) -> float:
+    """ms of one ``step(closure)`` from the point (and history) after a warm-up step."""
     params, closure_for = make()
     opt = cls(params, line_search_fn=line_search)
     closure = closure_for(opt)
     opt.step(closure)  # fills the history
-    start = opt.state_dict()
-    snapshot = [p.detach().clone() for p in params]
-    out = []
-    for _ in range(repeats):
-        with torch.no_grad():
-            for p, s in zip(params, snapshot):
-                p.copy_(s)
-        opt.load_state_dict(start)
-        t0 = time.perf_counter()
-        opt.step(closure)
-        out.append((time.perf_counter() - t0) * 1e3)
-    return out
+    t0 = time.perf_counter()
+    opt.step(closure)
+    return (time.perf_counter() - t0) * 1e3
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="3 repeats instead of 7")
-    ap.add_argument("--threads", default="1,2")
-    args = ap.parse_args()
-    repeats = 3 if args.quick else 7
-    print(_machine())
-    print(f"torch {torch.__version__}")
+    args, repeats = peer_args(__doc__)
     print(f"{'case':>30} {'line search':>12} {'thr':>3} {'torch ms':>9} {'ours ms':>8} {'ratio':>6}")
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads)
         for name, make in CASES.items():
             for ls in (None, "strong_wolfe"):
-                t, f = [], []
-                for _ in range(repeats):  # alternate, so load changes hit both alike
-                    t += timed(torch.optim.LBFGS, make, ls, 1)
-                    f += timed(fopt.LBFGS, make, ls, 1)
-                tm, fm = statistics.median(t), statistics.median(f)
+                tm, fm = alternate(lambda: timed(torch.optim.LBFGS, make, ls), lambda: timed(fopt.LBFGS, make, ls), repeats)
                 print(f"{name:>30} {str(ls):>12} {threads:>3} {tm:>9.2f} {fm:>8.2f} {tm / fm:>5.2f}x")
-
 
 if __name__ == "__main__":
     main()

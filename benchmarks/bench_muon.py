@@ -11,14 +11,12 @@ timed alternately; the ratio is torch's time / ferrotorch's.
 
 from __future__ import annotations
 
-import argparse
-import statistics
 import time
 
 import torch
 
 import ferrotorch.optim as fopt
-from _common import machine as _machine
+from _common import alternate, peer_args
 
 #: The 2-D weights of models our users train (Muon steps matrices only).
 CASES = {
@@ -49,26 +47,15 @@ def timed(opt: torch.optim.Optimizer, steps: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="3 repeats instead of 7")
-    ap.add_argument("--threads", default="1,2")
-    args = ap.parse_args()
-    repeats = 3 if args.quick else 7
-    print(_machine())
-    print(f"torch {torch.__version__}")
+    args, repeats = peer_args(__doc__)
     print(f"{'case':>30} {'thr':>3} {'torch ms':>9} {'ours ms':>8} {'ratio':>6}")
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads)
         for name, shapes in CASES.items():
             theirs, ours = build(torch.optim.Muon, shapes), build(fopt.Muon, shapes)
             steps = 3 if max(r * c for r, c in shapes) > 500_000 else 10
-            t, f = [], []
-            for _ in range(repeats):  # alternate, so load changes hit both alike
-                t.append(timed(theirs, steps))
-                f.append(timed(ours, steps))
-            t_ms, f_ms = statistics.median(t), statistics.median(f)
+            t_ms, f_ms = alternate(lambda: timed(theirs, steps), lambda: timed(ours, steps), repeats)
             print(f"{name:>30} {threads:>3} {t_ms:>9.3f} {f_ms:>8.3f} {t_ms / f_ms:>5.2f}x")
-
 
 if __name__ == "__main__":
     main()

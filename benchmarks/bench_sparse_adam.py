@@ -10,14 +10,13 @@ Each cell is the median ms per ``step()``; the ratio is torch's time / ferrotorc
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
 
 import ferrotorch.optim as fopt
-from _common import machine as _machine
+from _common import peer_args
 
 CASES = [(100_000, 128, 512), (100_000, 128, 8192), (20_000, 512, 4096)]
 
@@ -48,13 +47,7 @@ def time_opt(cls: type, rows: int, dim: int, batch: int, repeats: int, steps: in
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="3 repeats instead of 7")
-    ap.add_argument("--threads", default="1,2")
-    args = ap.parse_args()
-    repeats = 3 if args.quick else 7
-    print(_machine())
-    print(f"torch {torch.__version__}")
+    args, repeats = peer_args(__doc__)
     print(f"{'rows x dim':>14} {'batch':>6} {'thr':>3} {'torch ms':>9} {'ours ms':>8} {'ratio':>6}")
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads)
