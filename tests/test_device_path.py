@@ -10,12 +10,14 @@ The same path on a real GPU is covered by tests/test_cuda.py.
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
 import torch
 
 import ferrotorch._compat as compat
+import ferrotorch.optim._fused as _fused
 from conftest import OPTIMIZERS, feed_same_grads, make_params, random_config
 
 FUSED = {"Adam", "AdamW", "SGD"}
@@ -42,16 +44,28 @@ class _RefuseAll:
         return [], [(i, i in firsts) for i in with_grad], False
 
 
-@pytest.fixture
-def device_path(monkeypatch):
+@pytest.fixture(params=["general", "lean"])
+def device_path(request, monkeypatch):
+    """``general``: the native planner hands the tensors back and ``_compat.accelerator``
+    sends them to torch's kernels (groups that mix devices take this route). ``lean``: the
+    whole group is "CUDA" (``_fused._cuda_plain``), so the planner is skipped, as for a
+    group of CUDA parameters."""
     calls = []
-    real = compat.accelerator
+    if request.param == "general":
+        real = compat.accelerator
 
-    def accept_cpu(p):
-        calls.append(p.device.type)
-        return type(p) in (torch.Tensor, torch.nn.Parameter) or real(p)
+        def accept_cpu(p):
+            calls.append(p.device.type)
+            return type(p) in (torch.Tensor, torch.nn.Parameter) or real(p)
 
-    monkeypatch.setattr(compat, "accelerator", accept_cpu)
+        monkeypatch.setattr(compat, "accelerator", accept_cpu)
+    else:
+
+        def all_cuda(p):
+            calls.append(p.device.type)
+            return type(p) in (torch.Tensor, torch.nn.Parameter)
+
+        monkeypatch.setattr(_fused, "_cuda_plain", all_cuda)
     return calls
 
 
@@ -137,3 +151,58 @@ def test_cpu_tensors_never_take_the_device_path():
     assert not compat.accelerator(torch.zeros(2))
     assert not compat.accelerator(torch.zeros(2, device="meta"))
     assert not compat.accelerator(torch.nn.Parameter(torch.zeros(2)))
+
+
+def test_lean_path_leaves_mixed_groups_to_the_general_one(monkeypatch):
+    """One parameter the lean path may not take (here: not "CUDA") sends the whole group
+    down the general route, untouched by the lean one, and the result is torch's."""
+    pa = make_params(4, torch.float32, [(5,), (3, 4), (6,)])
+    pb = make_params(4, torch.float32, [(5,), (3, 4), (6,)])
+    cuda_like = {id(pa[0]), id(pa[2])}
+    monkeypatch.setattr(_fused, "_cuda_plain", lambda p: id(p) in cuda_like)
+    ours, ref = OPTIMIZERS["Adam"][0](pa, lr=0.1), torch.optim.Adam(pb, lr=0.1, foreach=False)
+    lean = []
+    real = type(ours)._device_step
+    monkeypatch.setattr(type(ours), "_device_step", lambda self, *a, **k: lean.append(k) or real(self, *a, **k))
+    g = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        feed_same_grads(pa, pb, g)
+        ours.step()
+        ref.step()
+    assert lean == []
+    for a, b in zip(pa, pb):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["Adam", "SGD", "RMSprop"])
+def test_lean_path_resumes_a_checkpoint_and_takes_extra_state_keys(name, monkeypatch):
+    """A checkpoint written by torch's non-fused optimizer (CPU float32 ``step``) resumes on
+    the lean path with torch's fused/foreach numbers; a state dict with a key the group no
+    longer uses (amsgrad switched off) steps as torch does."""
+    monkeypatch.setattr(_fused, "_cuda_plain", lambda p: type(p) in (torch.Tensor, torch.nn.Parameter))
+    ours_cls, torch_cls = OPTIMIZERS[name]
+    cfg = {"lr": 0.05, "momentum": 0.9} if name == "SGD" else {"lr": 0.05}
+    how = {"fused": True} if name in FUSED else {"foreach": True}
+    start = make_params(5, torch.float32, [(5,), (2, 3)])
+    warm = torch_cls(start, **cfg, foreach=False)
+    g = torch.Generator().manual_seed(5)
+    for _ in range(2):
+        for p in start:
+            p.grad = torch.randn(p.shape, generator=g)
+        warm.step()
+    sd = warm.state_dict()
+    if name == "Adam":
+        for st in sd["state"].values():
+            st["max_exp_avg_sq"] = torch.zeros_like(st["exp_avg"])  # an amsgrad leftover
+    pa = [p.detach().clone().requires_grad_() for p in start]
+    pb = [p.detach().clone().requires_grad_() for p in start]
+    ours, ref = ours_cls(pa, **cfg), torch_cls(pb, **cfg, **how)
+    ours.load_state_dict(copy.deepcopy(sd))
+    ref.load_state_dict(copy.deepcopy(sd))
+    for _ in range(3):
+        feed_same_grads(pa, pb, g)
+        ours.step()
+        ref.step()
+    for a, b in zip(pa, pb):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+

@@ -242,6 +242,59 @@ def test_tch_op_path_matches_vit_pytorch_too():
     assert_grads_match(ours, ref)
 
 
+@pytest.mark.parametrize("kw", CONFIGS, ids=range(len(CONFIGS)))
+@pytest.mark.parametrize("train", [False, True])
+def test_gpu_path_matches_vit_pytorch(kw, train):
+    """What CUDA images run (torch ops under autograd, attention through
+    F.scaled_dot_product_attention when no attention dropout is active), forced on CPU:
+    vit-pytorch's logits and gradients. With dropout in training the attention falls back
+    to the explicit product and the kernels' masks, so it equals the Rust kernels' run."""
+    from ferrotorch.nn.vit import _functional_forward
+
+    torch.manual_seed(7)
+    ref = vit_pytorch.ViT(**kw)
+    ours = ViT(**kw)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, kw.get("channels", 3), *((kw["image_size"],) * 2 if isinstance(kw["image_size"], int) else kw["image_size"]))
+    lo = _functional_forward(ours._config(train), x, ours._ordered_params(), sdpa=True)
+    lr = ref(x)
+    torch.testing.assert_close(lo, lr, rtol=1e-4, atol=1e-5)
+    lo.sum().backward()
+    lr.sum().backward()
+    assert_grads_match(ours, ref)
+    # with dropout active the explicit attention and the kernels' masks are used
+    drop = ViT(**kw, dropout=0.2, emb_dropout=0.1).double()
+    xd = x.double()
+    torch.manual_seed(8)
+    cfg = drop._config(True)
+    a = _functional_forward(cfg, xd, drop._ordered_params(), sdpa=True)
+    b = _functional_forward(cfg, xd, drop._ordered_params(), sdpa=False)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tch_op_path_half_precision_backward(dtype):
+    """The tch-op path (CUDA's) in bf16/fp16, as autocast runs it: LayerNorm statistics are
+    kept in fp32 (as torch's CUDA kernel returns them), so the backward must bring each
+    gradient back to its tensor's dtype before the next matmul. Gradients come back in the
+    parameters' dtype and agree with the fp32 run to half precision."""
+    torch.manual_seed(5)
+    model = ViT(image_size=8, patch_size=2, num_classes=4, dim=32, depth=2, heads=4, mlp_dim=64, dim_head=8)
+    from ferrotorch.nn.vit import _ViTFunction
+
+    x = torch.randn(4, 3, 8, 8)
+    cfg = dict(model._config(train=True), fused=False)
+    grads = {}
+    for dt in (torch.float32, dtype):
+        params = [p.detach().to(dt).requires_grad_() for p in model._ordered_params()]
+        _ViTFunction.apply(cfg, x.to(dt), *params).float().pow(2).sum().backward()
+        grads[dt] = [p.grad for p in params]
+    for i, (g32, gh) in enumerate(zip(grads[torch.float32], grads[dtype])):
+        assert gh.dtype == dtype, i
+        err = float((gh.float() - g32).abs().max() / g32.abs().max().clamp_min(1e-6))
+        assert err < 5e-2, (i, err)
+
+
 def test_dropout_masks_agree_between_kernel_and_tch_paths():
     """Both paths draw the same hash-based masks, so with dropout on they give the same
     logits and gradients (the tch path is what CUDA runs)."""

@@ -105,8 +105,15 @@ impl Ops {
                 Ok((y, mean, rstd))
             }
             Ops::Torch => {
+                // Stats in the accumulation dtype on every device: CUDA returns them so for
+                // bf16/fp16 input, the CPU in the input's dtype.
                 let (y, mean, rstd) = x.f_native_layer_norm([d], Some(w), Some(b), eps)?;
-                Ok((y, mean.f_reshape([-1])?, rstd.f_reshape([-1])?))
+                let stat = stat_kind(x.kind());
+                Ok((
+                    y,
+                    mean.f_reshape([-1])?.f_to_kind(stat)?,
+                    rstd.f_reshape([-1])?.f_to_kind(stat)?,
+                ))
             }
         }
     }
@@ -148,20 +155,32 @@ impl Ops {
                 Ok((gx, sums.f_narrow(0, 0, d)?, sums.f_narrow(0, d, d)?))
             }
             Ops::Torch => {
+                // Computed in the stats' dtype (fp32 for bf16/fp16, as torch's CUDA kernel
+                // does), the results cast back: gx to the input's dtype, gw/gb to the weight's.
+                let ck = stat_kind(x.kind());
                 let mut stat_shape = x.size();
                 let n = stat_shape.len();
                 stat_shape[n - 1] = 1;
-                let (mean, rstd) = (mean.f_reshape(&stat_shape)?, rstd.f_reshape(&stat_shape)?);
-                let xhat = x.f_sub(&mean)?.f_mul(&rstd)?;
+                let mean = mean.f_reshape(&stat_shape)?.f_to_kind(ck)?;
+                let rstd = rstd.f_reshape(&stat_shape)?.f_to_kind(ck)?;
+                let (gy, w32) = (gy.f_to_kind(ck)?, w.f_to_kind(ck)?);
+                let xhat = x.f_to_kind(ck)?.f_sub(&mean)?.f_mul(&rstd)?;
                 let lead: Vec<i64> = (0..gy.dim() as i64 - 1).collect();
-                let gw =
-                    gy.f_mul(&xhat)?
-                        .f_sum_dim_intlist(lead.as_slice(), false, None::<Kind>)?;
-                let gb = gy.f_sum_dim_intlist(lead.as_slice(), false, None::<Kind>)?;
-                let gxhat = gy.f_mul(w)?;
+                let gw = gy
+                    .f_mul(&xhat)?
+                    .f_sum_dim_intlist(lead.as_slice(), false, None::<Kind>)?
+                    .f_to_kind(w.kind())?;
+                let gb = gy
+                    .f_sum_dim_intlist(lead.as_slice(), false, None::<Kind>)?
+                    .f_to_kind(w.kind())?;
+                let gxhat = gy.f_mul(&w32)?;
                 let m1 = gxhat.f_mean_dim(-1, true, None::<Kind>)?;
                 let m2 = gxhat.f_mul(&xhat)?.f_mean_dim(-1, true, None::<Kind>)?;
-                let gx = gxhat.f_sub(&m1)?.f_sub(&xhat.f_mul(&m2)?)?.f_mul(&rstd)?;
+                let gx = gxhat
+                    .f_sub(&m1)?
+                    .f_sub(&xhat.f_mul(&m2)?)?
+                    .f_mul(&rstd)?
+                    .f_to_kind(x.kind())?;
                 let gx = match acc {
                     Some(a) => a.f_add(&gx)?,
                     None => gx,

@@ -10,7 +10,6 @@ ways; training works in an ordinary loop (``loss.backward()`` fills every ``.gra
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import torch
@@ -19,6 +18,7 @@ from torch import nn
 
 from .. import _compat, _native
 from ..errors import FerrotorchTypeError, FerrotorchValueError
+from ._vit_ops import _functional_forward, patchify
 
 __all__ = ["ViT"]
 
@@ -35,9 +35,7 @@ class _Patchify(nn.Module):
         self.ph, self.pw = ph, pw
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
-        b, c, hh, ww = img.shape
-        gh, gw = hh // self.ph, ww // self.pw
-        return img.reshape(b, c, gh, self.ph, gw, self.pw).permute(0, 2, 4, 3, 5, 1).reshape(b, gh * gw, self.ph * self.pw * c)
+        return patchify(img, self.ph, self.pw)
 
     def extra_repr(self) -> str:
         return f"'b c (h p1) (w p2) -> b (h w) (p1 p2 c)', p1={self.ph}, p2={self.pw}"
@@ -101,9 +99,6 @@ class _Transformer(nn.Module):
 # ---------------------------------------------------------------------------------------
 # What the native kernels accept. They read parameters as flat buffers of the sizes the
 # configuration implies, so every tensor is checked against `_layout` before they run.
-
-_M32 = 0xFFFFFFFF
-_M64 = (1 << 64) - 1
 
 
 _LAYOUT_KEYS = ("patch", "channels", "dim", "depth", "heads", "dim_head", "cls_token", "patch_norm", "qkv_bias", "project_out")
@@ -260,107 +255,6 @@ def _native_args(cfg: dict[str, Any], x: torch.Tensor, params: tuple[torch.Tenso
         if problems:
             raise problems.error("ViT")
     return cfg, x.detach().resolve_neg(), [t.detach().resolve_neg() for t in params]
-
-
-# ---------------------------------------------------------------------------------------
-# The native math as torch ops, for double backward (create_graph=True): the same
-# parameters in the same order, the same dropout masks (a port of src/vit.rs's
-# `Run::drop` and `torch_mask`), the same pruned last layer.
-
-
-def _site_seed(seed: int, site: int) -> int:
-    """``Run::drop``'s per-site seed: splitmix64's finalizer of ``seed ^ (site+1)*golden``."""
-    z = (seed ^ (((site + 1) * 0x9E3779B97F4A7C15) & _M64)) & _M64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
-    return z ^ (z >> 31)
-
-
-def _mask(p: float, seed: int, like: torch.Tensor) -> torch.Tensor:
-    """``torch_mask``: ``keep * 1/(1-p)`` shaped like ``like``, element i kept when two
-    ``lowbias32`` rounds of (i, seed) fall under the threshold (int64 ops wrap as u32 here)."""
-
-    def mix(v: torch.Tensor) -> torch.Tensor:
-        v = v ^ (v >> 16)
-        v = (v * 0x7FEB352D) & _M32
-        v = v ^ (v >> 15)
-        v = (v * 0x846CA68B) & _M32
-        return v ^ (v >> 16)
-
-    idx = torch.arange(like.numel(), dtype=torch.int64, device=like.device)
-    lo = (idx & _M32) ^ (seed & _M32)
-    hi = ((idx >> 32) * 0x9E3779B9) & _M32
-    v = mix(mix(lo) ^ (seed >> 32) ^ hi)
-    threshold = math.floor((1.0 - min(max(p, 0.0), 1.0)) * (1 << 24) + 0.5)
-    scale = 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
-    return ((v >> 8) < threshold).to(like.dtype).mul(scale).reshape(like.shape)
-
-
-def _functional_forward(cfg: dict[str, Any], x: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
-    """``vit_forward``'s logits as differentiable torch ops (``params`` in its order)."""
-    it = iter(params)
-    ph, pw = cfg["patch"]
-    dim, nh, dh, eps = cfg["dim"], cfg["heads"], cfg["dim_head"], cfg["eps"]
-    inner, scale = nh * dh, float(dh) ** -0.5
-    b, c, hh, ww = x.shape
-
-    def drop(t: torch.Tensor, p: float, site: int) -> torch.Tensor:
-        if not cfg["train"] or p <= 0:
-            return t
-        return t * _mask(p, _site_seed(cfg["seed"], site), t)
-
-    def ln(t: torch.Tensor) -> torch.Tensor:
-        w, bias = next(it), next(it)
-        return F.layer_norm(t, (t.shape[-1],), w, bias, eps)
-
-    def lin(t: torch.Tensor, bias: bool = True) -> torch.Tensor:
-        w = next(it)
-        return F.linear(t, w, next(it) if bias else None)
-
-    h = _Patchify(ph, pw)(x)
-    if cfg["patch_norm"]:
-        h = ln(h)
-    h = lin(h)
-    if cfg["patch_norm"]:
-        h = ln(h)
-    ncls = 0
-    if cfg["cls_token"]:
-        cls = next(it)
-        ncls = cls.shape[0]
-        h = torch.cat([cls.unsqueeze(0).expand(b, ncls, dim), h], 1)
-    seq = h.shape[1]
-    h = drop(h + next(it)[:seq], cfg["emb_dropout"], 0)
-    p_drop = cfg["dropout"]
-    pruned = False
-    for i in range(cfg["depth"]):
-        a = ln(h)
-        w_qkv = next(it)
-        b_qkv = next(it) if cfg["qkv_bias"] else None
-        out = (next(it), next(it)) if cfg["project_out"] else None
-        if cfg["pool_cls"] and i + 1 == cfg["depth"]:
-            # the last layer on token 0 alone (its keys and values from every token)
-            pruned = True
-            q = F.linear(a[:, 0], w_qkv[:inner], None if b_qkv is None else b_qkv[:inner])
-            kv = F.linear(a, w_qkv[inner:], None if b_qkv is None else b_qkv[inner:]).reshape(b, seq, 2, nh, dh)
-            qh = q.reshape(b, nh, 1, dh) * scale
-            kh, vh = kv[:, :, 0].permute(0, 2, 1, 3), kv[:, :, 1].permute(0, 2, 1, 3)
-            probs = drop(torch.matmul(qh, kh.transpose(-1, -2)).softmax(-1), p_drop, 1 + 4 * i)
-            o = torch.matmul(probs, vh).reshape(b, inner)
-            h = h[:, 0]
-        else:
-            q, k, v = qkv = F.linear(a, w_qkv, b_qkv).reshape(b, seq, 3, nh, dh).permute(2, 0, 3, 1, 4).reshape(3, b * nh, seq, dh)
-            del qkv
-            probs = drop(torch.bmm(q * scale, k.transpose(-1, -2)).softmax(-1), p_drop, 1 + 4 * i)
-            o = torch.bmm(probs, v).reshape(b, nh, seq, dh).permute(0, 2, 1, 3).reshape(b, seq, inner)
-        h = h + (drop(F.linear(o, *out), p_drop, 2 + 4 * i) if out is not None else o)
-        g = drop(F.gelu(lin(ln(h))), p_drop, 3 + 4 * i)
-        h = h + drop(lin(g), p_drop, 4 + 4 * i)
-
-    def pool(t: torch.Tensor) -> torch.Tensor:
-        return t if pruned else t[:, 0] if cfg["pool_cls"] else t[:, ncls:].mean(1)
-
-    pooled = ln(pool(h)) if pruned or cfg["norm_after_pool"] else pool(ln(h))
-    return lin(pooled)
 
 
 class _ViTFunction(torch.autograd.Function):
@@ -586,6 +480,11 @@ class ViT(nn.Module):
 
     def _run(self, img: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
         cfg = self._config(self.training)
+        if img.is_cuda:
+            # On a GPU the step is kernel launches, not memory traffic: torch's autograd over
+            # the same math with its fused attention (SDPA) beats both the tch-op path and
+            # vit-pytorch's unfused attention (benchmarks/bench_gpu.py).
+            return _functional_forward(cfg, img, params, sdpa=True)
         cfg["checked"] = _CHECKED  # by forward, just now
         if torch.is_grad_enabled() and (img.requires_grad or any(p.requires_grad for p in params)):
             return _ViTFunction.apply(cfg, img, *params)

@@ -24,6 +24,13 @@ from ..errors import FerrotorchRuntimeError, FerrotorchValueError
 
 __all__: list[str] = []
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _cuda_plain(p: torch.Tensor) -> bool:
+    """A plain tensor (no subclass such as DTensor) in CUDA memory: what the lean device path
+    takes."""
+    return p.is_cuda and type(p) in _PLAIN
 
 
 def closure_loss(closure: Callable[[], Any] | None) -> Any:
@@ -32,6 +39,7 @@ def closure_loss(closure: Callable[[], Any] | None) -> Any:
         return None
     with torch.enable_grad():
         return closure()
+
 
 class _FusedOptimizer:
     """Mixin placed before a ``torch.optim`` class in the bases of a ferrotorch optimizer."""
@@ -56,9 +64,10 @@ class _FusedOptimizer:
     _device_fused: ClassVar[bool] = False
 
     def _fallback(
-        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], first: list[bool], **how: Any
+        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], st: list[dict[str, Any]], first: list[bool], **how: Any
     ) -> None:
-        """Steps ``params`` with torch's functional implementation, reading ``grads``;
+        """Steps ``params`` (whose state dicts are ``st``) with torch's functional
+        implementation, reading ``grads``;
         ``how`` picks it (``foreach=True``, ``fused=True`` with ``grad_scale``/``found_inf``),
         torch's default (single-tensor on CPU) otherwise."""
         raise NotImplementedError
@@ -97,6 +106,8 @@ class _FusedOptimizer:
                 if p.grad is not None:
                     _compat.check_fused(p)
             self._need_device_dtype_check_for_fused = False
+        if self._step_cuda_group(group, clip):
+            return
         first: list[int] = []
         before: dict[int, dict[str, Any] | None] = {}
         try:
@@ -197,7 +208,10 @@ class _FusedOptimizer:
     def _run_slow(self, group: dict[str, Any], slow: list[tuple[int, bool]], scale: float | None, clip: float | None) -> None:
         on_device = [(i, f) for i, f in slow if _compat.accelerator(group["params"][i])]
         if on_device:
-            self._device_step(group, on_device, clip)
+            dev_params = [group["params"][i] for i, _ in on_device]
+            self._device_step(
+                group, dev_params, [p.grad for p in dev_params], [self.state[p] for p in dev_params], [f for _, f in on_device], clip
+            )
             if len(on_device) == len(slow):
                 return
             taken = {i for i, _ in on_device}
@@ -210,19 +224,77 @@ class _FusedOptimizer:
         unscaled = grads
         if clip is not None:
             grads = [g * clip for g in grads]  # the stored grads stay unclipped
-        self._fallback(group, params, grads, [f for _, f in slow])
+        self._fallback(group, params, grads, [self.state[p] for p in params], [f for _, f in slow])
         if scale is not None:
             # GradScaler's contract for fused optimizers (and the kernel's): grads end unscaled.
             for p, g in zip(params, unscaled):
                 p.grad = g
 
-    def _device_step(self, group: dict[str, Any], slow: list[tuple[int, bool]], clip: float | None) -> None:
+    def _step_cuda_group(self, group: dict[str, Any], clip: float | None) -> bool:
+        """A group whose parameters with grads are all plain CUDA tensors goes to torch's
+        fused/foreach kernels (``_device_step``) after one Python pass over the parameters,
+        the pass torch's own ``_init_group`` makes. The native planner's per-tensor checks
+        guard CPU memory the Rust kernels write, and none is written here; skipping them is
+        what keeps a GPU step as fast as ``fused=True``. False, with nothing done, for any
+        other group (CPU, mixed devices, subclasses, no grads): the general path takes it."""
+        params: list[torch.Tensor] = []
+        grads: list[torch.Tensor] = []
+        for p in group["params"]:
+            g = p.grad
+            if g is not None:
+                if not _cuda_plain(p):
+                    return False
+                params.append(p)
+                grads.append(g)
+        if not params:
+            return False
+        keys = self._spec.state_keys(group)
+        want = set(keys).union(self._spec.scalar_keys)
+        fused = self._device_fused
+        state = self.state
+        first: list[bool] = []
+        states: list[dict[str, Any]] = []
+        created: dict[torch.Tensor, dict[str, Any] | None] = {}
+        try:
+            for p in params:
+                st = state.get(p)
+                new = False
+                if st is None or st.keys() != want:  # missing keys (or extra ones: prepare is then a no-op)
+                    created.setdefault(p, dict(st) if st is not None else None)
+                    new = self._prepare_state(group, p, keys)
+                    st = state[p]
+                if fused:
+                    step = st.get("step")
+                    if step is not None and not (
+                        isinstance(step, torch.Tensor) and step.dtype is torch.float32 and step.get_device() == p.get_device()
+                    ):
+                        # where torch's fused kernels keep it
+                        st["step"] = torch.as_tensor(step).to(p.device, torch.float32)
+                first.append(new)
+                states.append(st)
+        except BaseException:
+            for p, old in created.items():
+                if old is None:
+                    state.pop(p, None)
+                else:
+                    state[p] = old
+            raise
+        self._device_step(group, params, grads, states, first, clip, steps_ready=True)
+        return True
+
+    def _device_step(
+        self,
+        group: dict[str, Any],
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        states: list[dict[str, Any]],
+        first: list[bool],
+        clip: float | None,
+        steps_ready: bool = False,
+    ) -> None:
         """Accelerator (CUDA, XPU, MPS) parameters: one call of torch's fused kernel for the
         group where torch has one (Adam, AdamW, SGD), its foreach kernels otherwise, so a GPU
         step is never slower than torch's ``fused=True``, and no Python runs per tensor."""
-        params = [group["params"][i] for i, _ in slow]
-        first = [f for _, f in slow]
-        grads = [p.grad for p in params]
         grad_scale = getattr(self, "grad_scale", None)  # GradScaler's fused-optimizer protocol
         found_inf = getattr(self, "found_inf", None)
         # torch's fused SGD seeds momentum buffers only when all of them are new.
@@ -235,14 +307,13 @@ class _FusedOptimizer:
         if clip is not None:
             grads = torch._foreach_mul(grads, clip)  # the stored grads stay unclipped
         if fused:
-            for p in params:
-                st = self.state[p]
+            for p, st in zip(params, states) if not steps_ready else ():
                 step = st.get("step")
                 if torch.is_tensor(step) and (step.device != p.device or step.dtype != torch.float32):
                     st["step"] = step.to(p.device, torch.float32)  # where torch's fused kernels keep it
-            self._fallback(group, params, grads, first, fused=True, grad_scale=grad_scale, found_inf=found_inf)
+            self._fallback(group, params, grads, states, first, fused=True, grad_scale=grad_scale, found_inf=found_inf)
         else:
-            self._fallback(group, params, grads, first, foreach=True)
+            self._fallback(group, params, grads, states, first, foreach=True)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a state dict written by this optimizer or by its ``torch.optim`` twin."""

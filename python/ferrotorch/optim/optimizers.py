@@ -49,9 +49,8 @@ class Adam(_FusedOptimizer, torch.optim.Adam):
     _group_keys = ("lr", "betas", "eps", "weight_decay", "amsgrad")
 
     def _fallback(
-        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], first: list[bool], **how: Any
+        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], st: list[dict[str, Any]], first: list[bool], **how: Any
     ) -> None:
-        st = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
         _tadam.adam(
             params,
@@ -94,10 +93,10 @@ class SGD(_FusedOptimizer, torch.optim.SGD):
     _group_keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
 
     def _fallback(
-        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], first: list[bool], **how: Any
+        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], st: list[dict[str, Any]], first: list[bool], **how: Any
     ) -> None:
         momentum = group["momentum"] != 0
-        bufs = [None if f or not momentum else self.state[p]["momentum_buffer"] for p, f in zip(params, first)]
+        bufs = [None if f or not momentum else s["momentum_buffer"] for s, f in zip(st, first)]
         _tsgd.sgd(
             params,
             grads,
@@ -112,8 +111,8 @@ class SGD(_FusedOptimizer, torch.optim.SGD):
             **how,
         )
         if momentum:
-            for p, b in zip(params, bufs):
-                self.state[p]["momentum_buffer"] = b
+            for s, b in zip(st, bufs):
+                s["momentum_buffer"] = b
 
 
 class RMSprop(_FusedOptimizer, torch.optim.RMSprop):
@@ -131,9 +130,8 @@ class RMSprop(_FusedOptimizer, torch.optim.RMSprop):
         return torch.zeros((), dtype=_compat.scalar_dtype())
 
     def _fallback(
-        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], first: list[bool], **how: Any
+        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], st: list[dict[str, Any]], first: list[bool], **how: Any
     ) -> None:
-        st = [self.state[p] for p in params]
         _trmsprop.rmsprop(
             params,
             grads,
@@ -170,9 +168,8 @@ class Adagrad(_FusedOptimizer, torch.optim.Adagrad):
         return torch.full_like(p, value, memory_format=torch.preserve_format)
 
     def _fallback(
-        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], first: list[bool], **how: Any
+        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], st: list[dict[str, Any]], first: list[bool], **how: Any
     ) -> None:
-        st = [self.state[p] for p in params]
         _tadagrad.adagrad(
             params,
             grads,
@@ -201,9 +198,8 @@ class Adamax(_FusedOptimizer, torch.optim.Adamax):
     _group_keys = ("lr", "betas", "eps", "weight_decay")
 
     def _fallback(
-        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], first: list[bool], **how: Any
+        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], st: list[dict[str, Any]], first: list[bool], **how: Any
     ) -> None:
-        st = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
         _tadamax.adamax(
             params,
@@ -234,9 +230,8 @@ class RAdam(_FusedOptimizer, torch.optim.RAdam):
     _group_keys = ("lr", "betas", "eps", "weight_decay")
 
     def _fallback(
-        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], first: list[bool], **how: Any
+        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], st: list[dict[str, Any]], first: list[bool], **how: Any
     ) -> None:
-        st = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
         _tradam.radam(
             params,
@@ -268,9 +263,8 @@ class Adadelta(_FusedOptimizer, torch.optim.Adadelta):
     _group_keys = ("lr", "rho", "eps", "weight_decay")
 
     def _fallback(
-        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], first: list[bool], **how: Any
+        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], st: list[dict[str, Any]], first: list[bool], **how: Any
     ) -> None:
-        st = [self.state[p] for p in params]
         _tadadelta.adadelta(
             params,
             grads,
@@ -306,9 +300,8 @@ class Rprop(_FusedOptimizer, torch.optim.Rprop):
         return super()._new_state(group, p, key)
 
     def _fallback(
-        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], first: list[bool], **how: Any
+        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], st: list[dict[str, Any]], first: list[bool], **how: Any
     ) -> None:
-        st = [self.state[p] for p in params]
         etaminus, etaplus = group["etas"]
         step_size_min, step_size_max = group["step_sizes"]
         _trprop.rprop(
@@ -343,9 +336,8 @@ class NAdam(_FusedOptimizer, torch.optim.NAdam):
         return torch.tensor(1.0, dtype=_compat.scalar_dtype())  # mu_product
 
     def _fallback(
-        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], first: list[bool], **how: Any
+        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], st: list[dict[str, Any]], first: list[bool], **how: Any
     ) -> None:
-        st = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
         _tnadam.nadam(
             params,
@@ -390,9 +382,8 @@ class ASGD(_FusedOptimizer, torch.optim.ASGD):
         return torch.ones((), device=p.device, dtype=_compat.scalar_dtype())  # mu
 
     def _fallback(
-        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], first: list[bool], **how: Any
+        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], st: list[dict[str, Any]], first: list[bool], **how: Any
     ) -> None:
-        st = [self.state[p] for p in params]
         _tasgd.asgd(
             params,
             grads,
