@@ -310,16 +310,40 @@ def _double_backward(ctx: Any, grad: torch.Tensor, params: list[torch.Tensor]) -
     return out
 
 
-def _lookup(root: nn.Module, name: str) -> Any:
-    """``root``'s attribute at the dotted ``name`` (None where there is none)."""
-    *path, last = name.split(".")
-    obj: Any = root
-    for part in path:
-        sub = obj._modules.get(part) if isinstance(obj, nn.Module) else None
-        obj = sub if sub is not None else getattr(obj, part, None)
-    if isinstance(obj, nn.Module) and last in obj._parameters:
-        return obj._parameters[last]
-    return getattr(obj, last, None)
+_MISSING = object()
+
+
+@functools.lru_cache(maxsize=64)
+def _paths(layout: tuple[tuple[str, tuple[int | str, ...]], ...]) -> tuple[tuple[tuple[str, ...], str], ...]:
+    """Each layout name split into its module path and the attribute at its end."""
+    return tuple((tuple(name.split(".")[:-1]), name.rsplit(".", 1)[-1]) for name, _ in layout)
+
+
+def _module_at(memo: dict[tuple[str, ...], Any], path: tuple[str, ...]) -> Any:
+    """The submodule (or attribute) at ``path`` below ``memo[()]``, None where there is none;
+    resolved prefixes are kept in ``memo`` for the call."""
+    obj = memo.get(path, _MISSING)
+    if obj is _MISSING:
+        parent = _module_at(memo, path[:-1])
+        mods = getattr(parent, "_modules", None)
+        sub = mods.get(path[-1]) if isinstance(mods, dict) else None
+        obj = sub if sub is not None else getattr(parent, path[-1], None)
+        memo[path] = obj
+    return obj
+
+
+def _lookup_all(root: nn.Module, layout: tuple[tuple[str, tuple[int | str, ...]], ...]) -> list[Any]:
+    """``root``'s attribute at each of ``layout``'s dotted names (None where there is none)."""
+    memo: dict[tuple[str, ...], Any] = {(): root}
+    out = []
+    for path, last in _paths(layout):
+        obj = _module_at(memo, path)
+        params = getattr(obj, "_parameters", None)
+        if isinstance(params, dict) and last in params:
+            out.append(params[last])
+        else:
+            out.append(getattr(obj, last, None))
+    return out
 
 
 # A dispatch mode (FakeTensorMode...), a torch function mode other than set_default_device's,
@@ -411,7 +435,7 @@ class ViT(nn.Module):
 
     def _ordered_params(self) -> list[torch.Tensor]:
         """The tensors ``vit_forward`` takes, in its order (``_layout``'s names)."""
-        return [_lookup(self, name) for name, _ in _layout(self._config(False, seed=False), self.image_size)]
+        return _lookup_all(self, _layout(self._config(False, seed=False), self.image_size))
 
     def _config(self, train: bool, seed: bool = True) -> dict[str, Any]:
         drop = seed and train and (self.dropout_p > 0 or self.emb_dropout_p > 0)
@@ -502,13 +526,23 @@ class ViT(nn.Module):
         # Any tensor on another device (meta included: torch would read garbage) is an error
         # on every path.
         dev, hooked = img.device, None
-        for m in self.modules():
-            for t in (*m._parameters.values(), *m._buffers.values()):
-                if t is not None and t.device != dev:
-                    name = next(n for n, u in (*self.named_parameters(), *self.named_buffers()) if u is t)
-                    raise FerrotorchValueError(f"ViT: images are on {dev}, the model's {name} on {t.device}")
+        # Every submodule once, depth first in registration order (what modules() yields,
+        # walked by hand: this runs on every forward).
+        stack: list[nn.Module] = [self]
+        seen: set[int] = set()
+        while stack:
+            m = stack.pop()
+            if id(m) in seen:
+                continue
+            seen.add(id(m))
+            for tensors in (m._parameters, m._buffers):
+                for t in tensors.values():
+                    if t is not None and t.device != dev:
+                        name = next(n for n, u in (*self.named_parameters(), *self.named_buffers()) if u is t)
+                        raise FerrotorchValueError(f"ViT: images are on {dev}, the model's {name} on {t.device}")
             if hooked is None and m is not self and (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks):
                 hooked = m
+            stack.extend(reversed([c for c in m._modules.values() if c is not None]))
         if hooked is not None:
             return "hooks on " + next(n for n, m in self.named_modules() if m is hooked)
         mod = torch.nn.modules.module
@@ -523,65 +557,92 @@ class ViT(nn.Module):
 
     def _structure_problem(self, img: torch.Tensor) -> str | None:
         """The first module or attribute that differs from what the configuration describes
-        (and the kernels compute), or None."""
+        (and the kernels compute), or None. Submodules and parameters are read from the
+        modules' own dicts: this runs on every forward, and nn.Module's ``__getattr__`` and
+        ``Sequential.__getitem__`` cost microseconds each."""
         dim, eps, p = self.dim, self.layer_norm_eps, self.dropout_p
 
-        def ln(m: object) -> bool:
-            return type(m) is nn.LayerNorm and m.elementwise_affine and m.bias is not None and len(m.normalized_shape) == 1 and m.eps == eps
+        def kids(m: Any) -> list[Any]:
+            return list(m._modules.values())
 
-        def dropout(m: object, rate: float) -> bool:
+        def ln(m: Any) -> bool:
+            return (
+                type(m) is nn.LayerNorm
+                and m.elementwise_affine
+                and m._parameters.get("bias") is not None
+                and len(m.normalized_shape) == 1
+                and m.eps == eps
+            )
+
+        def dropout(m: Any, rate: float) -> bool:
             return type(m) is nn.Dropout and m.p == rate and m.training == self.training
 
-        def lin(m: object, bias: bool = True) -> bool:
-            return type(m) is nn.Linear and (m.bias is not None) == bias
+        def lin(m: Any, bias: bool = True) -> bool:
+            return type(m) is nn.Linear and (m._parameters.get("bias") is not None) == bias
 
-        checks: list[tuple[str, object]] = []
-        pe = self.to_patch_embedding
-        checks.append(("to_patch_embedding", type(pe) is nn.Sequential and len(pe) == 4))
-        if checks[-1][1]:
-            norm = ln if self.patch_norm else (lambda m: type(m) is nn.Identity)
-            checks += [
-                ("to_patch_embedding.0", type(pe[0]) is _Patchify and (pe[0].ph, pe[0].pw) == self.patch_size),
-                ("to_patch_embedding.1", norm(pe[1])),
-                ("to_patch_embedding.2", lin(pe[2])),
-                ("to_patch_embedding.3", norm(pe[3])),
-            ]
-        checks += [
+        top = self._modules
+        pe = top.get("to_patch_embedding")
+        if not (type(pe) is nn.Sequential and len(pe) == 4):
+            return "to_patch_embedding is not what the configuration describes"
+        pe0, pe1, pe2, pe3 = kids(pe)
+        norm = ln if self.patch_norm else (lambda m: type(m) is nn.Identity)
+        checks: list[tuple[str, object]] = [
+            ("to_patch_embedding.0", type(pe0) is _Patchify and (pe0.ph, pe0.pw) == self.patch_size),
+            ("to_patch_embedding.1", norm(pe1)),
+            ("to_patch_embedding.2", lin(pe2)),
+            ("to_patch_embedding.3", norm(pe3)),
             ("pool", self.pool in ("cls", "mean") and (self.pool == "mean" or self.class_token)),
-            ("dropout", dropout(self.dropout, self.emb_dropout_p)),
-            ("to_latent", type(self.to_latent) is nn.Identity),
-            ("mlp_head", lin(self.mlp_head)),
+            ("dropout", dropout(top.get("dropout"), self.emb_dropout_p)),
+            ("to_latent", type(top.get("to_latent")) is nn.Identity),
+            ("mlp_head", lin(top.get("mlp_head"))),
         ]
         if not self.class_token:
             # not passed to the kernels; vit-pytorch concatenates it all the same
             t = self.cls_token
             checks.append(("cls_token", type(t) in (torch.Tensor, nn.Parameter) and tuple(t.shape) == (0, dim) and t.dtype == img.dtype))
-        tr = self.transformer
-        checks.append(("transformer", type(tr) is _Transformer and ln(tr.norm) and tr.norm_tokens == (not self.fc_norm)))
-        checks.append(("transformer.layers", type(tr.layers) is nn.ModuleList and len(tr.layers) == self.depth))
-        project_out = not (self.heads == 1 and self.dim_head == dim)
-        layers: Any = tr.layers if checks[-1][1] else []
-        for i, layer in enumerate(layers):
-            where = f"transformer.layers.{i}"
-            if not (type(layer) is nn.ModuleList and len(layer) == 2 and type(layer[0]) is _Attention and type(layer[1]) is _FeedForward):
-                checks.append((where, False))
-                continue
-            a: Any = layer[0]
-            f: Any = layer[1]
-            if project_out:
-                to_out = type(a.to_out) is nn.Sequential and len(a.to_out) == 2 and lin(a.to_out[0]) and dropout(a.to_out[1], p)
-            else:
-                to_out = type(a.to_out) is nn.Identity
-            checks.append((f"{where}.0", ln(a.norm) and lin(a.to_qkv, self.qkv_bias) and to_out and a.heads == self.heads and a.scale == self.dim_head**-0.5))
-            checks.append((f"{where}.0.attend", type(a.attend) is nn.Softmax and a.attend.dim in (-1, 3)))
-            checks.append((f"{where}.0.dropout", dropout(a.dropout, p)))
-            net = f.net
-            ok: object = type(net) is nn.Sequential and len(net) == 6
-            ok = ok and ln(net[0]) and lin(net[1]) and type(net[2]) is nn.GELU and net[2].approximate == "none"
-            checks.append((f"{where}.1.net", ok and dropout(net[3], p) and lin(net[4]) and dropout(net[5], p)))
         for name, good in checks:
             if not good:
                 return f"{name} is not what the configuration describes"
+        tr = top.get("transformer")
+        if not (type(tr) is _Transformer and ln(tr._modules.get("norm")) and tr.norm_tokens == (not self.fc_norm)):
+            return "transformer is not what the configuration describes"
+        layers = tr._modules.get("layers")
+        if not (type(layers) is nn.ModuleList and len(layers) == self.depth):
+            return "transformer.layers is not what the configuration describes"
+        project_out = not (self.heads == 1 and self.dim_head == dim)
+        for i, layer in enumerate(kids(layers)):
+            where = f"transformer.layers.{i}"
+            parts = kids(layer) if type(layer) is nn.ModuleList else []
+            if not (len(parts) == 2 and type(parts[0]) is _Attention and type(parts[1]) is _FeedForward):
+                return f"{where} is not what the configuration describes"
+            a, f = parts[0]._modules, parts[1]._modules
+            to_out = a.get("to_out")
+            if project_out:
+                out_ok = type(to_out) is nn.Sequential and len(to_out) == 2 and lin(kids(to_out)[0]) and dropout(kids(to_out)[1], p)
+            else:
+                out_ok = type(to_out) is nn.Identity
+            att = parts[0]
+            if not (ln(a.get("norm")) and lin(a.get("to_qkv"), self.qkv_bias) and out_ok and att.heads == self.heads and att.scale == self.dim_head**-0.5):
+                return f"{where}.0 is not what the configuration describes"
+            attend = a.get("attend")
+            if not (type(attend) is nn.Softmax and attend.dim in (-1, 3)):
+                return f"{where}.0.attend is not what the configuration describes"
+            if not dropout(a.get("dropout"), p):
+                return f"{where}.0.dropout is not what the configuration describes"
+            net = f.get("net")
+            nk = kids(net) if type(net) is nn.Sequential else []
+            ok = (
+                len(nk) == 6
+                and ln(nk[0])
+                and lin(nk[1])
+                and type(nk[2]) is nn.GELU
+                and nk[2].approximate == "none"
+                and dropout(nk[3], p)
+                and lin(nk[4])
+                and dropout(nk[5], p)
+            )
+            if not ok:
+                return f"{where}.1.net is not what the configuration describes"
         return None
 
     def _module_forward(self, img: torch.Tensor) -> torch.Tensor:

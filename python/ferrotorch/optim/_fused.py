@@ -251,6 +251,8 @@ class _FusedOptimizer:
         keys = self._spec.state_keys(group)
         want = set(keys).union(self._spec.scalar_keys)
         fused = self._device_fused
+        # One GPU: `is_cuda` settles a step's device; with several, compare indices too.
+        multi = fused and torch.cuda.device_count() > 1
         state = self.state
         first: list[bool] = []
         states: list[dict[str, Any]] = []
@@ -266,7 +268,10 @@ class _FusedOptimizer:
                 if fused:
                     step = st.get("step")
                     if step is not None and not (
-                        isinstance(step, torch.Tensor) and step.dtype is torch.float32 and step.get_device() == p.get_device()
+                        type(step) is torch.Tensor
+                        and step.is_cuda
+                        and step.dtype is torch.float32
+                        and (not multi or step.get_device() == p.get_device())
                     ):
                         # where torch's fused kernels keep it
                         st["step"] = torch.as_tensor(step).to(p.device, torch.float32)
