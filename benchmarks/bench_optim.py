@@ -8,6 +8,14 @@ the median ms per ``step()`` over several timed runs; ratios are torch's time di
 ferrotorch's (higher is better for ferrotorch); "x best" compares with torch's fastest
 implementation (fused where torch has one, else foreach). Rows whose implementation leaves bf16
 parameters unchanged after a step are flagged: torch 2.13's fused SGD skips bf16 updates.
+
+The roofline columns: "GB/s" is the memory traffic ferrotorch's step must make (each element of
+the parameter, grad and per-element state read once, and the parameter and state written once:
+``ACCESSES`` below) over its time; "% roof" compares it with the best of STREAM-style copy,
+triad and in-place axpy loops (torch's kernels) timed in the same run, at the same thread
+count, on arrays as large as the layout (so both meet the same caches); their GB/s are
+printed once per layout, thread count and dtype. A memory-bound step near 100% is at the
+machine's roofline.
 """
 
 from __future__ import annotations
@@ -40,6 +48,16 @@ CONFIGS = {
     "Rprop": (torch.optim.Rprop, fopt.Rprop, dict(lr=1e-2)),
     "Adafactor": (torch.optim.Adafactor, fopt.Adafactor, dict(lr=1e-2)),
 }
+#: Tensors of the size of the parameters a step reads or writes, counting one read and one
+#: write of the same tensor as two (default options: no amsgrad, momentum, centering).
+ACCESSES = {
+    "Adam": 7, "AdamW": 7,  # p rw, grad r, exp_avg rw, exp_avg_sq rw
+    "SGD(momentum)": 5, "SGD(nesterov)": 5,  # p rw, grad r, momentum_buffer rw
+    "RMSprop": 5, "Adagrad": 5,  # p rw, grad r, square_avg / sum rw
+    "Adamax": 7, "RAdam": 7, "NAdam": 7, "Adadelta": 7, "Rprop": 7,  # two state tensors
+    "ASGD": 5,  # p rw, grad r, ax rw
+    "Adafactor": 3,  # p rw, grad r (the factored state is rows + cols)
+}
 #: torch.optim classes with a fused CPU kernel (torch 2.13).
 FUSED = {"Adam", "AdamW", "SGD(momentum)", "SGD(nesterov)", "Adagrad"}
 
@@ -65,6 +83,33 @@ def time_steps(opt: torch.optim.Optimizer, steps: int, repeats: int) -> float:
             opt.step()
         samples.append((time.perf_counter() - t0) / steps * 1e3)
     return statistics.median(samples)
+
+
+def stream_gbps(numel: int, dtype: torch.dtype, threads: int, repeats: int) -> dict[str, float]:
+    """STREAM-style bandwidths over arrays of ``numel`` elements, in GB/s counting each
+    element read or written once: copy ``a = b``, triad ``a = b + s * c`` and the in-place
+    axpy ``a += s * c`` (the access pattern of an optimizer step: no write-allocate reads).
+    Torch's kernels at ``threads`` threads, median of ``repeats`` timed runs of 5."""
+    torch.set_num_threads(threads)
+    b, c = torch.rand(numel, dtype=dtype), torch.rand(numel, dtype=dtype)
+    a = torch.empty_like(b)
+    kernels = {
+        "copy": (2, lambda: a.copy_(b)),
+        "triad": (3, lambda: torch.add(b, c, alpha=0.5, out=a)),
+        "axpy": (3, lambda: a.add_(c, alpha=1e-3)),
+    }
+    out = {}
+    for name, (arrays, run) in kernels.items():
+        for _ in range(3):
+            run()
+        samples = []
+        for _ in range(max(repeats, 5)):
+            t0 = time.perf_counter()
+            for _ in range(5):
+                run()
+            samples.append((time.perf_counter() - t0) / 5)
+        out[name] = arrays * numel * a.element_size() / statistics.median(samples) / 1e9
+    return out
 
 
 def bench(name: str, layout: str, dtype: torch.dtype, threads: int, repeats: int) -> dict[str, float | str]:
@@ -106,7 +151,22 @@ def main() -> None:
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     print(_machine())
     print(f"torch {torch.__version__}, ms per step (median of {repeats}); x best = torch's fastest (fused, else foreach) / ferrotorch")
-    head = f"{'optimizer':<14} {'lay':>3} {'thr':>3} {'dtype':>5} | {'loop':>8} {'foreach':>8} {'fused':>8} {'ferro':>8} | {'x loop':>6} {'x fe':>6} {'x best':>7}"
+    names = {n.lower(): n for n in CONFIGS}
+    wanted = []
+    for n in args.optimizers.split(","):
+        if n.strip().lower() not in names:
+            ap.error(f"unknown optimizer {n!r}; choose from {', '.join(CONFIGS)}")
+        wanted.append(names[n.strip().lower()])
+    for d in args.dtypes.split(","):
+        if d not in dtypes:
+            ap.error(f"unknown dtype {d!r}; choose from {', '.join(dtypes)}")
+    for lay in args.layouts.split(","):
+        if lay not in LAYOUTS:
+            ap.error(f"unknown layout {lay!r}; choose from {', '.join(LAYOUTS)}")
+    head = (
+        f"{'optimizer':<14} {'lay':>3} {'thr':>3} {'dtype':>5} | {'loop':>8} {'foreach':>8} {'fused':>8} {'ferro':>8} | "
+        f"{'x loop':>6} {'x fe':>6} {'x best':>7} | {'GB/s':>6} {'% roof':>7}"
+    )
     print(head)
     print("-" * len(head))
     cells = [
@@ -114,8 +174,9 @@ def main() -> None:
         for layout in args.layouts.split(",")
         for threads in map(int, args.threads.split(","))
         for dname in args.dtypes.split(",")
-        for name in args.optimizers.split(",")
+        for name in wanted
     ]
+    roof: dict[tuple[str, int, str], float] = {}
     progress = _progress(len(cells), args.no_progress)
     rows = []
     for layout, threads, dname, name in cells:
@@ -126,10 +187,16 @@ def main() -> None:
         notes = " ".join(f"[{k[:-5]}: {v}]" for k, v in r.items() if k.endswith("note"))
         ours = r["ferrotorch"]
         fused = f"{r['torch fused']:8.2f}" if "torch fused" in r else f"{'-':>8}"
+        numel = LAYOUTS[layout][0] * LAYOUTS[layout][1]
+        if (layout, threads, dname) not in roof:
+            bw = stream_gbps(numel, dtypes[dname], threads, repeats)
+            roof[layout, threads, dname] = max(bw.values())
+            print(f"  (layout {layout}, {threads} thread(s), {dname}: " + ", ".join(f"{k} {v:.1f}" for k, v in bw.items()) + " GB/s)")
+        gbps = ACCESSES[name] * numel * torch.empty((), dtype=dtypes[dname]).element_size() / (ours / 1e3) / 1e9
         print(
             f"{name:<14} {layout:>3} {threads:>3} {dname:>5} | {r['torch loop']:8.2f} {r['torch foreach']:8.2f} "
             f"{fused} {ours:8.2f} | {r['torch loop'] / ours:6.2f} {r['torch foreach'] / ours:6.2f} "
-            f"{best / ours:7.2f} {notes}",
+            f"{best / ours:7.2f} | {gbps:6.1f} {100 * gbps / roof[layout, threads, dname]:6.0f}% {notes}",
             flush=True,
         )
     progress.close()
