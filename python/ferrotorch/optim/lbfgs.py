@@ -43,6 +43,9 @@ class LBFGS(_NativeStep, torch.optim.LBFGS):
         return out if _native.lbfgs_gather(params, sources, out) else None
 
     def _gather_flat_grad(self) -> Tensor:
+        if len(self._params) == 1:
+            # One op in torch already (a view's cat): checking it costs more than it saves.
+            return super()._gather_flat_grad()
         out = self._flat([p.grad for p in self._params])
         if out is None:
             return super()._gather_flat_grad()
@@ -51,11 +54,13 @@ class LBFGS(_NativeStep, torch.optim.LBFGS):
         return out
 
     def _add_grad(self, step_size: Any, update: Tensor) -> None:
-        if type(update) is Tensor and _native.lbfgs_add(self._params, update, float(step_size)):
+        if len(self._params) > 1 and type(update) is Tensor and _native.lbfgs_add(self._params, update, float(step_size)):
             return
         super()._add_grad(step_size, update)
 
     def _clone_param(self) -> Any:
+        if len(self._params) == 1:
+            return super()._clone_param()
         out = self._flat(list(self._params))  # a flat copy; _set_param takes it back
         return super()._clone_param() if out is None else out
 
