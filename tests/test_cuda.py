@@ -122,13 +122,19 @@ def test_model_ema():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=k)
 
 
-def test_vit_matches_vit_pytorch():
+def _vit_twins(seed: int, depth: int):
+    """vit-pytorch's ViT and ferrotorch's with the same weights, on the GPU."""
     vit_pytorch = pytest.importorskip("vit_pytorch")
-    kw = dict(image_size=16, patch_size=4, num_classes=10, dim=32, depth=3, heads=4, mlp_dim=64, dim_head=8)
-    torch.manual_seed(0)
+    kw = dict(image_size=16, patch_size=4, num_classes=10, dim=32, depth=depth, heads=4, mlp_dim=64, dim_head=8)
+    torch.manual_seed(seed)
     ref = vit_pytorch.ViT(**kw).to(DEV)
     ours = ViT(**kw).to(DEV)
     ours.load_state_dict(ref.state_dict())
+    return ours, ref
+
+
+def test_vit_matches_vit_pytorch():
+    ours, ref = _vit_twins(0, depth=3)
     x = torch.randn(4, 3, 16, 16, device=DEV)
     lo, lr = ours(x), ref(x)
     torch.testing.assert_close(lo, lr, rtol=1e-4, atol=1e-5)
@@ -275,12 +281,7 @@ def test_compiled_step():
 def test_vit_autocast_bf16_trains():
     """The ViT under CUDA autocast (bf16), the usual GPU training setup: forward and backward
     agree with vit-pytorch under the same autocast to bf16's precision."""
-    vit_pytorch = pytest.importorskip("vit_pytorch")
-    kw = dict(image_size=16, patch_size=4, num_classes=10, dim=32, depth=2, heads=4, mlp_dim=64, dim_head=8)
-    torch.manual_seed(1)
-    ref = vit_pytorch.ViT(**kw).to(DEV)
-    ours = ViT(**kw).to(DEV)
-    ours.load_state_dict(ref.state_dict())
+    ours, ref = _vit_twins(1, depth=2)
     x = torch.randn(8, 3, 16, 16, device=DEV)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         lo, lr = ours(x), ref(x)
@@ -296,12 +297,7 @@ def test_vit_gradient_penalty_matches_vit_pytorch():
     """Double backward on the GPU (a gradient penalty, create_graph=True): the fused
     attention's backward recomputes the attention differentiably, so the penalty's gradient
     reaches the parameters as in vit-pytorch."""
-    vit_pytorch = pytest.importorskip("vit_pytorch")
-    kw = dict(image_size=16, patch_size=4, num_classes=10, dim=32, depth=2, heads=4, mlp_dim=64, dim_head=8)
-    torch.manual_seed(2)
-    ref = vit_pytorch.ViT(**kw).to(DEV).double()
-    ours = ViT(**kw).to(DEV).double()
-    ours.load_state_dict(ref.state_dict())
+    ours, ref = (m.double() for m in _vit_twins(2, depth=2))
     x = torch.randn(4, 3, 16, 16, device=DEV, dtype=torch.float64)
     for m in (ours, ref):
         xi = x.clone().requires_grad_()
