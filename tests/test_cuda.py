@@ -188,6 +188,23 @@ def test_sparse_adam():
     torch.testing.assert_close(ea.weight, eb.weight, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("name", ["SGD", "Adagrad"])
+def test_sparse_embedding_grads(name):
+    """nn.Embedding(sparse=True) on the GPU: torch's fused kernels take no sparse grads, so
+    ours must step them as torch's default does."""
+    ga, gb = torch.Generator().manual_seed(17), torch.Generator().manual_seed(17)
+    ea, eb = (torch.nn.Embedding(50, 8, sparse=True).to(DEV) for _ in range(2))
+    eb.load_state_dict(ea.state_dict())
+    ours, ref = getattr(fopt, name)(ea.parameters(), lr=1e-2), getattr(torch.optim, name)(eb.parameters(), lr=1e-2)
+    for _ in range(4):
+        for emb, opt, gen in ((ea, ours, ga), (eb, ref, gb)):
+            idx = torch.randint(0, 50, (12,), generator=gen).to(DEV)
+            opt.zero_grad()
+            emb(idx).pow(2).sum().backward()
+            opt.step()
+    torch.testing.assert_close(ea.weight, eb.weight, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
 def test_lbfgs(line_search_fn):
     torch.manual_seed(13)

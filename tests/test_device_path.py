@@ -206,3 +206,23 @@ def test_lean_path_resumes_a_checkpoint_and_takes_extra_state_keys(name, monkeyp
     for a, b in zip(pa, pb):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adagrad"])
+def test_device_path_sparse_grads(name, device_path, monkeypatch):
+    """Sparse gradients (``nn.Embedding(sparse=True)``) on the device path: torch's fused
+    kernels refuse them, so the group takes the foreach step torch's default picks on a GPU,
+    which steps them as torch does."""
+    ours_cls, torch_cls = OPTIMIZERS[name]
+    ea, eb = torch.nn.Embedding(20, 4, sparse=True), torch.nn.Embedding(20, 4, sparse=True)
+    eb.load_state_dict(ea.state_dict())
+    ours = _ours(ours_cls, list(ea.parameters()), {"lr": 0.1}, monkeypatch)
+    ref = torch_cls(eb.parameters(), lr=0.1, foreach=True)
+    for step in range(3):
+        idx = torch.tensor([step, 3, 7, 3])
+        for emb, opt in ((ea, ours), (eb, ref)):
+            opt.zero_grad()
+            emb(idx).pow(2).sum().backward()
+            opt.step()
+    assert device_path
+    assert torch.equal(ea.weight, eb.weight)

@@ -302,8 +302,14 @@ class _FusedOptimizer:
         step is never slower than torch's ``fused=True``, and no Python runs per tensor."""
         grad_scale = getattr(self, "grad_scale", None)  # GradScaler's fused-optimizer protocol
         found_inf = getattr(self, "found_inf", None)
-        # torch's fused SGD seeds momentum buffers only when all of them are new.
-        fused = self._device_fused and (not any(first) or all(first) or "momentum_buffer" not in self._state_key_set)
+        # torch's fused SGD seeds momentum buffers only when all of them are new, and its fused
+        # kernels take no sparse grads (nn.Embedding(sparse=True)): foreach, as torch's
+        # default on a GPU, steps those.
+        fused = (
+            self._device_fused
+            and (not any(first) or all(first) or "momentum_buffer" not in self._state_key_set)
+            and not any(g.is_sparse for g in grads)
+        )
         if grad_scale is not None and (clip is not None or not fused):
             # The fused kernel unscales by itself; otherwise unscale in place here (GradScaler's
             # contract: grads end unscaled), before clipping, as on the CPU path.
