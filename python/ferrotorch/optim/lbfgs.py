@@ -35,17 +35,16 @@ class LBFGS(_NativeStep, torch.optim.LBFGS):
 
     def _flat(self, sources: list[Tensor | None]) -> Tensor | None:
         """``cat`` of ``sources`` (one per parameter, None for zeros) in one Rust call, or
-        None when it declines (it checks every tensor; ``out`` is a CPU buffer it fills)."""
+        None when it declines (it checks every tensor; ``out`` is a CPU buffer it fills). A
+        single parameter is declined too: torch's cat of one view is one op already, and
+        checking it costs more than it saves."""
         params = self._params
-        if not params or params[0].device.type != "cpu":
+        if len(params) < 2 or params[0].device.type != "cpu":
             return None
         out = torch.empty(self._numel(), dtype=params[0].dtype)
         return out if _native.lbfgs_gather(params, sources, out) else None
 
     def _gather_flat_grad(self) -> Tensor:
-        if len(self._params) == 1:
-            # One op in torch already (a view's cat): checking it costs more than it saves.
-            return super()._gather_flat_grad()
         out = self._flat([p.grad for p in self._params])
         if out is None:
             return super()._gather_flat_grad()
@@ -54,13 +53,12 @@ class LBFGS(_NativeStep, torch.optim.LBFGS):
         return out
 
     def _add_grad(self, step_size: Any, update: Tensor) -> None:
+        # one parameter: torch's single add_, as in _flat
         if len(self._params) > 1 and type(update) is Tensor and _native.lbfgs_add(self._params, update, float(step_size)):
             return
         super()._add_grad(step_size, update)
 
     def _clone_param(self) -> Any:
-        if len(self._params) == 1:
-            return super()._clone_param()
         out = self._flat(list(self._params))  # a flat copy; _set_param takes it back
         return super()._clone_param() if out is None else out
 
