@@ -33,6 +33,19 @@ def _cuda_plain(p: torch.Tensor) -> bool:
     return p.is_cuda and type(p) in _PLAIN
 
 
+def _place_fused_step(st: dict[str, Any], p: torch.Tensor, one_gpu: bool) -> None:
+    """Puts ``st["step"]`` where torch's fused kernels read it: a float32 tensor on ``p``'s
+    device (a checkpoint or torch's non-fused optimizer may keep it on the CPU). With
+    ``one_gpu`` (``p`` on the only CUDA device) ``is_cuda`` settles the device, cheaper than
+    comparing devices on every step."""
+    step = st.get("step")
+    if step is None:
+        return
+    if type(step) is torch.Tensor and step.dtype is torch.float32 and (step.is_cuda if one_gpu else step.device == p.device):
+        return
+    st["step"] = torch.as_tensor(step).to(p.device, torch.float32)
+
+
 def closure_loss(closure: Callable[[], Any] | None) -> Any:
     """Runs a step's closure with grad enabled (steps run under no_grad); its loss, or None."""
     if closure is None:
@@ -209,9 +222,11 @@ class _FusedOptimizer:
         on_device = [(i, f) for i, f in slow if _compat.accelerator(group["params"][i])]
         if on_device:
             dev_params = [group["params"][i] for i, _ in on_device]
-            self._device_step(
-                group, dev_params, [p.grad for p in dev_params], [self.state[p] for p in dev_params], [f for _, f in on_device], clip
-            )
+            dev_states = [self.state[p] for p in dev_params]
+            if self._device_fused:
+                for p, st in zip(dev_params, dev_states):
+                    _place_fused_step(st, p, one_gpu=False)
+            self._device_step(group, dev_params, [p.grad for p in dev_params], dev_states, [f for _, f in on_device], clip)
             if len(on_device) == len(slow):
                 return
             taken = {i for i, _ in on_device}
@@ -251,8 +266,7 @@ class _FusedOptimizer:
         keys = self._spec.state_keys(group)
         want = set(keys).union(self._spec.scalar_keys)
         fused = self._device_fused
-        # One GPU: `is_cuda` settles a step's device; with several, compare indices too.
-        multi = fused and torch.cuda.device_count() > 1
+        one_gpu = fused and torch.cuda.device_count() == 1
         state = self.state
         first: list[bool] = []
         states: list[dict[str, Any]] = []
@@ -266,15 +280,7 @@ class _FusedOptimizer:
                     new = self._prepare_state(group, p, keys)
                     st = state[p]
                 if fused:
-                    step = st.get("step")
-                    if step is not None and not (
-                        type(step) is torch.Tensor
-                        and step.is_cuda
-                        and step.dtype is torch.float32
-                        and (not multi or step.get_device() == p.get_device())
-                    ):
-                        # where torch's fused kernels keep it
-                        st["step"] = torch.as_tensor(step).to(p.device, torch.float32)
+                    _place_fused_step(st, p, one_gpu)
                 first.append(new)
                 states.append(st)
         except BaseException:
@@ -284,7 +290,7 @@ class _FusedOptimizer:
                 else:
                     state[p] = old
             raise
-        self._device_step(group, params, grads, states, first, clip, steps_ready=True)
+        self._device_step(group, params, grads, states, first, clip)
         return True
 
     def _device_step(
@@ -295,11 +301,10 @@ class _FusedOptimizer:
         states: list[dict[str, Any]],
         first: list[bool],
         clip: float | None,
-        steps_ready: bool = False,
     ) -> None:
         """Accelerator (CUDA, XPU, MPS) parameters: one call of torch's fused kernel for the
-        group where torch has one (Adam, AdamW, SGD), its foreach kernels otherwise, so a GPU
-        step is never slower than torch's ``fused=True``, and no Python runs per tensor."""
+        group where torch has one (Adam, AdamW, SGD), its foreach kernels otherwise. The
+        callers have put each ``step`` where the fused kernels read it."""
         grad_scale = getattr(self, "grad_scale", None)  # GradScaler's fused-optimizer protocol
         found_inf = getattr(self, "found_inf", None)
         # torch's fused SGD seeds momentum buffers only when all of them are new, and its fused
@@ -318,10 +323,6 @@ class _FusedOptimizer:
         if clip is not None:
             grads = torch._foreach_mul(grads, clip)  # the stored grads stay unclipped
         if fused:
-            for p, st in zip(params, states) if not steps_ready else ():
-                step = st.get("step")
-                if torch.is_tensor(step) and (step.device != p.device or step.dtype != torch.float32):
-                    st["step"] = step.to(p.device, torch.float32)  # where torch's fused kernels keep it
             self._fallback(group, params, grads, states, first, fused=True, grad_scale=grad_scale, found_inf=found_inf)
         else:
             self._fallback(group, params, grads, states, first, foreach=True)
