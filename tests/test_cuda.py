@@ -144,7 +144,8 @@ def test_vit_matches_vit_pytorch():
         assert float((a.grad - b.grad).abs().max() / b.grad.abs().max().clamp_min(1e-12)) < 1e-4, name
 
 
-def _torch_and_ours(name):
+def _classes(name):
+    """ferrotorch's optimizer class called ``name`` and torch's."""
     return getattr(fopt, name), getattr(torch.optim, name)
 
 
@@ -158,7 +159,7 @@ def _torch_and_ours(name):
 def test_own_step_optimizers_match_torch(name, cfg):
     """Optimizers whose CPU step is ferrotorch's own (not torch's fused/foreach kernels) give
     torch's CUDA answer on CUDA tensors."""
-    ours_cls, torch_cls = _torch_and_ours(name)
+    ours_cls, torch_cls = _classes(name)
     shapes = [(8, 5), (33, 17)] if name == "Muon" else [(7,), (4, 5), (33, 17)]
     g = torch.Generator().manual_seed(11)
     init = [torch.randn(s, generator=g) for s in shapes]
@@ -174,29 +175,16 @@ def test_own_step_optimizers_match_torch(name, cfg):
     torch_cls(pb, **cfg).load_state_dict(ours.state_dict())
 
 
-def test_sparse_adam():
+@pytest.mark.parametrize("name", ["SparseAdam", "SGD", "Adagrad"])
+def test_sparse_embedding_grads(name):
+    """nn.Embedding(sparse=True) on the GPU: SparseAdam, and SGD / Adagrad, whose fused
+    kernels take no sparse grads, step them as torch's default does."""
     ga, gb = torch.Generator().manual_seed(12), torch.Generator().manual_seed(12)
     ea, eb = (torch.nn.Embedding(50, 8, sparse=True).to(DEV) for _ in range(2))
     eb.load_state_dict(ea.state_dict())
-    ours, ref = fopt.SparseAdam(ea.parameters(), lr=1e-2), torch.optim.SparseAdam(eb.parameters(), lr=1e-2)
+    ours_cls, torch_cls = _classes(name)
+    ours, ref = ours_cls(ea.parameters(), lr=1e-2), torch_cls(eb.parameters(), lr=1e-2)
     for _ in range(5):
-        for emb, opt, gen in ((ea, ours, ga), (eb, ref, gb)):
-            idx = torch.randint(0, 50, (12,), generator=gen).to(DEV)
-            opt.zero_grad()
-            emb(idx).pow(2).sum().backward()
-            opt.step()
-    torch.testing.assert_close(ea.weight, eb.weight, rtol=1e-6, atol=1e-7)
-
-
-@pytest.mark.parametrize("name", ["SGD", "Adagrad"])
-def test_sparse_embedding_grads(name):
-    """nn.Embedding(sparse=True) on the GPU: torch's fused kernels take no sparse grads, so
-    ours must step them as torch's default does."""
-    ga, gb = torch.Generator().manual_seed(17), torch.Generator().manual_seed(17)
-    ea, eb = (torch.nn.Embedding(50, 8, sparse=True).to(DEV) for _ in range(2))
-    eb.load_state_dict(ea.state_dict())
-    ours, ref = getattr(fopt, name)(ea.parameters(), lr=1e-2), getattr(torch.optim, name)(eb.parameters(), lr=1e-2)
-    for _ in range(4):
         for emb, opt, gen in ((ea, ours, ga), (eb, ref, gb)):
             idx = torch.randint(0, 50, (12,), generator=gen).to(DEV)
             opt.zero_grad()
