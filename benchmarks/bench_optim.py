@@ -192,7 +192,7 @@ def main() -> None:
             bw = stream_gbps(numel, dtypes[dname], threads, repeats)
             roof[layout, threads, dname] = max(bw.values())
             print(f"  (layout {layout}, {threads} thread(s), {dname}: " + ", ".join(f"{k} {v:.1f}" for k, v in bw.items()) + " GB/s)")
-        gbps = ACCESSES[name] * numel * torch.empty((), dtype=dtypes[dname]).element_size() / (ours / 1e3) / 1e9
+        gbps = ACCESSES[name] * numel * dtypes[dname].itemsize / (ours / 1e3) / 1e9
         print(
             f"{name:<14} {layout:>3} {threads:>3} {dname:>5} | {r['torch loop']:8.2f} {r['torch foreach']:8.2f} "
             f"{fused} {ours:8.2f} | {r['torch loop'] / ours:6.2f} {r['torch foreach'] / ours:6.2f} "

@@ -255,7 +255,7 @@ def test_gpu_path_matches_vit_pytorch(kw, train):
     ref = vit_pytorch.ViT(**kw)
     ours = ViT(**kw)
     ours.load_state_dict(ref.state_dict())
-    x = torch.randn(3, kw.get("channels", 3), *((kw["image_size"],) * 2 if isinstance(kw["image_size"], int) else kw["image_size"]))
+    x = torch.randn(image_shape(kw, 3))
     lo = _functional_forward(ours._config(train), x, ours._ordered_params(), sdpa=True)
     lr = ref(x)
     torch.testing.assert_close(lo, lr, rtol=1e-4, atol=1e-5)
