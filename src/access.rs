@@ -10,7 +10,7 @@
 use ferrotorch_kernels::DType;
 use pyo3::prelude::*;
 use pyo3::sync::GILOnceCell;
-use pyo3::types::PyType;
+use pyo3::types::{PyDict, PyType};
 use tch::{Device, Kind, Tensor};
 
 use crate::errors::Error;
@@ -106,6 +106,80 @@ extern "C" {
     // src/shim/tensor_meta.cpp
     fn ft_tensor_meta(obj: *mut pyo3::ffi::PyObject, out: *mut FtMeta) -> std::ffi::c_int;
     fn ft_bump_versions(objs: *const *mut pyo3::ffi::PyObject, n: usize) -> std::ffi::c_int;
+    fn ft_grad(obj: *mut pyo3::ffi::PyObject) -> *mut pyo3::ffi::PyObject;
+    fn ft_dict_get_known_hash(
+        dict: *mut pyo3::ffi::PyObject,
+        key: *mut pyo3::ffi::PyObject,
+        hash: pyo3::ffi::Py_hash_t,
+        out: *mut *mut pyo3::ffi::PyObject,
+    ) -> std::ffi::c_int;
+}
+
+/// `p.grad`, read straight from the tensor when `p` is a plain tensor (whose `grad` is
+/// torch's C getter: the same object comes back, without the attribute lookup); otherwise
+/// through `getattr`, so that a subclass's property runs.
+pub fn grad_of<'py>(p: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    let py = p.py();
+    if !is_plain(p)? {
+        return p.getattr(pyo3::intern!(py, "grad"));
+    }
+    // SAFETY: `p` is a live torch.Tensor (checked above); the shim returns a new reference
+    // or NULL with an error set.
+    unsafe { Bound::from_owned_ptr_or_err(py, ft_grad(p.as_ptr())) }
+}
+
+/// `optimizer.state[p]` lookups within one call. `torch.Tensor.__hash__` is a Python
+/// function returning `id(self)`, and calling it costs more than the rest of a parameter's
+/// lookups. So the first plain tensor (and the first parameter) of each call is hashed the
+/// ordinary way; when that hash is its address, later keys of exactly that type are looked
+/// up with their address as the hash, which is what the call would return. Any other key,
+/// a changed `__hash__`, or a Python without the known-hash lookup takes the ordinary path.
+#[derive(Default)]
+pub struct StateLookup {
+    /// Per plain type (Tensor, Parameter): not yet checked at this call, or the verdict.
+    hash_is_id: [Option<bool>; 2],
+}
+
+impl StateLookup {
+    /// `dict.get(key)` (no `__missing__`), None when absent.
+    pub fn get<'py>(
+        &mut self,
+        dict: &Bound<'py, PyDict>,
+        key: &Bound<'py, PyAny>,
+    ) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let py = key.py();
+        let (tensor, param) = plain_types(py)?;
+        let ty = key.get_type();
+        let slot = if ty.is(tensor.bind(py)) {
+            0
+        } else if ty.is(param.bind(py)) {
+            1
+        } else {
+            return dict.get_item(key);
+        };
+        let addr = key.as_ptr() as pyo3::ffi::Py_hash_t;
+        let trusted = match self.hash_is_id[slot] {
+            Some(ok) => ok,
+            None => {
+                let ok = key.hash()? == addr;
+                self.hash_is_id[slot] = Some(ok);
+                ok
+            }
+        };
+        if !trusted {
+            return dict.get_item(key);
+        }
+        let mut out = std::ptr::null_mut();
+        // SAFETY: both objects are alive (borrowed, GIL held); the shim returns a borrowed
+        // reference into `dict`, taken over as a new one below before anything can run.
+        match unsafe { ft_dict_get_known_hash(dict.as_ptr(), key.as_ptr(), addr, &mut out) } {
+            0 if out.is_null() => Ok(None),
+            // SAFETY: a valid borrowed reference (see above).
+            0 => Ok(Some(unsafe { Bound::from_borrowed_ptr(py, out) })),
+            1 => dict.get_item(key),
+            _ => Err(PyErr::fetch(py)),
+        }
+    }
 }
 
 /// A tensor as one step call sees it: its layout read from the object at that moment, in

@@ -12,7 +12,9 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString};
 
 use super::algos::{Fused, Sparse};
-use crate::access::{any_overlap, bump_versions, is_tensor, Flat, Meta, Scalar, Sharded};
+use crate::access::{
+    any_overlap, bump_versions, grad_of, is_tensor, Flat, Meta, Scalar, Sharded, StateLookup,
+};
 use crate::errors::{enter, Error, Result};
 
 /// One parameter with a grad and complete state, as the Python objects hold them now.
@@ -22,19 +24,11 @@ struct Entry {
     /// The parameter objects this entry writes (with a DTensor's local shard), as
     /// `written[objs.0..objs.1]`.
     objs: (usize, usize),
+    /// Where this parameter's layouts start in [`Gathered::metas`]: the parameter, its grad,
+    /// the states in the kernel's order, then the scalar states in `SPEC.scalars`' order.
     /// None when the parameter, its grad or a state is not a plain tensor: torch steps it.
-    tensors: Option<Tensors>,
+    metas: Option<usize>,
     first: bool,
-}
-
-/// Layouts read at this call (plain data); the objects are kept alive by [`Gathered`].
-struct Tensors {
-    param: Meta,
-    grad: Meta,
-    /// `states[..n_states]`, in the kernel's order.
-    states: [Meta; MAX_STATES],
-    /// `scalars[..SPEC.scalars.len()]`, in that order.
-    scalars: [Meta; MAX_SCALARS],
 }
 
 /// What the step did: `missing` lists parameters that have a grad but no (complete)
@@ -50,10 +44,13 @@ pub struct Outcome {
     stepped: Vec<usize>,
 }
 
-/// What [`gather`] found: the entries, the objects whose version a step bumps, and every
-/// tensor object read, held so that their memory stays alive while the GIL is released.
+/// What [`gather`] found: the entries, the layouts they read (one flat list, so that an
+/// entry is a few words and nothing large is moved per parameter), the objects whose
+/// version a step bumps, and every tensor object read, held so that their memory stays
+/// alive while the GIL is released.
 struct Gathered<'py> {
     entries: Vec<Entry>,
+    metas: Vec<Meta>,
     written: Vec<Bound<'py, PyAny>>,
     _keep: Vec<Bound<'py, PyAny>>,
 }
@@ -73,25 +70,27 @@ fn gather<'py>(
         .downcast::<PyList>()
         .map_err(|_| Error::Type("param_group['params'] must be a list".into()))?;
     let stateful = !scalar_keys.is_empty() || !keys.is_empty();
+    let per = 2 + keys.len() + scalar_keys.len();
     let mut entries = Vec::with_capacity(params.len());
+    let mut metas = Vec::with_capacity(params.len() * per);
     let mut written = Vec::with_capacity(params.len());
-    let mut keep = Vec::with_capacity(params.len() * (2 + keys.len() + scalar_keys.len()));
+    let mut keep = Vec::with_capacity(params.len() * per);
     let mut missing = Vec::new();
     let py = params.py();
-    let grad_name = pyo3::intern!(py, "grad");
     // Interned once per call: looking a key up then costs no string building or hashing.
     let key_objs: Vec<_> = keys.iter().map(|k| PyString::intern(py, k)).collect();
     let scalar_key_objs: Vec<_> = scalar_keys
         .iter()
         .map(|k| PyString::intern(py, k))
         .collect();
+    let mut lookup_state = StateLookup::default();
     for (index, p) in params.iter().enumerate() {
-        let grad = p.getattr(grad_name)?;
+        let grad = grad_of(&p)?;
         if grad.is_none() {
             continue;
         }
         let st = if stateful {
-            match state.get_item(&p)? {
+            match lookup_state.get(state, &p)? {
                 Some(s) => Some(s.downcast_into::<PyDict>().map_err(|_| {
                     Error::Type(format!(
                         "optimizer.state of parameter {index} must be a dict"
@@ -129,12 +128,13 @@ fn gather<'py>(
         }
         // Plain tensors, or DTensors of one layout stepped through their local shards.
         let mut locals = Vec::new();
-        let tensors = (|| -> PyResult<Option<Tensors>> {
+        let at = metas.len();
+        let plain = (|| -> PyResult<bool> {
             let sharded = Sharded::of(&p)?;
             // `written`: the local shard is written by the step (not the grad's).
-            let mut read = |o: &Bound<'py, PyAny>, written: bool| -> PyResult<Option<Meta>> {
-                match &sharded {
-                    None => Meta::of(o),
+            let mut read = |o: &Bound<'py, PyAny>, written: bool| -> PyResult<bool> {
+                let m = match &sharded {
+                    None => Meta::of(o)?,
                     Some(sp) => match Sharded::of(o)? {
                         Some(so) if so.same_layout(sp)? => {
                             let m = Meta::of(&so.local)?;
@@ -142,38 +142,41 @@ fn gather<'py>(
                                 locals.push(so.local.clone()); // the parameter's shard
                             }
                             keep.push(so.local);
-                            Ok(m)
+                            m
                         }
-                        _ => Ok(None),
+                        _ => None,
                     },
-                }
+                };
+                Ok(match m {
+                    Some(m) => {
+                        metas.push(m);
+                        true
+                    }
+                    None => false,
+                })
             };
-            let (Some(param), Some(grad)) = (read(&p, true)?, read(&grad, false)?) else {
-                return Ok(None);
-            };
-            let mut states = [Meta::NONE; MAX_STATES];
-            for (slot, o) in states.iter_mut().zip(objs.iter().flatten()) {
-                match read(o, true)? {
-                    Some(m) => *slot = m,
-                    None => return Ok(None),
+            if !read(&p, true)? || !read(&grad, false)? {
+                return Ok(false);
+            }
+            for o in objs.iter().flatten() {
+                if !read(o, true)? {
+                    return Ok(false);
                 }
             }
-            let mut scalars = [Meta::NONE; MAX_SCALARS];
-            for (slot, o) in scalars.iter_mut().zip(scalar_objs.iter().flatten()) {
+            // Scalar state is never sharded: read as it is.
+            for o in scalar_objs.iter().flatten() {
                 match Meta::of(o)? {
-                    Some(m) => *slot = m,
-                    None => return Ok(None),
+                    Some(m) => metas.push(m),
+                    None => return Ok(false),
                 }
             }
-            Ok(Some(Tensors {
-                param,
-                grad,
-                states,
-                scalars,
-            }))
+            Ok(true)
         })()?;
+        if !plain {
+            metas.truncate(at);
+        }
         let start = written.len();
-        if tensors.is_some() {
+        if plain {
             // Only the parameter's version is bumped: autograd saves parameters, never
             // optimizer state (differentiable optimizers take torch's path).
             written.push(p.clone());
@@ -187,13 +190,14 @@ fn gather<'py>(
         entries.push(Entry {
             index,
             objs,
-            tensors,
+            metas: plain.then_some(at),
             first: first.binary_search(&index).is_ok(),
         });
     }
     Ok(if missing.is_empty() {
         Ok(Gathered {
             entries,
+            metas,
             written,
             _keep: keep,
         })
@@ -237,21 +241,24 @@ fn check_grad_matches(index: usize, param: &Meta, grad: &Meta) -> Result<()> {
 /// The kernel's view of an entry, or None (torch steps it). Errors are torch's.
 fn classify<A: Fused>(
     e: &Entry,
+    metas: &[Meta],
     n_states: usize,
     ranges: &mut Vec<(usize, usize)>,
 ) -> Result<Option<Ready>> {
-    let Some(t) = &e.tensors else {
+    let Some(at) = e.metas else {
         return Ok(None);
     };
-    if t.grad.is_sparse() {
+    let n_scalars = A::SPEC.scalars.len();
+    let m = &metas[at..at + 2 + n_states + n_scalars];
+    let (param, grad) = (&m[0], &m[1]);
+    let (states_in, scalars_in) = m[2..].split_at(n_states);
+    if grad.is_sparse() {
         return match A::SPEC.sparse {
             Sparse::Reject(msg) => Err(Error::Runtime(msg.to_string())),
             Sparse::Torch => Ok(None),
         };
     }
-    check_grad_matches(e.index, &t.param, &t.grad)?;
-    let n_scalars = A::SPEC.scalars.len();
-    let (states_in, scalars_in) = (&t.states[..n_states], &t.scalars[..n_scalars]);
+    check_grad_matches(e.index, param, grad)?;
     for (key, s) in A::SPEC.scalars.iter().zip(scalars_in) {
         // torch's `.item()` on it would fail after other parameters were stepped.
         if s.sizes().iter().product::<i64>() != 1 {
@@ -265,27 +272,21 @@ fn classify<A: Fused>(
     }
     let slow = |ranges: &mut Vec<(usize, usize)>| {
         // torch steps it after the kernel: its memory still counts for overlap.
-        ranges.extend(
-            std::iter::once(&t.param)
-                .chain([&t.grad])
-                .chain(states_in)
-                .chain(scalars_in)
-                .filter_map(Meta::extent),
-        );
+        ranges.extend(m.iter().filter_map(Meta::extent));
         Ok(None)
     };
-    let (Some(param), Some(grad)) = (t.param.flat(), t.grad.flat()) else {
+    let (Some(param_flat), Some(grad)) = (param.flat(), grad.flat()) else {
         return slow(ranges);
     };
     let empty = Flat {
-        dtype: param.dtype,
+        dtype: param_flat.dtype,
         numel: 0,
         ptr: std::ptr::null_mut(),
     };
     let mut states = [empty; MAX_STATES];
     for (slot, s) in states.iter_mut().zip(states_in) {
         match s.flat() {
-            Some(f) if f.dtype == param.dtype && s.same_shape(&t.param) => *slot = f,
+            Some(f) if f.dtype == param_flat.dtype && s.same_shape(param) => *slot = f,
             _ => return slow(ranges),
         }
     }
@@ -300,7 +301,7 @@ fn classify<A: Fused>(
     }
     // (The ready buffers' ranges are added by run_entries, slot by slot.)
     Ok(Some(Ready {
-        param,
+        param: param_flat,
         grad,
         states,
         scalars,
@@ -311,6 +312,7 @@ fn classify<A: Fused>(
 fn run_entries<A: Fused>(
     algo: &A,
     entries: &[Entry],
+    metas: &[Meta],
     n_states: usize,
     threads: usize,
 ) -> Result<Outcome> {
@@ -319,7 +321,7 @@ fn run_entries<A: Fused>(
     let mut stepped = Vec::with_capacity(entries.len());
     let mut slow = Vec::new();
     for (k, e) in entries.iter().enumerate() {
-        match classify::<A>(e, n_states, &mut ranges)? {
+        match classify::<A>(e, metas, n_states, &mut ranges)? {
             Some(r) => {
                 ready.push(r);
                 stepped.push(k);
@@ -400,9 +402,9 @@ pub fn step_group<A: Fused>(
     };
     let threads = tch::get_num_threads().max(1) as usize;
     // `gathered` holds every tensor object while the GIL is released.
-    let entries = &gathered.entries;
+    let (entries, metas) = (&gathered.entries, &gathered.metas);
     let out = enter(py, A::SPEC.label, move || {
-        run_entries(&algo, entries, n_states, threads)
+        run_entries(&algo, entries, metas, n_states, threads)
     })?;
     let objs: Vec<Bound<'_, PyAny>> = out
         .stepped

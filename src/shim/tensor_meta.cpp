@@ -3,6 +3,7 @@
 // version-counter bump torch's in-place ops do. Compiled by build.rs against the torch
 // that builds ferrotorch; called from src/access.rs.
 
+#include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <cstdint>
@@ -102,6 +103,38 @@ int ft_bump_versions(PyObject* const* objs, size_t n) {
     }
   }
   return skipped;
+}
+
+// `obj.grad` for an object whose type is exactly torch.Tensor or nn.Parameter (the caller
+// checks; a subclass may override the property), as torch's getter returns it without
+// its attribute lookup: a new reference (Py_None when there is no grad), or NULL with a
+// Python error set.
+// Like the getter, it turns torch's warnings (a non-leaf's grad) into Python warnings.
+PyObject* ft_grad(PyObject* obj) {
+  HANDLE_TH_ERRORS
+  if (!THPVariable_Check(obj)) {
+    PyErr_SetString(PyExc_TypeError, "ft_grad: not a tensor");
+    return nullptr;
+  }
+  return THPVariable_Wrap(THPVariable_Unpack(obj).grad());
+  END_HANDLE_TH_ERRORS
+}
+
+// `*out = dict.get(key)` (a borrowed reference, NULL when absent) with `hash` as the key's
+// hash, so that a key whose hash is a Python function (torch.Tensor.__hash__) is not called
+// again: 0 done, -1 a Python error is set, 1 this Python has no such lookup (3.13 made it
+// internal) and the caller looks up as usual.
+int ft_dict_get_known_hash(PyObject* dict, PyObject* key, Py_hash_t hash, PyObject** out) {
+#if PY_VERSION_HEX < 0x030D0000
+  *out = _PyDict_GetItem_KnownHash(dict, key, hash);
+  return (*out == nullptr && PyErr_Occurred()) ? -1 : 0;
+#else
+  (void)dict;
+  (void)key;
+  (void)hash;
+  *out = nullptr;
+  return 1;
+#endif
 }
 
 }  // extern "C"
