@@ -154,8 +154,15 @@ def _stale_plan(name):
             params[0].data = torch.zeros(5, 8)
             opt.state.pop(params[0], None)
 
+    def stagger(opt, params, step):
+        # step counts 2, 1, 2 after the next step: scalars derived from the count (bias
+        # corrections) must follow each parameter, not the previous one's.
+        if step == 0:
+            opt.state.pop(params[1], None)
+
     for m in (clear, delete_one, replace_state, replace_param, transpose, shrink, reshape):
         _run(name, [(40,), (6, 6)], m, steps=4)
+    _run(name, [(40,), (6, 6), (7,)], stagger, steps=4)
 
 
 def _aliasing(name):

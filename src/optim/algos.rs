@@ -50,8 +50,39 @@ pub trait Fused: Algorithm + Send + Sized + 'static {
     fn from_group(g: &Bound<'_, PyDict>, grad: GradIn) -> Result<Self>;
     /// Per-tensor kernel scalars, updating the scalar state (`SPEC.scalars`, in order: bump
     /// `step`…) as torch does before its elementwise math; `first` tells that the state
-    /// was created for this step (SGD seeds its momentum with the grad).
-    fn scalars(&self, state: &[Scalar], first: bool) -> Self::Scalars;
+    /// was created for this step (SGD seeds its momentum with the grad). Scalars that
+    /// depend on the step count alone go through `cache`.
+    fn scalars(
+        &self,
+        state: &[Scalar],
+        first: bool,
+        cache: &mut StepCache<Self::Scalars>,
+    ) -> Self::Scalars;
+}
+
+/// The kernel scalars of the last step count seen in one call. The parameters of a group
+/// share their step count (after the first step), so `powf` and friends run once per call
+/// instead of once per parameter (a tenth of a small parameter's step).
+pub struct StepCache<S>(Option<(u64, S)>);
+
+impl<S: Copy> Default for StepCache<S> {
+    fn default() -> Self {
+        StepCache(None)
+    }
+}
+
+impl<S: Copy> StepCache<S> {
+    /// `of(step)`, computed only when `step` differs from the last one.
+    pub fn get(&mut self, step: f64, of: impl FnOnce(f64) -> S) -> S {
+        match self.0 {
+            Some((bits, s)) if bits == step.to_bits() => s,
+            _ => {
+                let s = of(step);
+                self.0 = Some((step.to_bits(), s));
+                s
+            }
+        }
+    }
 }
 
 fn get<'py>(g: &Bound<'py, PyDict>, key: &str) -> Result<Bound<'py, PyAny>> {
@@ -131,8 +162,13 @@ impl Fused for Adam {
             grad,
         })
     }
-    fn scalars(&self, s: &[Scalar], _: bool) -> Self::Scalars {
-        Adam::scalars(self, s[0].bump())
+    fn scalars(
+        &self,
+        s: &[Scalar],
+        _: bool,
+        cache: &mut StepCache<Self::Scalars>,
+    ) -> Self::Scalars {
+        cache.get(s[0].bump(), |step| Adam::scalars(self, step))
     }
 }
 
@@ -161,7 +197,12 @@ impl Fused for Sgd {
             grad,
         })
     }
-    fn scalars(&self, _: &[Scalar], first: bool) -> Self::Scalars {
+    fn scalars(
+        &self,
+        _: &[Scalar],
+        first: bool,
+        _: &mut StepCache<Self::Scalars>,
+    ) -> Self::Scalars {
         SgdScalars { first_step: first }
     }
 }
@@ -195,7 +236,7 @@ impl Fused for RmsProp {
             grad,
         })
     }
-    fn scalars(&self, s: &[Scalar], _: bool) -> Self::Scalars {
+    fn scalars(&self, s: &[Scalar], _: bool, _: &mut StepCache<Self::Scalars>) -> Self::Scalars {
         s[0].bump();
     }
 }
@@ -220,8 +261,13 @@ impl Fused for Adagrad {
             grad,
         })
     }
-    fn scalars(&self, s: &[Scalar], _: bool) -> Self::Scalars {
-        Adagrad::scalars(self, s[0].bump())
+    fn scalars(
+        &self,
+        s: &[Scalar],
+        _: bool,
+        cache: &mut StepCache<Self::Scalars>,
+    ) -> Self::Scalars {
+        cache.get(s[0].bump(), |step| Adagrad::scalars(self, step))
     }
 }
 
@@ -247,8 +293,13 @@ impl Fused for Adamax {
             grad,
         })
     }
-    fn scalars(&self, s: &[Scalar], _: bool) -> Self::Scalars {
-        Adamax::scalars(self, s[0].bump())
+    fn scalars(
+        &self,
+        s: &[Scalar],
+        _: bool,
+        cache: &mut StepCache<Self::Scalars>,
+    ) -> Self::Scalars {
+        cache.get(s[0].bump(), |step| Adamax::scalars(self, step))
     }
 }
 
@@ -275,8 +326,13 @@ impl Fused for RAdam {
             grad,
         })
     }
-    fn scalars(&self, s: &[Scalar], _: bool) -> Self::Scalars {
-        RAdam::scalars(self, s[0].bump())
+    fn scalars(
+        &self,
+        s: &[Scalar],
+        _: bool,
+        cache: &mut StepCache<Self::Scalars>,
+    ) -> Self::Scalars {
+        cache.get(s[0].bump(), |step| RAdam::scalars(self, step))
     }
 }
 
@@ -300,7 +356,7 @@ impl Fused for Adadelta {
             grad,
         })
     }
-    fn scalars(&self, s: &[Scalar], _: bool) -> Self::Scalars {
+    fn scalars(&self, s: &[Scalar], _: bool, _: &mut StepCache<Self::Scalars>) -> Self::Scalars {
         s[0].bump();
     }
 }
@@ -327,7 +383,7 @@ impl Fused for Rprop {
             grad,
         })
     }
-    fn scalars(&self, s: &[Scalar], _: bool) -> Self::Scalars {
+    fn scalars(&self, s: &[Scalar], _: bool, _: &mut StepCache<Self::Scalars>) -> Self::Scalars {
         s[0].bump();
     }
 }
@@ -356,7 +412,7 @@ impl Fused for NAdam {
             grad,
         })
     }
-    fn scalars(&self, s: &[Scalar], _: bool) -> Self::Scalars {
+    fn scalars(&self, s: &[Scalar], _: bool, _: &mut StepCache<Self::Scalars>) -> Self::Scalars {
         let step = s[0].bump();
         let (mu, mu_next) = self.mus(step);
         // `mu_product *= mu` in the tensor's dtype, then read back as torch's `.item()`.
@@ -394,7 +450,7 @@ impl Fused for Asgd {
             grad,
         })
     }
-    fn scalars(&self, s: &[Scalar], _: bool) -> Self::Scalars {
+    fn scalars(&self, s: &[Scalar], _: bool, _: &mut StepCache<Self::Scalars>) -> Self::Scalars {
         let step = s[0].bump();
         let now = AsgdScalars {
             eta: s[1].get(),

@@ -11,7 +11,7 @@ use ferrotorch_kernels::{common::GradIn, Job, MAX_STATES};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString};
 
-use super::algos::{Fused, Sparse};
+use super::algos::{Fused, Sparse, StepCache};
 use crate::access::{
     any_overlap, bump_versions, grad_of, is_tensor, Flat, Meta, Scalar, Sharded, StateLookup,
 };
@@ -348,6 +348,7 @@ fn run_entries<A: Fused>(
         });
     }
     // Every check passed and no two buffers share memory: the kernel may write.
+    let mut cache = StepCache::default();
     let jobs: Vec<Job<A::Scalars>> = ready
         .iter()
         .map(|r| Job {
@@ -356,7 +357,7 @@ fn run_entries<A: Fused>(
             param: r.param.ptr,
             grad: r.grad.ptr,
             states: [r.states[0].ptr, r.states[1].ptr, r.states[2].ptr],
-            scalars: algo.scalars(&r.scalars[..A::SPEC.scalars.len()], r.first),
+            scalars: algo.scalars(&r.scalars[..A::SPEC.scalars.len()], r.first, &mut cache),
         })
         .collect();
     // SAFETY: every buffer was read at this call from a live plain CPU tensor whose object
