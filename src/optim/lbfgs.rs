@@ -72,6 +72,7 @@ unsafe fn run_two_loop<T: Real>(w: &TwoLoop) {
 /// go to `al[:len(old_dirs)]`. False: nothing written, torch's loops must run.
 #[pyfunction]
 #[pyo3(signature = (flat_grad, old_dirs, old_stps, ro, h_diag, al, d))]
+#[allow(clippy::too_many_arguments)] // torch's LBFGS state, one argument each, as Python passes it
 pub fn lbfgs_two_loop(
     py: Python<'_>,
     flat_grad: &Bound<'_, PyAny>,
@@ -247,7 +248,7 @@ fn moves(
         Ok(())
     })?;
     match how {
-        Move::Gather => bump_versions(&[flat_obj.clone()]),
+        Move::Gather => bump_versions(std::slice::from_ref(flat_obj)),
         _ => bump_versions(&items.iter().collect::<Vec<_>>()),
     }
     Ok(true)

@@ -138,7 +138,7 @@ pub fn muon_group(
         return Ok(false);
     };
     let mut work = Vec::with_capacity(n);
-    for i in 0..n {
+    for (i, &lr) in adjusted_lrs.iter().enumerate().take(n) {
         let (p, g, m) = (
             params.get_item(i)?,
             grads.get_item(i)?,
@@ -151,7 +151,7 @@ pub fn muon_group(
             param,
             grad,
             buf,
-            alpha: -adjusted_lrs[i],
+            alpha: -lr,
         });
     }
     let h = FtMuon {
