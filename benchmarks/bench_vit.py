@@ -10,6 +10,11 @@ turns; "peak MB" is the growth of the process's RSS during two training steps ov
 after a warm-up step, each model in a fresh subprocess (so one model's memory cannot hide
 another's) with glibc's mmap threshold at 64 KB (so freed tensors leave RSS and the figure
 tracks live memory). Ratios are vit-pytorch / other (higher is better for the other).
+
+Then the seed-000 step (the users' CIFAR-10 loop): the same ViT with dropout 0.1 and
+emb_dropout 0.1, batch 128, a whole optimizer step (zero_grad, forward, cross-entropy,
+backward, AdamW(lr=1e-4, weight_decay=1e-4).step()): ferrotorch.nn.ViT + ferrotorch.optim
+against vit-pytorch + torch.optim (its default implementation), timed in turns.
 """
 
 from __future__ import annotations
@@ -74,6 +79,35 @@ def steps(model, batch: int, infer_batch: int):
         model.train()
 
     return train, infer
+
+
+SEED000 = dict(batch=128, dropout=0.1, emb_dropout=0.1, lr=1e-4, weight_decay=1e-4)
+
+
+def seed000_step(ours: bool):
+    """One training step of seed 000's loop, as a closure."""
+    import vit_pytorch
+
+    torch.manual_seed(0)
+    cfg = dict(CFG, dropout=SEED000["dropout"], emb_dropout=SEED000["emb_dropout"])
+    model = vit_pytorch.ViT(**cfg)
+    optim = torch.optim
+    if ours:
+        import ferrotorch.optim as optim
+        from ferrotorch.nn import ViT
+
+        ref, model = model, ViT(**cfg)
+        model.load_state_dict(ref.state_dict())
+    opt = optim.AdamW(model.parameters(), lr=SEED000["lr"], weight_decay=SEED000["weight_decay"])
+    x = torch.randn(SEED000["batch"], 3, 32, 32)
+    y = torch.randint(0, 10, (SEED000["batch"],))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
 
 
 def timed(fn) -> float:
@@ -148,6 +182,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (it takes minutes to build)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--no-seed000", action="store_true", help="skip the seed-000 training step")
     ap.add_argument("--peak-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.peak_child:
@@ -186,6 +221,20 @@ def main() -> None:
         print(f"{name:<18} | {t:9.1f} {rt / t:6.2f} | {i:9.1f} {ri / i:6.2f} | {mem}")
     print("x = vit-pytorch time / this time (higher is faster); ours/ref = peak MB / vit-pytorch's peak MB")
     print("ferrotorch (timm) runs the timm model's weights; compare its times with timm's row.")
+    if args.no_seed000:
+        return
+    pair = {"vit-pytorch + torch.optim": seed000_step(False), "ferrotorch": seed000_step(True)}
+    for f in pair.values():
+        f()  # warm-up: optimizer state, allocator
+    seed: dict[str, list[float]] = {n: [] for n in pair}
+    for _ in range(args.repeats):
+        for name, f in pair.items():
+            seed[name].append(timed(f))
+    ref, ours = (statistics.median(v) for v in seed.values())
+    print(
+        f"seed-000 step (batch {SEED000['batch']}, dropout {SEED000['dropout']}, AdamW): "
+        f"vit-pytorch + torch.optim {ref:.1f} ms, ferrotorch {ours:.1f} ms, x {ref / ours:.2f}"
+    )
 
 
 if __name__ == "__main__":
