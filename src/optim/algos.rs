@@ -52,13 +52,11 @@ pub trait Fused: Algorithm + Send + Sized + 'static {
     /// `step`…) as torch does before its elementwise math; `first` tells that the state
     /// was created for this step (SGD seeds its momentum with the grad). Scalars that
     /// depend on the step count alone go through `cache`.
-    fn scalars(
-        &self,
-        state: &[Scalar],
-        first: bool,
-        cache: &mut StepCache<Self::Scalars>,
-    ) -> Self::Scalars;
+    fn scalars(&self, state: &[Scalar], first: bool, cache: &mut Cache<Self>) -> Self::Scalars;
 }
+
+/// The [`StepCache`] of algorithm `A`'s kernel scalars.
+pub type Cache<A> = StepCache<<A as Algorithm>::Scalars>;
 
 /// The kernel scalars of the last step count seen in one call. The parameters of a group
 /// share their step count (after the first step), so `powf` and friends run once per call
@@ -162,12 +160,7 @@ impl Fused for Adam {
             grad,
         })
     }
-    fn scalars(
-        &self,
-        s: &[Scalar],
-        _: bool,
-        cache: &mut StepCache<Self::Scalars>,
-    ) -> Self::Scalars {
+    fn scalars(&self, s: &[Scalar], _: bool, cache: &mut Cache<Self>) -> Self::Scalars {
         cache.get(s[0].bump(), |step| Adam::scalars(self, step))
     }
 }
@@ -197,12 +190,7 @@ impl Fused for Sgd {
             grad,
         })
     }
-    fn scalars(
-        &self,
-        _: &[Scalar],
-        first: bool,
-        _: &mut StepCache<Self::Scalars>,
-    ) -> Self::Scalars {
+    fn scalars(&self, _: &[Scalar], first: bool, _: &mut Cache<Self>) -> Self::Scalars {
         SgdScalars { first_step: first }
     }
 }
@@ -236,7 +224,7 @@ impl Fused for RmsProp {
             grad,
         })
     }
-    fn scalars(&self, s: &[Scalar], _: bool, _: &mut StepCache<Self::Scalars>) -> Self::Scalars {
+    fn scalars(&self, s: &[Scalar], _: bool, _: &mut Cache<Self>) -> Self::Scalars {
         s[0].bump();
     }
 }
@@ -261,12 +249,7 @@ impl Fused for Adagrad {
             grad,
         })
     }
-    fn scalars(
-        &self,
-        s: &[Scalar],
-        _: bool,
-        cache: &mut StepCache<Self::Scalars>,
-    ) -> Self::Scalars {
+    fn scalars(&self, s: &[Scalar], _: bool, cache: &mut Cache<Self>) -> Self::Scalars {
         cache.get(s[0].bump(), |step| Adagrad::scalars(self, step))
     }
 }
@@ -293,12 +276,7 @@ impl Fused for Adamax {
             grad,
         })
     }
-    fn scalars(
-        &self,
-        s: &[Scalar],
-        _: bool,
-        cache: &mut StepCache<Self::Scalars>,
-    ) -> Self::Scalars {
+    fn scalars(&self, s: &[Scalar], _: bool, cache: &mut Cache<Self>) -> Self::Scalars {
         cache.get(s[0].bump(), |step| Adamax::scalars(self, step))
     }
 }
@@ -326,12 +304,7 @@ impl Fused for RAdam {
             grad,
         })
     }
-    fn scalars(
-        &self,
-        s: &[Scalar],
-        _: bool,
-        cache: &mut StepCache<Self::Scalars>,
-    ) -> Self::Scalars {
+    fn scalars(&self, s: &[Scalar], _: bool, cache: &mut Cache<Self>) -> Self::Scalars {
         cache.get(s[0].bump(), |step| RAdam::scalars(self, step))
     }
 }
@@ -356,7 +329,7 @@ impl Fused for Adadelta {
             grad,
         })
     }
-    fn scalars(&self, s: &[Scalar], _: bool, _: &mut StepCache<Self::Scalars>) -> Self::Scalars {
+    fn scalars(&self, s: &[Scalar], _: bool, _: &mut Cache<Self>) -> Self::Scalars {
         s[0].bump();
     }
 }
@@ -383,7 +356,7 @@ impl Fused for Rprop {
             grad,
         })
     }
-    fn scalars(&self, s: &[Scalar], _: bool, _: &mut StepCache<Self::Scalars>) -> Self::Scalars {
+    fn scalars(&self, s: &[Scalar], _: bool, _: &mut Cache<Self>) -> Self::Scalars {
         s[0].bump();
     }
 }
@@ -412,7 +385,7 @@ impl Fused for NAdam {
             grad,
         })
     }
-    fn scalars(&self, s: &[Scalar], _: bool, _: &mut StepCache<Self::Scalars>) -> Self::Scalars {
+    fn scalars(&self, s: &[Scalar], _: bool, _: &mut Cache<Self>) -> Self::Scalars {
         let step = s[0].bump();
         let (mu, mu_next) = self.mus(step);
         // `mu_product *= mu` in the tensor's dtype, then read back as torch's `.item()`.
@@ -450,7 +423,7 @@ impl Fused for Asgd {
             grad,
         })
     }
-    fn scalars(&self, s: &[Scalar], _: bool, _: &mut StepCache<Self::Scalars>) -> Self::Scalars {
+    fn scalars(&self, s: &[Scalar], _: bool, _: &mut Cache<Self>) -> Self::Scalars {
         let step = s[0].bump();
         let now = AsgdScalars {
             eta: s[1].get(),
