@@ -207,7 +207,6 @@ def test_lean_path_resumes_a_checkpoint_and_takes_extra_state_keys(name, monkeyp
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-
 @pytest.mark.parametrize("name", ["SGD", "Adagrad"])
 def test_device_path_sparse_grads(name, device_path, monkeypatch):
     """Sparse gradients (``nn.Embedding(sparse=True)``) on the device path: torch's fused
