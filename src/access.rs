@@ -33,8 +33,22 @@ fn plain_types(py: Python<'_>) -> PyResult<&(Py<PyType>, Py<PyType>)> {
 /// Whether `obj`'s type is exactly `torch.Tensor` or `torch.nn.Parameter`.
 pub fn is_plain(obj: &Bound<'_, PyAny>) -> PyResult<bool> {
     let (tensor, param) = plain_types(obj.py())?;
-    let ty = obj.get_type();
-    Ok(ty.is(tensor.bind(obj.py())) || ty.is(param.bind(obj.py())))
+    // Type pointers compared without taking references: this runs for every tensor a step
+    // reads.
+    let ty = obj.get_type_ptr() as *mut pyo3::ffi::PyObject;
+    Ok(ty == tensor.as_ptr() || ty == param.as_ptr())
+}
+
+/// An object whose type was exactly `torch.Tensor` or `nn.Parameter` when it was made. (A
+/// later `__class__` assignment can only pick a layout-compatible tensor type, so the
+/// object stays a tensor struct; the shim still refuses wrapper subclasses by their
+/// dispatch keys.)
+pub struct Plain<'py>(Bound<'py, PyAny>);
+
+impl<'py> Plain<'py> {
+    pub fn new(obj: Bound<'py, PyAny>) -> PyResult<Option<Plain<'py>>> {
+        Ok(is_plain(&obj)?.then_some(Plain(obj)))
+    }
 }
 
 /// Whether `obj` is any `torch.Tensor`, subclasses included.
@@ -85,6 +99,7 @@ impl<'py> Sharded<'py> {
 }
 
 #[repr(C)]
+#[derive(Clone, Copy)]
 struct FtMeta {
     data: u64,
     numel: i64,
@@ -93,6 +108,18 @@ struct FtMeta {
     dim: i32,
     dtype: i32,
     flags: u32,
+}
+
+impl FtMeta {
+    const ZERO: FtMeta = FtMeta {
+        data: 0,
+        numel: 0,
+        span: 0,
+        sizes: [0; 8],
+        dim: 0,
+        dtype: 0,
+        flags: 0,
+    };
 }
 
 const FT_CPU_DENSE: u32 = 1;
@@ -105,6 +132,12 @@ const FT_SPARSE: u32 = 32;
 extern "C" {
     // src/shim/tensor_meta.cpp
     fn ft_tensor_meta(obj: *mut pyo3::ffi::PyObject, out: *mut FtMeta) -> std::ffi::c_int;
+    fn ft_tensor_metas(
+        objs: *const *mut pyo3::ffi::PyObject,
+        n: usize,
+        out: *mut FtMeta,
+        rc: *mut i32,
+    );
     fn ft_bump_versions(objs: *const *mut pyo3::ffi::PyObject, n: usize) -> std::ffi::c_int;
     fn ft_grad(obj: *mut pyo3::ffi::PyObject) -> *mut pyo3::ffi::PyObject;
     fn ft_dict_get_known_hash(
@@ -224,8 +257,63 @@ impl Meta {
             return Ok(None);
         }
         // SAFETY: zero-initialised and filled by the shim.
-        let m = unsafe { m.assume_init() };
-        Ok(Some(Meta {
+        Ok(Some(Meta::from_raw(&unsafe { m.assume_init() })))
+    }
+
+    /// [`Meta::of`] for many objects at once. With many, the layouts are read on up to
+    /// `threads` of torch's threads: they are C++ reads only (the types were checked when
+    /// the [`Plain`]s were made), and the caller holds the GIL throughout, so no Python code
+    /// can change a tensor while they run.
+    pub fn of_all(objs: &[Plain<'_>], threads: usize) -> Vec<Option<Meta>> {
+        /// Objects per unit of work: enough to amortize a thread hand-off.
+        const BLOCK: usize = 256;
+        // Addresses as numbers, so the blocks can cross threads; the objects are held by
+        // `objs` until this returns.
+        let addrs: Vec<usize> = objs.iter().map(|o| o.0.as_ptr() as usize).collect();
+        let mut raw = vec![FtMeta::ZERO; addrs.len()];
+        let mut rc = vec![1i32; addrs.len()];
+        let read = |addrs: &[usize], out: &mut [FtMeta], rc: &mut [i32]| {
+            // SAFETY: every address is a live object of exactly torch.Tensor/nn.Parameter
+            // type (checked above; the caller's GIL keeps it so); `out` and `rc` have room
+            // for one result each.
+            unsafe {
+                ft_tensor_metas(
+                    addrs.as_ptr() as *const *mut pyo3::ffi::PyObject,
+                    addrs.len(),
+                    out.as_mut_ptr(),
+                    rc.as_mut_ptr(),
+                )
+            }
+        };
+        if threads > 1 && addrs.len() >= 2 * BLOCK {
+            /// One unit of work: objects, and where their layouts and return codes go.
+            type Block<'a> = std::sync::Mutex<(&'a [usize], &'a mut [FtMeta], &'a mut [i32])>;
+            let blocks: Vec<Block> = addrs
+                .chunks(BLOCK)
+                .zip(raw.chunks_mut(BLOCK).zip(rc.chunks_mut(BLOCK)))
+                .map(|(a, (o, r))| std::sync::Mutex::new((a, o, r)))
+                .collect();
+            let next = std::sync::atomic::AtomicUsize::new(0);
+            let task = || loop {
+                let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(b) = blocks.get(k) else { break };
+                let mut b = b.lock().unwrap_or_else(|p| p.into_inner());
+                let (a, o, r) = &mut *b;
+                read(a, o, r);
+            };
+            use ferrotorch_kernels::Executor;
+            crate::parallel::TorchThreads.broadcast(threads.min(blocks.len()), &task);
+        } else {
+            read(&addrs, &mut raw, &mut rc);
+        }
+        raw.iter()
+            .zip(rc)
+            .map(|(m, rc)| (rc == 0).then(|| Meta::from_raw(m)))
+            .collect()
+    }
+
+    fn from_raw(m: &FtMeta) -> Meta {
+        Meta {
             data: m.data as usize,
             numel: m.numel.max(0) as usize,
             span: m.span as usize,
@@ -233,7 +321,7 @@ impl Meta {
             sizes: m.sizes,
             dtype: m.dtype,
             flags: m.flags,
-        }))
+        }
     }
 
     pub fn is_sparse(&self) -> bool {

@@ -93,7 +93,7 @@ def _each_state_tensor(opt, fn, with_step=True):
 
 
 # ---- classes of mutation ---------------------------------------------------------------
-def _moved_state(name):
+def _moved_state(name, more=()):
     """Class 1: state memory moves under a cached pointer."""
     def clone_data(opt, params, step):
         _each_state_tensor(opt, lambda st, k, v: setattr(v, "data", v.data.clone()))
@@ -115,10 +115,10 @@ def _moved_state(name):
         _each_state_tensor(opt, lambda st, k, v: torch.utils.swap_tensors(v, v.clone() * 1.0), with_step=False)
 
     for m in (clone_data, share, bf16_round_trip, step_data, swap):
-        _run(name, [(40,), (8, 5)], m, steps=4)
+        _run(name, [(40,), (8, 5), *more], m, steps=4)
 
 
-def _stale_plan(name):
+def _stale_plan(name, more=()):
     """Class 2: changes torch re-reads every step."""
     def clear(opt, params, step):
         if step == 1:
@@ -161,8 +161,35 @@ def _stale_plan(name):
             opt.state.pop(params[1], None)
 
     for m in (clear, delete_one, replace_state, replace_param, transpose, shrink, reshape):
-        _run(name, [(40,), (6, 6)], m, steps=4)
-    _run(name, [(40,), (6, 6), (7,)], stagger, steps=4)
+        _run(name, [(40,), (6, 6), *more], m, steps=4)
+    _run(name, [(40,), (6, 6), (7,), *more], stagger, steps=4)
+
+
+# 300 more parameters: with their grads and state, over 512 tensors, so the native step
+# reads their layouts on two threads (OMP_NUM_THREADS=2) instead of one.
+MANY = [(3,), (2, 2), (5,)] * 100
+
+
+def _many(name):
+    """Classes 1, 2 and 4 in a group large enough that tensor layouts are read in parallel:
+    each result must still be matched to its own parameter, and a subclass, a transposed
+    or a moved tensor anywhere in the group must be seen."""
+    _moved_state(name, MANY)
+    _stale_plan(name, MANY)
+
+    def subclass_inside(mod, params):
+        odd = params[150].detach().clone().as_subclass(_Logged).requires_grad_()
+        return _make(mod, name, params[:150] + [odd] + params[151:])
+
+    _run(name, MANY, lambda *a: None, build=subclass_inside, steps=3)
+
+    def strided(opt, params, step):
+        if step == 0:
+            for p in params[1::7]:
+                if p.dim() == 2:
+                    p.t_()
+
+    _run(name, MANY, strided, steps=3)
 
 
 def _aliasing(name):
@@ -378,6 +405,7 @@ def _state_keys(name):
 
 
 CLASSES = {
+    "many": _many,
     "state_keys": _state_keys,
     "moved_state": _moved_state,
     "stale_plan": _stale_plan,

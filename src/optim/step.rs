@@ -13,7 +13,7 @@ use pyo3::types::{PyDict, PyList, PyString};
 
 use super::algos::{Fused, Sparse, StepCache};
 use crate::access::{
-    any_overlap, bump_versions, grad_of, is_tensor, Flat, Meta, Scalar, Sharded, StateLookup,
+    any_overlap, bump_versions, grad_of, is_tensor, Flat, Meta, Plain, Scalar, Sharded, StateLookup,
 };
 use crate::errors::{enter, Error, Result};
 
@@ -53,6 +53,7 @@ struct Gathered<'py> {
     metas: Vec<Meta>,
     written: Vec<Bound<'py, PyAny>>,
     _keep: Vec<Bound<'py, PyAny>>,
+    _reads: Vec<Plain<'py>>,
 }
 
 /// Reads the group as it is now. Returns Err(missing) when some state must be created.
@@ -62,6 +63,7 @@ fn gather<'py>(
     keys: &[&'static str],
     scalar_keys: &[&'static str],
     first: &[usize],
+    threads: usize,
 ) -> PyResult<std::result::Result<Gathered<'py>, Vec<usize>>> {
     let params = group
         .get_item("params")?
@@ -72,9 +74,9 @@ fn gather<'py>(
     let stateful = !scalar_keys.is_empty() || !keys.is_empty();
     let per = 2 + keys.len() + scalar_keys.len();
     let mut entries = Vec::with_capacity(params.len());
-    let mut metas = Vec::with_capacity(params.len() * per);
+    let mut reads = Vec::with_capacity(params.len() * per);
     let mut written = Vec::with_capacity(params.len());
-    let mut keep = Vec::with_capacity(params.len() * per);
+    let mut keep = Vec::with_capacity(params.len());
     let mut missing = Vec::new();
     let py = params.py();
     // Interned once per call: looking a key up then costs no string building or hashing.
@@ -126,34 +128,32 @@ fn gather<'py>(
         if !missing.is_empty() {
             continue;
         }
-        // Plain tensors, or DTensors of one layout stepped through their local shards.
+        // Plain tensors, or DTensors of one layout stepped through their local shards. The
+        // objects whose layouts the kernel needs go to `reads`, in the entry's slot order;
+        // their layouts are read below, all at once.
         let mut locals = Vec::new();
-        let at = metas.len();
+        let at = reads.len();
         let plain = (|| -> PyResult<bool> {
             let sharded = Sharded::of(&p)?;
             // `written`: the local shard is written by the step (not the grad's).
             let mut read = |o: &Bound<'py, PyAny>, written: bool| -> PyResult<bool> {
-                let m = match &sharded {
-                    None => Meta::of(o)?,
+                let o = match &sharded {
+                    None => o.clone(),
                     Some(sp) => match Sharded::of(o)? {
                         Some(so) if so.same_layout(sp)? => {
-                            let m = Meta::of(&so.local)?;
                             if written && locals.is_empty() {
                                 locals.push(so.local.clone()); // the parameter's shard
                             }
-                            keep.push(so.local);
-                            m
+                            so.local
                         }
-                        _ => None,
+                        _ => return Ok(false),
                     },
                 };
-                Ok(match m {
-                    Some(m) => {
-                        metas.push(m);
-                        true
-                    }
-                    None => false,
-                })
+                match Plain::new(o)? {
+                    Some(o) => reads.push(o),
+                    None => return Ok(false),
+                }
+                Ok(true)
             };
             if !read(&p, true)? || !read(&grad, false)? {
                 return Ok(false);
@@ -165,15 +165,15 @@ fn gather<'py>(
             }
             // Scalar state is never sharded: read as it is.
             for o in scalar_objs.iter().flatten() {
-                match Meta::of(o)? {
-                    Some(m) => metas.push(m),
+                match Plain::new(o.clone())? {
+                    Some(o) => reads.push(o),
                     None => return Ok(false),
                 }
             }
             Ok(true)
         })()?;
         if !plain {
-            metas.truncate(at);
+            reads.truncate(at);
         }
         let start = written.len();
         if plain {
@@ -182,9 +182,6 @@ fn gather<'py>(
             written.push(p.clone());
             written.extend(locals);
             keep.push(p);
-            keep.push(grad);
-            keep.extend(objs.into_iter().flatten());
-            keep.extend(scalar_objs.into_iter().flatten());
         }
         let objs = (start, written.len());
         entries.push(Entry {
@@ -194,16 +191,27 @@ fn gather<'py>(
             first: first.binary_search(&index).is_ok(),
         });
     }
-    Ok(if missing.is_empty() {
-        Ok(Gathered {
-            entries,
-            metas,
-            written,
-            _keep: keep,
-        })
-    } else {
-        Err(missing)
-    })
+    if !missing.is_empty() {
+        return Ok(Err(missing));
+    }
+    // Every layout at once (on torch's threads when there are many), then the entries
+    // whose tensors the shim could not judge go to torch.
+    let read = Meta::of_all(&reads, threads);
+    let metas: Vec<Meta> = read.iter().map(|m| m.unwrap_or(Meta::NONE)).collect();
+    for e in &mut entries {
+        if let Some(at) = e.metas {
+            if read[at..at + per].iter().any(Option::is_none) {
+                e.metas = None;
+            }
+        }
+    }
+    Ok(Ok(Gathered {
+        entries,
+        metas,
+        written,
+        _keep: keep,
+        _reads: reads,
+    }))
 }
 
 /// A parameter the kernel can step, with every buffer read at this call.
@@ -392,7 +400,8 @@ pub fn step_group<A: Fused>(
         ))
         .into());
     }
-    let gathered = match gather(state, group, &keys, A::SPEC.scalars, &first)? {
+    let threads = tch::get_num_threads().max(1) as usize;
+    let gathered = match gather(state, group, &keys, A::SPEC.scalars, &first, threads)? {
         Ok(g) => g,
         Err(missing) => {
             return Ok(Outcome {
@@ -401,7 +410,6 @@ pub fn step_group<A: Fused>(
             })
         }
     };
-    let threads = tch::get_num_threads().max(1) as usize;
     // `gathered` holds every tensor object while the GIL is released.
     let (entries, metas) = (&gathered.entries, &gathered.metas);
     let out = enter(py, A::SPEC.label, move || {

@@ -32,54 +32,80 @@ enum : uint32_t {
 // 0: `obj` is a defined torch.Tensor and `out` describes it; 1: not a torch.Tensor (or an
 // undefined one); 2: a tensor whose layout cannot be read here (wrapper subclass, functorch
 // or functional tensor, more than 8 dims, no storage): torch must handle it.
+static int read_meta(const at::Tensor& t, FtMeta* out);
+
 int ft_tensor_meta(PyObject* obj, FtMeta* out) {
   try {
     if (!THPVariable_Check(obj)) return 1;
-    const at::Tensor& t = THPVariable_Unpack(obj);
-    if (!t.defined()) return 1;
-    c10::TensorImpl* impl = t.unsafeGetTensorImpl();
-    out->flags = 0;
-    out->data = 0;
-    out->dtype = static_cast<int32_t>(impl->dtype().toScalarType());
-    const c10::DispatchKeySet ks = impl->key_set();
-    if (ks.has(c10::DispatchKey::Python) || ks.has(c10::DispatchKey::Functionalize) ||
-        ks.has_any(c10::functorch_transforms_ks) || impl->is_nested()) {
-      return 2;
-    }
-    if (impl->is_sparse()) {
-      out->flags |= FT_SPARSE;
-      return 0;
-    }
-    if (impl->layout() != c10::kStrided || impl->is_mkldnn() || !impl->has_storage()) return 2;
-    const int64_t dim = impl->dim();
-    if (dim > 8) return 2;
-    out->dim = static_cast<int32_t>(dim);
-    const auto sizes = impl->sizes();
-    const auto strides = impl->strides();
-    int64_t last = 0;
-    for (int64_t i = 0; i < dim; ++i) {
-      out->sizes[i] = sizes[i];
-      if (sizes[i] > 0 && strides[i] > 0) last += (sizes[i] - 1) * strides[i];
-    }
-    out->numel = impl->numel();
-    out->span = out->numel > 0 ? static_cast<uint64_t>(last + 1) * impl->itemsize() : 0;
-    if (impl->is_contiguous()) out->flags |= FT_CONTIGUOUS;
-    if (impl->is_neg()) out->flags |= FT_NEG;
-    if (impl->is_conj()) out->flags |= FT_CONJ;
-    if (impl->is_inference()) out->flags |= FT_INFERENCE;
-    if (impl->device_type() == c10::DeviceType::CPU) {
-      out->flags |= FT_CPU_DENSE;
-      if (out->numel > 0) {
-        // mutable_data(): the first element, after materializing a copy-on-write storage.
-        void* data = impl->mutable_data();
-        if (data == nullptr) return 2;
-        out->data = reinterpret_cast<uint64_t>(data);
-      }
-    }
-    return 0;
+    return read_meta(THPVariable_Unpack(obj), out);
   } catch (...) {
     return 2;
   }
+}
+
+// ft_tensor_meta for `n` objects whose type the caller has checked to be exactly
+// torch.Tensor or nn.Parameter (THPVariable_Check is a Python call, this is not): it only
+// reads C++ objects, so torch's worker threads can run it while the caller holds the GIL.
+// The next objects' tensor structs are prefetched: after an optimizer's kernel has swept
+// the caches, each read would otherwise wait for memory in turn.
+void ft_tensor_metas(PyObject* const* objs, size_t n, FtMeta* out, int32_t* rc) {
+  constexpr size_t kAhead = 4;
+  for (size_t i = 0; i < n && i < 2 * kAhead; ++i) __builtin_prefetch(objs[i]);
+  for (size_t i = 0; i < n; ++i) {
+    if (i + 2 * kAhead < n) __builtin_prefetch(objs[i + 2 * kAhead]);
+    if (i + kAhead < n) {
+      __builtin_prefetch(THPVariable_Unpack(objs[i + kAhead]).unsafeGetTensorImpl());
+    }
+    try {
+      rc[i] = read_meta(THPVariable_Unpack(objs[i]), &out[i]);
+    } catch (...) {
+      rc[i] = 2;
+    }
+  }
+}
+
+static int read_meta(const at::Tensor& t, FtMeta* out) {
+  if (!t.defined()) return 1;
+  c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  out->flags = 0;
+  out->data = 0;
+  out->dtype = static_cast<int32_t>(impl->dtype().toScalarType());
+  const c10::DispatchKeySet ks = impl->key_set();
+  if (ks.has(c10::DispatchKey::Python) || ks.has(c10::DispatchKey::Functionalize) ||
+      ks.has_any(c10::functorch_transforms_ks) || impl->is_nested()) {
+    return 2;
+  }
+  if (impl->is_sparse()) {
+    out->flags |= FT_SPARSE;
+    return 0;
+  }
+  if (impl->layout() != c10::kStrided || impl->is_mkldnn() || !impl->has_storage()) return 2;
+  const int64_t dim = impl->dim();
+  if (dim > 8) return 2;
+  out->dim = static_cast<int32_t>(dim);
+  const auto sizes = impl->sizes();
+  const auto strides = impl->strides();
+  int64_t last = 0;
+  for (int64_t i = 0; i < dim; ++i) {
+    out->sizes[i] = sizes[i];
+    if (sizes[i] > 0 && strides[i] > 0) last += (sizes[i] - 1) * strides[i];
+  }
+  out->numel = impl->numel();
+  out->span = out->numel > 0 ? static_cast<uint64_t>(last + 1) * impl->itemsize() : 0;
+  if (impl->is_contiguous()) out->flags |= FT_CONTIGUOUS;
+  if (impl->is_neg()) out->flags |= FT_NEG;
+  if (impl->is_conj()) out->flags |= FT_CONJ;
+  if (impl->is_inference()) out->flags |= FT_INFERENCE;
+  if (impl->device_type() == c10::DeviceType::CPU) {
+    out->flags |= FT_CPU_DENSE;
+    if (out->numel > 0) {
+      // mutable_data(): the first element, after materializing a copy-on-write storage.
+      void* data = impl->mutable_data();
+      if (data == nullptr) return 2;
+      out->data = reinterpret_cast<uint64_t>(data);
+    }
+  }
+  return 0;
 }
 
 // `t._version += 1` for each tensor object, as torch's in-place ops do. Returns the number
