@@ -98,30 +98,6 @@ impl<'py> Sharded<'py> {
     }
 }
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct FtMeta {
-    data: u64,
-    numel: i64,
-    span: u64,
-    sizes: [i64; 8],
-    dim: i32,
-    dtype: i32,
-    flags: u32,
-}
-
-impl FtMeta {
-    const ZERO: FtMeta = FtMeta {
-        data: 0,
-        numel: 0,
-        span: 0,
-        sizes: [0; 8],
-        dim: 0,
-        dtype: 0,
-        flags: 0,
-    };
-}
-
 const FT_CPU_DENSE: u32 = 1;
 const FT_CONTIGUOUS: u32 = 2;
 const FT_NEG: u32 = 4;
@@ -131,15 +107,15 @@ const FT_SPARSE: u32 = 32;
 
 extern "C" {
     // src/shim/tensor_meta.cpp
-    fn ft_tensor_meta(obj: *mut pyo3::ffi::PyObject, out: *mut FtMeta) -> std::ffi::c_int;
-    fn ft_tensor_metas(
-        objs: *const *mut pyo3::ffi::PyObject,
-        n: usize,
-        out: *mut FtMeta,
-        rc: *mut i32,
-    );
+    fn ft_tensor_meta(obj: *mut pyo3::ffi::PyObject, out: *mut Meta) -> std::ffi::c_int;
+    fn ft_tensor_metas(objs: *const *mut pyo3::ffi::PyObject, n: usize, out: *mut Meta);
     fn ft_bump_versions(objs: *const *mut pyo3::ffi::PyObject, n: usize) -> std::ffi::c_int;
     fn ft_grad(obj: *mut pyo3::ffi::PyObject) -> *mut pyo3::ffi::PyObject;
+    fn ft_grads(
+        objs: *const *mut pyo3::ffi::PyObject,
+        n: usize,
+        out: *mut *mut pyo3::ffi::PyObject,
+    ) -> std::ffi::c_int;
     fn ft_dict_get_known_hash(
         dict: *mut pyo3::ffi::PyObject,
         key: *mut pyo3::ffi::PyObject,
@@ -159,6 +135,41 @@ pub fn grad_of<'py>(p: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
     // SAFETY: `p` is a live torch.Tensor (checked above); the shim returns a new reference
     // or NULL with an error set.
     unsafe { Bound::from_owned_ptr_or_err(py, ft_grad(p.as_ptr())) }
+}
+
+/// `p.grad` for every `p` of `params`, in order: [`grad_of`] for each, with runs of plain
+/// tensors read in one shim call that prefetches the next parameters' objects.
+pub fn grads_of<'py>(params: &[Bound<'py, PyAny>]) -> PyResult<Vec<Bound<'py, PyAny>>> {
+    let mut out = Vec::with_capacity(params.len());
+    let mut k = 0;
+    while k < params.len() {
+        let run = params[k..]
+            .iter()
+            .map(is_plain)
+            .take_while(|r| matches!(r, Ok(true)))
+            .count();
+        if run == 0 {
+            out.push(grad_of(&params[k])?);
+            k += 1;
+            continue;
+        }
+        let objs: Vec<*mut pyo3::ffi::PyObject> =
+            params[k..k + run].iter().map(|p| p.as_ptr()).collect();
+        let mut got = vec![std::ptr::null_mut(); run];
+        // SAFETY: every object is a live torch.Tensor/nn.Parameter (checked above; held by
+        // `params`); the shim writes new references (or leaves NULL) into `got`.
+        let rc = unsafe { ft_grads(objs.as_ptr(), run, got.as_mut_ptr()) };
+        let py = params[0].py();
+        for g in got.into_iter().filter(|g| !g.is_null()) {
+            // SAFETY: a new reference from the shim, owned from here on.
+            out.push(unsafe { Bound::from_owned_ptr(py, g) });
+        }
+        if rc != 0 {
+            return Err(PyErr::fetch(py));
+        }
+        k += run;
+    }
+    Ok(out)
 }
 
 /// `optimizer.state[p]` lookups within one call. `torch.Tensor.__hash__` is a Python
@@ -218,18 +229,24 @@ impl StateLookup {
 /// A tensor as one step call sees it: its layout read from the object at that moment, in
 /// one call and without a tensor handle. Plain data (the address is a number), so it can
 /// cross into GIL-free code; the caller keeps the Python object alive meanwhile.
+#[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct Meta {
     data: usize,
     numel: usize,
     /// Bytes from `data` to the end of the last element.
     span: usize,
-    dim: usize,
     sizes: [i64; 8],
+    dim: i32,
     /// c10::ScalarType.
     dtype: i32,
     flags: u32,
+    /// The shim's verdict: 0 read, 1 not a tensor, 2 a tensor torch must handle.
+    status: i32,
 }
+
+// Filled by src/shim/tensor_meta.cpp's FtMeta: same fields, same layout.
+const _: () = assert!(std::mem::size_of::<Meta>() == 104);
 
 impl Meta {
     /// An unused slot.
@@ -237,10 +254,11 @@ impl Meta {
         data: 0,
         numel: 0,
         span: 0,
-        dim: 0,
         sizes: [0; 8],
+        dim: 0,
         dtype: -1,
         flags: 0,
+        status: 1,
     };
 
     /// `obj` read now, if it is a plain `torch.Tensor`/`nn.Parameter` (exactly) whose
@@ -249,79 +267,62 @@ impl Meta {
         if !is_plain(obj)? {
             return Ok(None);
         }
-        let mut m = std::mem::MaybeUninit::<FtMeta>::zeroed();
+        let mut m = Meta::NONE;
         // SAFETY: `obj` is a live object (we hold it, with the GIL); the shim only reads it
         // and writes `m`.
-        let rc = unsafe { ft_tensor_meta(obj.as_ptr(), m.as_mut_ptr()) };
-        if rc != 0 {
-            return Ok(None);
-        }
-        // SAFETY: zero-initialised and filled by the shim.
-        Ok(Some(Meta::from_raw(&unsafe { m.assume_init() })))
+        let rc = unsafe { ft_tensor_meta(obj.as_ptr(), &mut m) };
+        Ok((rc == 0).then_some(m))
     }
 
-    /// [`Meta::of`] for many objects at once. With many, the layouts are read on up to
-    /// `threads` of torch's threads: they are C++ reads only (the types were checked when
-    /// the [`Plain`]s were made), and the caller holds the GIL throughout, so no Python code
-    /// can change a tensor while they run.
-    pub fn of_all(objs: &[Plain<'_>], threads: usize) -> Vec<Option<Meta>> {
+    /// [`Meta::of`] for many objects at once; an object the shim cannot judge gets a layout
+    /// that is not [`Meta::ok`]. With many objects, the layouts are read on up to `threads`
+    /// of torch's threads: they are C++ reads only (the types were checked when the
+    /// [`Plain`]s were made), and the caller holds the GIL throughout, so no Python code can
+    /// change a tensor while they run.
+    pub fn of_all(objs: &[Plain<'_>], threads: usize) -> Vec<Meta> {
         /// Objects per unit of work: enough to amortize a thread hand-off.
         const BLOCK: usize = 256;
         // Addresses as numbers, so the blocks can cross threads; the objects are held by
         // `objs` until this returns.
         let addrs: Vec<usize> = objs.iter().map(|o| o.0.as_ptr() as usize).collect();
-        let mut raw = vec![FtMeta::ZERO; addrs.len()];
-        let mut rc = vec![1i32; addrs.len()];
-        let read = |addrs: &[usize], out: &mut [FtMeta], rc: &mut [i32]| {
+        let mut out = vec![Meta::NONE; addrs.len()];
+        let read = |addrs: &[usize], out: &mut [Meta]| {
             // SAFETY: every address is a live object of exactly torch.Tensor/nn.Parameter
-            // type (checked above; the caller's GIL keeps it so); `out` and `rc` have room
-            // for one result each.
+            // type (checked when its Plain was made; the caller's GIL keeps it so); `out`
+            // has room for one layout each.
             unsafe {
                 ft_tensor_metas(
                     addrs.as_ptr() as *const *mut pyo3::ffi::PyObject,
                     addrs.len(),
                     out.as_mut_ptr(),
-                    rc.as_mut_ptr(),
                 )
             }
         };
         if threads > 1 && addrs.len() >= 2 * BLOCK {
-            /// One unit of work: objects, and where their layouts and return codes go.
-            type Block<'a> = std::sync::Mutex<(&'a [usize], &'a mut [FtMeta], &'a mut [i32])>;
-            let blocks: Vec<Block> = addrs
+            let blocks: Vec<std::sync::Mutex<(&[usize], &mut [Meta])>> = addrs
                 .chunks(BLOCK)
-                .zip(raw.chunks_mut(BLOCK).zip(rc.chunks_mut(BLOCK)))
-                .map(|(a, (o, r))| std::sync::Mutex::new((a, o, r)))
+                .zip(out.chunks_mut(BLOCK))
+                .map(std::sync::Mutex::new)
                 .collect();
             let next = std::sync::atomic::AtomicUsize::new(0);
             let task = || loop {
                 let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let Some(b) = blocks.get(k) else { break };
                 let mut b = b.lock().unwrap_or_else(|p| p.into_inner());
-                let (a, o, r) = &mut *b;
-                read(a, o, r);
+                let (a, o) = &mut *b;
+                read(a, o);
             };
             use ferrotorch_kernels::Executor;
             crate::parallel::TorchThreads.broadcast(threads.min(blocks.len()), &task);
         } else {
-            read(&addrs, &mut raw, &mut rc);
+            read(&addrs, &mut out);
         }
-        raw.iter()
-            .zip(rc)
-            .map(|(m, rc)| (rc == 0).then(|| Meta::from_raw(m)))
-            .collect()
+        out
     }
 
-    fn from_raw(m: &FtMeta) -> Meta {
-        Meta {
-            data: m.data as usize,
-            numel: m.numel.max(0) as usize,
-            span: m.span as usize,
-            dim: m.dim.clamp(0, 8) as usize,
-            sizes: m.sizes,
-            dtype: m.dtype,
-            flags: m.flags,
-        }
+    /// Whether the shim read this tensor's layout (see [`Meta::of`]).
+    pub fn ok(&self) -> bool {
+        self.status == 0
     }
 
     pub fn is_sparse(&self) -> bool {
@@ -329,7 +330,7 @@ impl Meta {
     }
 
     pub fn sizes(&self) -> &[i64] {
-        &self.sizes[..self.dim]
+        &self.sizes[..self.dim.clamp(0, 8) as usize]
     }
 
     pub fn same_shape(&self, other: &Meta) -> bool {
@@ -426,8 +427,8 @@ impl Meta {
 }
 
 /// `t._version += 1` for every tensor object in `objs`, as torch's in-place ops do.
-pub fn bump_versions(objs: &[Bound<'_, PyAny>]) {
-    let ptrs: Vec<*mut pyo3::ffi::PyObject> = objs.iter().map(|o| o.as_ptr()).collect();
+pub fn bump_versions<'a, 'py: 'a>(objs: impl IntoIterator<Item = &'a Bound<'py, PyAny>>) {
+    let ptrs: Vec<*mut pyo3::ffi::PyObject> = objs.into_iter().map(|o| o.as_ptr()).collect();
     // SAFETY: every object is alive (borrowed, GIL held); the shim skips non-tensors.
     unsafe { ft_bump_versions(ptrs.as_ptr(), ptrs.len()) };
 }
@@ -498,6 +499,48 @@ pub fn flat(t: &Tensor) -> Option<Flat> {
         return None;
     }
     Some(Flat { dtype, numel, ptr })
+}
+
+/// [`any_overlap`] with the sort split over two threads of `exec` when there are many
+/// ranges: each half is sorted on its own thread, then one merged pass over both finds any
+/// shared byte, as one pass over the whole sorted list would.
+pub fn any_overlap_par(
+    ranges: &mut [(usize, usize)],
+    threads: usize,
+    exec: &dyn ferrotorch_kernels::Executor,
+) -> bool {
+    if threads < 2 || ranges.len() < 4096 {
+        return any_overlap(ranges);
+    }
+    let (a, b) = ranges.split_at_mut(ranges.len() / 2);
+    let halves = [std::sync::Mutex::new(a), std::sync::Mutex::new(b)];
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    exec.broadcast(2, &|| loop {
+        let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Some(h) = halves.get(k) else { break };
+        h.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .sort_by_key(|r| r.0);
+    });
+    let [a, b] = halves.map(|h| h.into_inner().unwrap_or_else(|p| p.into_inner()));
+    let (mut i, mut j, mut end) = (0, 0, 0usize);
+    while i < a.len() || j < b.len() {
+        let take_a = j == b.len() || (i < a.len() && a[i].0 <= b[j].0);
+        let (s, e) = if take_a { a[i] } else { b[j] };
+        if take_a {
+            i += 1;
+        } else {
+            j += 1;
+        }
+        if s == e {
+            continue;
+        }
+        if s < end {
+            return true;
+        }
+        end = end.max(e);
+    }
+    false
 }
 
 /// True when two of the non-empty `ranges` share a byte (sorts `ranges`).

@@ -171,9 +171,10 @@ MANY = [(3,), (2, 2), (5,)] * 100
 
 
 def _many(name):
-    """Classes 1, 2 and 4 in a group large enough that tensor layouts are read in parallel:
-    each result must still be matched to its own parameter, and a subclass, a transposed
-    or a moved tensor anywhere in the group must be seen."""
+    """Classes 1 to 4 in groups large enough that tensor layouts are read, and buffers
+    checked for overlap, on two threads: each result must still be matched to its own
+    parameter, and a subclass, a transposed or moved tensor, or shared memory anywhere in
+    the group must be seen."""
     _moved_state(name, MANY)
     _stale_plan(name, MANY)
 
@@ -190,6 +191,36 @@ def _many(name):
                     p.t_()
 
     _run(name, MANY, strided, steps=3)
+
+    if name == "SGD":
+        _overlap_across_halves()
+
+
+def _overlap_across_halves():
+    """Over 4096 buffers, the overlap check sorts two halves on two threads. Buffers are
+    listed slot by slot (parameters, grads, momentum buffers), so a momentum buffer that is
+    the first parameter's memory pairs the first buffer of the list with the last: the
+    native step must find it (and change nothing), and the step must give torch's numbers."""
+    import ferrotorch.optim as fopt
+
+    results = []
+    for mod in (torch.optim, fopt):
+        g = torch.Generator().manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(3, generator=g)) for _ in range(1400)]
+        opt = _make(mod, "SGD", ps)
+        _grads(ps, 0)
+        opt.step()
+        opt.state[ps[-1]]["momentum_buffer"] = ps[0].detach()
+        if mod is fopt:
+            before = [p.detach().clone() for p in ps]
+            _, _, serial = opt._spec.step(opt.state, opt.param_groups[0], None, None, [])
+            assert serial, "memory shared by the first and the last buffer went unnoticed"
+            assert all(torch.equal(a, b) for a, b in zip(before, ps))
+        for step in range(1, 3):
+            _grads(ps, step)
+            opt.step()
+        results.append(torch.stack([p.detach().clone() for p in ps]))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)
 
 
 def _aliasing(name):

@@ -13,7 +13,8 @@ use pyo3::types::{PyDict, PyList, PyString};
 
 use super::algos::{Fused, Sparse, StepCache};
 use crate::access::{
-    any_overlap, bump_versions, grad_of, is_tensor, Flat, Meta, Plain, Scalar, Sharded, StateLookup,
+    any_overlap_par, bump_versions, grads_of, is_tensor, Flat, Meta, Plain, Scalar, Sharded,
+    StateLookup,
 };
 use crate::errors::{enter, Error, Result};
 
@@ -85,14 +86,17 @@ fn gather<'py>(
         .iter()
         .map(|k| PyString::intern(py, k))
         .collect();
+    // Level by level: every grad (in one shim call that prefetches along the next
+    // parameters' chains of objects), then every state dict, then the entries of each. After
+    // a kernel has swept the caches, following one parameter's chain at a time would wait
+    // for memory at every link.
+    let params: Vec<Bound<'py, PyAny>> = params.iter().collect();
+    let grads = grads_of(&params)?;
     let mut lookup_state = StateLookup::default();
-    for (index, p) in params.iter().enumerate() {
-        let grad = grad_of(&p)?;
-        if grad.is_none() {
-            continue;
-        }
-        let st = if stateful {
-            match lookup_state.get(state, &p)? {
+    let mut dicts: Vec<Option<Bound<'py, PyDict>>> = Vec::with_capacity(params.len());
+    for (index, (p, grad)) in params.iter().zip(&grads).enumerate() {
+        dicts.push(if stateful && !grad.is_none() {
+            match lookup_state.get(state, p)? {
                 Some(s) => Some(s.downcast_into::<PyDict>().map_err(|_| {
                     Error::Type(format!(
                         "optimizer.state of parameter {index} must be a dict"
@@ -102,7 +106,16 @@ fn gather<'py>(
             }
         } else {
             None
-        };
+        });
+    }
+    for (index, (p, (grad, st))) in params
+        .into_iter()
+        .zip(grads.into_iter().zip(dicts))
+        .enumerate()
+    {
+        if grad.is_none() {
+            continue;
+        }
         let lookup = |key: &Bound<'py, PyString>| -> PyResult<Option<Bound<'py, PyAny>>> {
             match &st {
                 Some(s) => Ok(s.get_item(key)?.filter(|v| !v.is_none())),
@@ -196,11 +209,10 @@ fn gather<'py>(
     }
     // Every layout at once (on torch's threads when there are many), then the entries
     // whose tensors the shim could not judge go to torch.
-    let read = Meta::of_all(&reads, threads);
-    let metas: Vec<Meta> = read.iter().map(|m| m.unwrap_or(Meta::NONE)).collect();
+    let metas = Meta::of_all(&reads, threads);
     for e in &mut entries {
         if let Some(at) = e.metas {
-            if read[at..at + per].iter().any(Option::is_none) {
+            if !metas[at..at + per].iter().all(Meta::ok) {
                 e.metas = None;
             }
         }
@@ -349,7 +361,7 @@ fn run_entries<A: Fused>(
     for k in 0..n_scalars {
         ranges.extend(ready.iter().map(|r| r.scalars[k].range()));
     }
-    if any_overlap(&mut ranges) {
+    if any_overlap_par(&mut ranges, threads, &crate::parallel::TorchThreads) {
         return Ok(Outcome {
             serial: true,
             ..Outcome::default()
@@ -415,14 +427,9 @@ pub fn step_group<A: Fused>(
     let out = enter(py, A::SPEC.label, move || {
         run_entries(&algo, entries, metas, n_states, threads)
     })?;
-    let objs: Vec<Bound<'_, PyAny>> = out
-        .stepped
-        .iter()
-        .flat_map(|&k| {
-            let (a, b) = entries[k].objs;
-            gathered.written[a..b].iter().cloned()
-        })
-        .collect();
-    bump_versions(&objs);
+    bump_versions(out.stepped.iter().flat_map(|&k| {
+        let (a, b) = entries[k].objs;
+        &gathered.written[a..b]
+    }));
     Ok(out)
 }
