@@ -49,6 +49,12 @@ impl<'py> Plain<'py> {
     pub fn new(obj: Bound<'py, PyAny>) -> PyResult<Option<Plain<'py>>> {
         Ok(is_plain(&obj)?.then_some(Plain(obj)))
     }
+
+    /// The object's address, a number that may cross into GIL-free code (see
+    /// [`bump_plain_versions`]).
+    pub fn addr(&self) -> usize {
+        self.0.as_ptr() as usize
+    }
 }
 
 /// Whether `obj` is any `torch.Tensor`, subclasses included.
@@ -109,6 +115,7 @@ extern "C" {
     // src/shim/tensor_meta.cpp
     fn ft_tensor_meta(obj: *mut pyo3::ffi::PyObject, out: *mut Meta) -> std::ffi::c_int;
     fn ft_tensor_metas(objs: *const *mut pyo3::ffi::PyObject, n: usize, out: *mut Meta);
+    fn ft_bump_plain(objs: *const *mut pyo3::ffi::PyObject, n: usize);
     fn ft_bump_versions(objs: *const *mut pyo3::ffi::PyObject, n: usize) -> std::ffi::c_int;
     fn ft_grad(obj: *mut pyo3::ffi::PyObject) -> *mut pyo3::ffi::PyObject;
     fn ft_grads(
@@ -424,6 +431,32 @@ impl Meta {
             double,
         })
     }
+}
+
+/// `t._version += 1`, as torch's in-place ops do, for the objects at `addrs` (0: none),
+/// spread over up to `threads` of torch's threads when there are many: no Python call is
+/// made (the counter is atomic), so this runs without the GIL.
+///
+/// # Safety
+/// Every non-zero address is a live object made a [`Plain`] at this call and held by the
+/// caller until this returns.
+pub unsafe fn bump_plain_versions(addrs: &[usize], threads: usize) {
+    const BLOCK: usize = 512;
+    let bump = |a: &[usize]| {
+        // SAFETY: forwarded from the caller.
+        unsafe { ft_bump_plain(a.as_ptr() as *const *mut pyo3::ffi::PyObject, a.len()) }
+    };
+    if threads < 2 || addrs.len() < 2 * BLOCK {
+        return bump(addrs);
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let blocks: Vec<&[usize]> = addrs.chunks(BLOCK).collect();
+    use ferrotorch_kernels::Executor;
+    crate::parallel::TorchThreads.broadcast(threads.min(blocks.len()), &|| loop {
+        let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Some(b) = blocks.get(k) else { break };
+        bump(b);
+    });
 }
 
 /// `t._version += 1` for every tensor object in `objs`, as torch's in-place ops do.

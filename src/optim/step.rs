@@ -13,8 +13,8 @@ use pyo3::types::{PyDict, PyList, PyString};
 
 use super::algos::{Fused, Sparse, StepCache};
 use crate::access::{
-    any_overlap_par, bump_versions, grads_of, is_tensor, Flat, Meta, Plain, Scalar, Sharded,
-    StateLookup,
+    any_overlap_par, bump_plain_versions, bump_versions, grads_of, is_tensor, Flat, Meta, Plain,
+    Scalar, Sharded, StateLookup,
 };
 use crate::errors::{enter, Error, Result};
 
@@ -22,9 +22,10 @@ use crate::errors::{enter, Error, Result};
 struct Entry {
     /// Position in `group["params"]`.
     index: usize,
-    /// The parameter objects this entry writes (with a DTensor's local shard), as
-    /// `written[objs.0..objs.1]`.
-    objs: (usize, usize),
+    /// A DTensor parameter's own object, as `written[k]`: its version is bumped with the
+    /// GIL. (Its local shard, like a plain parameter, is the entry's first read object and
+    /// is bumped right after the kernel.)
+    wrapper: Option<usize>,
     /// Where this parameter's layouts start in [`Gathered::metas`]: the parameter, its grad,
     /// the states in the kernel's order, then the scalar states in `SPEC.scalars`' order.
     /// None when the parameter, its grad or a state is not a plain tensor: torch steps it.
@@ -46,15 +47,15 @@ pub struct Outcome {
 }
 
 /// What [`gather`] found: the entries, the layouts they read (one flat list, so that an
-/// entry is a few words and nothing large is moved per parameter), the objects whose
-/// version a step bumps, and every tensor object read, held so that their memory stays
-/// alive while the GIL is released.
+/// entry is a few words and nothing large is moved per parameter), the DTensor parameters
+/// whose version a step bumps, and every plain tensor object read (`reads[at]` for an
+/// entry's `metas: Some(at)`), held so that their memory stays alive while the GIL is
+/// released.
 struct Gathered<'py> {
     entries: Vec<Entry>,
     metas: Vec<Meta>,
     written: Vec<Bound<'py, PyAny>>,
-    _keep: Vec<Bound<'py, PyAny>>,
-    _reads: Vec<Plain<'py>>,
+    reads: Vec<Plain<'py>>,
 }
 
 /// Reads the group as it is now. Returns Err(missing) when some state must be created.
@@ -77,7 +78,6 @@ fn gather<'py>(
     let mut entries = Vec::with_capacity(params.len());
     let mut reads = Vec::with_capacity(params.len() * per);
     let mut written = Vec::with_capacity(params.len());
-    let mut keep = Vec::with_capacity(params.len());
     let mut missing = Vec::new();
     let py = params.py();
     // Interned once per call: looking a key up then costs no string building or hashing.
@@ -144,21 +144,16 @@ fn gather<'py>(
         // Plain tensors, or DTensors of one layout stepped through their local shards. The
         // objects whose layouts the kernel needs go to `reads`, in the entry's slot order;
         // their layouts are read below, all at once.
-        let mut locals = Vec::new();
         let at = reads.len();
+        let mut sharded = false;
         let plain = (|| -> PyResult<bool> {
-            let sharded = Sharded::of(&p)?;
-            // `written`: the local shard is written by the step (not the grad's).
-            let mut read = |o: &Bound<'py, PyAny>, written: bool| -> PyResult<bool> {
-                let o = match &sharded {
+            let layout = Sharded::of(&p)?;
+            sharded = layout.is_some();
+            let mut read = |o: &Bound<'py, PyAny>| -> PyResult<bool> {
+                let o = match &layout {
                     None => o.clone(),
                     Some(sp) => match Sharded::of(o)? {
-                        Some(so) if so.same_layout(sp)? => {
-                            if written && locals.is_empty() {
-                                locals.push(so.local.clone()); // the parameter's shard
-                            }
-                            so.local
-                        }
+                        Some(so) if so.same_layout(sp)? => so.local,
                         _ => return Ok(false),
                     },
                 };
@@ -168,11 +163,11 @@ fn gather<'py>(
                 }
                 Ok(true)
             };
-            if !read(&p, true)? || !read(&grad, false)? {
+            if !read(&p)? || !read(&grad)? {
                 return Ok(false);
             }
             for o in objs.iter().flatten() {
-                if !read(o, true)? {
+                if !read(o)? {
                     return Ok(false);
                 }
             }
@@ -188,18 +183,15 @@ fn gather<'py>(
         if !plain {
             reads.truncate(at);
         }
-        let start = written.len();
-        if plain {
-            // Only the parameter's version is bumped: autograd saves parameters, never
-            // optimizer state (differentiable optimizers take torch's path).
-            written.push(p.clone());
-            written.extend(locals);
-            keep.push(p);
-        }
-        let objs = (start, written.len());
+        // Only the parameter's version is bumped: autograd saves parameters, never
+        // optimizer state (differentiable optimizers take torch's path).
+        let wrapper = (plain && sharded).then(|| {
+            written.push(p);
+            written.len() - 1
+        });
         entries.push(Entry {
             index,
-            objs,
+            wrapper,
             metas: plain.then_some(at),
             first: first.binary_search(&index).is_ok(),
         });
@@ -221,8 +213,7 @@ fn gather<'py>(
         entries,
         metas,
         written,
-        _keep: keep,
-        _reads: reads,
+        reads,
     }))
 }
 
@@ -329,10 +320,16 @@ fn classify<A: Fused>(
     }))
 }
 
-fn run_entries<A: Fused>(
+/// Checks and steps the entries; `params[k]` is the address of entry k's parameter object
+/// (or its local shard), whose version is bumped once the kernel has run.
+///
+/// # Safety
+/// Every non-zero address in `params` is a live plain tensor object held by the caller.
+unsafe fn run_entries<A: Fused>(
     algo: &A,
     entries: &[Entry],
     metas: &[Meta],
+    params: &[usize],
     n_states: usize,
     threads: usize,
 ) -> Result<Outcome> {
@@ -383,6 +380,9 @@ fn run_entries<A: Fused>(
     // SAFETY: every buffer was read at this call from a live plain CPU tensor whose object
     // the caller holds, is contiguous with `numel` elements of `dtype`, and no two overlap.
     unsafe { ferrotorch_kernels::run(algo, &jobs, threads, &crate::parallel::TorchThreads)? };
+    let bumped: Vec<usize> = stepped.iter().map(|&k| params[k]).collect();
+    // SAFETY: forwarded from the caller.
+    unsafe { bump_plain_versions(&bumped, threads) };
     Ok(Outcome {
         slow,
         stepped,
@@ -422,14 +422,20 @@ pub fn step_group<A: Fused>(
             })
         }
     };
-    // `gathered` holds every tensor object while the GIL is released.
     let (entries, metas) = (&gathered.entries, &gathered.metas);
+    let params: Vec<usize> = entries
+        .iter()
+        .map(|e| e.metas.map_or(0, |at| gathered.reads[at].addr()))
+        .collect();
     let out = enter(py, A::SPEC.label, move || {
-        run_entries(&algo, entries, metas, n_states, threads)
+        // SAFETY: `gathered` holds every tensor object while the GIL is released.
+        unsafe { run_entries(&algo, entries, metas, &params, n_states, threads) }
     })?;
-    bump_versions(out.stepped.iter().flat_map(|&k| {
-        let (a, b) = entries[k].objs;
-        &gathered.written[a..b]
-    }));
+    bump_versions(
+        out.stepped
+            .iter()
+            .filter_map(|&k| entries[k].wrapper)
+            .map(|w| &gathered.written[w]),
+    );
     Ok(out)
 }

@@ -153,6 +153,19 @@ int ft_bump_versions(PyObject* const* objs, size_t n) {
   return skipped;
 }
 
+// ft_bump_versions for objects whose type the caller has checked to be exactly torch.Tensor
+// or nn.Parameter (a null entry is skipped): no Python call, so it runs without the GIL.
+void ft_bump_plain(PyObject* const* objs, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    if (objs[i] == nullptr) continue;
+    try {
+      const at::Tensor& t = THPVariable_Unpack(objs[i]);
+      if (t.defined() && !t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+    } catch (...) {
+    }
+  }
+}
+
 // `obj.grad` for an object whose type is exactly torch.Tensor or nn.Parameter (the caller
 // checks; a subclass may override the property), as torch's getter returns it without
 // its attribute lookup: a new reference (Py_None when there is no grad), or NULL with a
