@@ -88,7 +88,8 @@ impl<'py> Sharded<'py> {
             )
         });
         let Some(ty) = ty else { return Ok(None) };
-        if !obj.get_type().is(ty.bind(py)) {
+        // Compared without taking a reference to the type: this runs for every parameter.
+        if obj.get_type_ptr() as *mut pyo3::ffi::PyObject != ty.as_ptr() {
             return Ok(None);
         }
         Ok(Some(Sharded {
@@ -200,10 +201,10 @@ impl StateLookup {
     ) -> PyResult<Option<Bound<'py, PyAny>>> {
         let py = key.py();
         let (tensor, param) = plain_types(py)?;
-        let ty = key.get_type();
-        let slot = if ty.is(tensor.bind(py)) {
+        let ty = key.get_type_ptr() as *mut pyo3::ffi::PyObject;
+        let slot = if ty == tensor.as_ptr() {
             0
-        } else if ty.is(param.bind(py)) {
+        } else if ty == param.as_ptr() {
             1
         } else {
             return dict.get_item(key);

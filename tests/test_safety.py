@@ -194,6 +194,35 @@ def _many(name):
 
     if name == "SGD":
         _overlap_across_halves()
+    for n in (3, 1100):
+        _versions_bumped(name, n)
+
+
+def _versions_bumped(name, n):
+    """A step changes every stepped parameter's version, as torch's in-place ops do, so
+    autograd still refuses a backward through a graph that saved a parameter the step
+    changed (1100 parameters: bumped on two threads)."""
+    import ferrotorch.optim as fopt
+
+    errors = []
+    for mod in (torch.optim, fopt):
+        g = torch.Generator().manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(2, generator=g)) for _ in range(n)]
+        opt = _make(mod, name, ps)
+        _grads(ps, 0)
+        opt.step()
+        _grads(ps, 1)
+        x = torch.randn(2, generator=g, requires_grad=True)
+        y = sum((p * x).sum() for p in ps)  # saves every p for x's grad
+        before = [p._version for p in ps]
+        opt.step()
+        assert all(p._version > v for p, v in zip(ps, before)), f"{mod.__name__}: a version did not change"
+        try:
+            y.backward()
+            errors.append(None)
+        except RuntimeError as e:
+            errors.append("modified by an inplace operation" in str(e))
+    assert errors[0] == errors[1] == True, errors  # noqa: E712
 
 
 def _overlap_across_halves():

@@ -21,6 +21,7 @@ struct FtMeta {
   uint32_t flags;    // FT_* below
   int32_t status;    // ft_tensor_metas: what ft_tensor_meta would return
 };
+static_assert(sizeof(FtMeta) == 104, "src/access.rs's Meta has the same fields");
 
 enum : uint32_t {
   FT_CPU_DENSE = 1u,    // a strided CPU tensor with storage, no Python/functorch/functional wrapper
