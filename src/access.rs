@@ -307,21 +307,8 @@ impl Meta {
             }
         };
         if threads > 1 && addrs.len() >= 2 * BLOCK {
-            let blocks: Vec<std::sync::Mutex<(&[usize], &mut [Meta])>> = addrs
-                .chunks(BLOCK)
-                .zip(out.chunks_mut(BLOCK))
-                .map(std::sync::Mutex::new)
-                .collect();
-            let next = std::sync::atomic::AtomicUsize::new(0);
-            let task = || loop {
-                let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(b) = blocks.get(k) else { break };
-                let mut b = b.lock().unwrap_or_else(|p| p.into_inner());
-                let (a, o) = &mut *b;
-                read(a, o);
-            };
-            use ferrotorch_kernels::Executor;
-            crate::parallel::TorchThreads.broadcast(threads.min(blocks.len()), &task);
+            let blocks = addrs.chunks(BLOCK).zip(out.chunks_mut(BLOCK)).collect();
+            crate::parallel::for_each(blocks, threads, &|(a, o)| read(a, o));
         } else {
             read(&addrs, &mut out);
         }
@@ -450,14 +437,7 @@ pub unsafe fn bump_plain_versions(addrs: &[usize], threads: usize) {
     if threads < 2 || addrs.len() < 2 * BLOCK {
         return bump(addrs);
     }
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let blocks: Vec<&[usize]> = addrs.chunks(BLOCK).collect();
-    use ferrotorch_kernels::Executor;
-    crate::parallel::TorchThreads.broadcast(threads.min(blocks.len()), &|| loop {
-        let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let Some(b) = blocks.get(k) else { break };
-        bump(b);
-    });
+    crate::parallel::for_each(addrs.chunks(BLOCK).collect(), threads, &bump);
 }
 
 /// `t._version += 1` for every tensor object in `objs`, as torch's in-place ops do.
@@ -535,46 +515,21 @@ pub fn flat(t: &Tensor) -> Option<Flat> {
     Some(Flat { dtype, numel, ptr })
 }
 
-/// [`any_overlap`] with the sort split over two threads of `exec` when there are many
+/// [`any_overlap`] with the sort split over two of the kernels' threads when there are many
 /// ranges: each half is sorted on its own thread, then one merged pass over both finds any
 /// shared byte, as one pass over the whole sorted list would.
-pub fn any_overlap_par(
-    ranges: &mut [(usize, usize)],
-    threads: usize,
-    exec: &dyn ferrotorch_kernels::Executor,
-) -> bool {
+pub fn any_overlap_par(ranges: &mut [(usize, usize)], threads: usize) -> bool {
     if threads < 2 || ranges.len() < 4096 {
         return any_overlap(ranges);
     }
     let (a, b) = ranges.split_at_mut(ranges.len() / 2);
-    let halves = [std::sync::Mutex::new(a), std::sync::Mutex::new(b)];
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    exec.broadcast(2, &|| loop {
-        let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let Some(h) = halves.get(k) else { break };
-        h.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .sort_by_key(|r| r.0);
-    });
-    let [a, b] = halves.map(|h| h.into_inner().unwrap_or_else(|p| p.into_inner()));
-    let (mut i, mut j, mut end) = (0, 0, 0usize);
-    while i < a.len() || j < b.len() {
-        let take_a = j == b.len() || (i < a.len() && a[i].0 <= b[j].0);
-        let (s, e) = if take_a { a[i] } else { b[j] };
-        if take_a {
-            i += 1;
-        } else {
-            j += 1;
-        }
-        if s == e {
-            continue;
-        }
-        if s < end {
-            return true;
-        }
-        end = end.max(e);
-    }
-    false
+    crate::parallel::for_each(vec![&mut *a, &mut *b], 2, &|h| h.sort_by_key(|r| r.0));
+    let (mut a, mut b) = (a.iter().copied().peekable(), b.iter().copied().peekable());
+    overlap_in_sorted(std::iter::from_fn(|| match (a.peek(), b.peek()) {
+        (Some(x), Some(y)) if y.0 < x.0 => b.next(),
+        (Some(_), _) => a.next(),
+        _ => b.next(),
+    }))
 }
 
 /// True when two of the non-empty `ranges` share a byte (sorts `ranges`).
@@ -582,8 +537,13 @@ pub fn any_overlap(ranges: &mut [(usize, usize)]) -> bool {
     // By start only (equal starts of non-empty ranges overlap whatever their order); the
     // stable sort is adaptive: ranges that arrive as a few sorted runs are merged, not sorted.
     ranges.sort_by_key(|r| r.0);
+    overlap_in_sorted(ranges.iter().copied())
+}
+
+/// Whether two non-empty ranges of a list sorted by start share a byte.
+fn overlap_in_sorted(sorted: impl Iterator<Item = (usize, usize)>) -> bool {
     let mut end = 0usize;
-    for &(s, e) in ranges.iter() {
+    for (s, e) in sorted {
         if s == e {
             continue;
         }

@@ -8,7 +8,8 @@
 //! the fork-safe rayon pool of the kernel crate takes over.
 
 use std::ffi::{c_uint, c_void};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 use ferrotorch_kernels::{Executor, RayonPool};
 
@@ -60,6 +61,20 @@ impl Executor for TorchThreads {
             _ => RayonPool.broadcast(threads, task),
         }
     }
+}
+
+/// Calls `f` once on each of `items`, on up to `threads` of the kernels' threads: each
+/// thread takes the next item nobody has taken yet, so a late thread finds less to do.
+pub fn for_each<T: Send>(items: Vec<T>, threads: usize, f: &(dyn Fn(T) + Sync)) {
+    let slots: Vec<Mutex<Option<T>>> = items.into_iter().map(|t| Mutex::new(Some(t))).collect();
+    let next = AtomicUsize::new(0);
+    TorchThreads.broadcast(threads.min(slots.len()).max(1), &|| loop {
+        let k = next.fetch_add(1, Ordering::Relaxed);
+        let Some(slot) = slots.get(k) else { break };
+        if let Some(item) = slot.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            f(item);
+        }
+    });
 }
 
 /// Whether steps run on torch's OpenMP threads (for diagnostics and tests).

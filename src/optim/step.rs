@@ -358,7 +358,7 @@ unsafe fn run_entries<A: Fused>(
     for k in 0..n_scalars {
         ranges.extend(ready.iter().map(|r| r.scalars[k].range()));
     }
-    if any_overlap_par(&mut ranges, threads, &crate::parallel::TorchThreads) {
+    if any_overlap_par(&mut ranges, threads) {
         return Ok(Outcome {
             serial: true,
             ..Outcome::default()
