@@ -51,7 +51,7 @@ impl<'py> Plain<'py> {
     }
 
     /// The object's address, a number that may cross into GIL-free code (see
-    /// [`bump_plain_versions`]).
+    /// [`Meta::of_all`], [`bump_plain_versions`]).
     pub fn addr(&self) -> usize {
         self.0.as_ptr() as usize
     }
@@ -292,7 +292,7 @@ impl Meta {
         const BLOCK: usize = 256;
         // Addresses as numbers, so the blocks can cross threads; the objects are held by
         // `objs` until this returns.
-        let addrs: Vec<usize> = objs.iter().map(|o| o.0.as_ptr() as usize).collect();
+        let addrs: Vec<usize> = objs.iter().map(Plain::addr).collect();
         let mut out = vec![Meta::NONE; addrs.len()];
         let read = |addrs: &[usize], out: &mut [Meta]| {
             // SAFETY: every address is a live object of exactly torch.Tensor/nn.Parameter

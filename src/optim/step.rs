@@ -86,17 +86,18 @@ fn gather<'py>(
         .iter()
         .map(|k| PyString::intern(py, k))
         .collect();
-    // Level by level: every grad (in one shim call that prefetches along the next
-    // parameters' chains of objects), then every state dict, then the entries of each. After
-    // a kernel has swept the caches, following one parameter's chain at a time would wait
-    // for memory at every link.
+    // Every grad first, in one shim call that prefetches along the next parameters' chains
+    // of objects: after a kernel has swept the caches, following one parameter's chain at a
+    // time would wait for memory at every link.
     let params: Vec<Bound<'py, PyAny>> = params.iter().collect();
     let grads = grads_of(&params)?;
     let mut lookup_state = StateLookup::default();
-    let mut dicts: Vec<Option<Bound<'py, PyDict>>> = Vec::with_capacity(params.len());
-    for (index, (p, grad)) in params.iter().zip(&grads).enumerate() {
-        dicts.push(if stateful && !grad.is_none() {
-            match lookup_state.get(state, p)? {
+    for (index, (p, grad)) in params.into_iter().zip(grads).enumerate() {
+        if grad.is_none() {
+            continue;
+        }
+        let st = if stateful {
+            match lookup_state.get(state, &p)? {
                 Some(s) => Some(s.downcast_into::<PyDict>().map_err(|_| {
                     Error::Type(format!(
                         "optimizer.state of parameter {index} must be a dict"
@@ -106,16 +107,7 @@ fn gather<'py>(
             }
         } else {
             None
-        });
-    }
-    for (index, (p, (grad, st))) in params
-        .into_iter()
-        .zip(grads.into_iter().zip(dicts))
-        .enumerate()
-    {
-        if grad.is_none() {
-            continue;
-        }
+        };
         let lookup = |key: &Bound<'py, PyString>| -> PyResult<Option<Bound<'py, PyAny>>> {
             match &st {
                 Some(s) => Ok(s.get_item(key)?.filter(|v| !v.is_none())),

@@ -56,13 +56,6 @@ void ft_tensor_metas(PyObject* const* objs, size_t n, FtMeta* out) {
   // Three stages ahead of the read: the object, its TensorImpl, its StorageImpl.
   constexpr size_t kObj = 24, kImpl = 16, kStorage = 8;
   auto impl_of = [&](size_t i) { return THPVariable_Unpack(objs[i]).unsafeGetTensorImpl(); };
-  for (size_t i = 0; i < n && i < kObj; ++i) __builtin_prefetch(objs[i]);
-  for (size_t i = 0; i < n && i < kImpl; ++i) {
-    const char* p = reinterpret_cast<const char*>(impl_of(i));
-    __builtin_prefetch(p);
-    __builtin_prefetch(p + 64);
-    __builtin_prefetch(p + 128);
-  }
   for (size_t i = 0; i < n; ++i) {
     if (i + kObj < n) __builtin_prefetch(objs[i + kObj]);
     if (i + kImpl < n) {
@@ -131,22 +124,21 @@ static int read_meta(const at::Tensor& t, FtMeta* out) {
   return 0;
 }
 
+// `t._version += 1` for one tensor, as torch's in-place ops do; false for an undefined or
+// inference tensor (which has no version).
+static bool bump_one(const at::Tensor& t) {
+  if (!t.defined() || t.is_inference()) return false;
+  t.unsafeGetTensorImpl()->bump_version();
+  return true;
+}
+
 // `t._version += 1` for each tensor object, as torch's in-place ops do. Returns the number
 // of objects that are not tensors (or are inference tensors, which have no version).
 int ft_bump_versions(PyObject* const* objs, size_t n) {
   int skipped = 0;
   for (size_t i = 0; i < n; ++i) {
     try {
-      if (!THPVariable_Check(objs[i])) {
-        ++skipped;
-        continue;
-      }
-      const at::Tensor& t = THPVariable_Unpack(objs[i]);
-      if (!t.defined() || t.is_inference()) {
-        ++skipped;
-        continue;
-      }
-      t.unsafeGetTensorImpl()->bump_version();
+      if (!THPVariable_Check(objs[i]) || !bump_one(THPVariable_Unpack(objs[i]))) ++skipped;
     } catch (...) {
       ++skipped;
     }
@@ -160,8 +152,7 @@ void ft_bump_plain(PyObject* const* objs, size_t n) {
   for (size_t i = 0; i < n; ++i) {
     if (objs[i] == nullptr) continue;
     try {
-      const at::Tensor& t = THPVariable_Unpack(objs[i]);
-      if (t.defined() && !t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+      bump_one(THPVariable_Unpack(objs[i]));
     } catch (...) {
     }
   }
