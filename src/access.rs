@@ -7,6 +7,7 @@
 //! re-reads the objects and their metadata, and the memory all buffers of one call cover is
 //! checked for overlap as a whole before any of them is written.
 
+pub use ferrotorch_kernels::overlap::{any_overlap, any_overlap_sorted};
 use ferrotorch_kernels::DType;
 use pyo3::prelude::*;
 use pyo3::sync::GILOnceCell;
@@ -282,37 +283,24 @@ impl Meta {
         Ok((rc == 0).then_some(m))
     }
 
-    /// [`Meta::of`] for many objects at once; an object the shim cannot judge gets a layout
-    /// that is not [`Meta::ok`]. With many objects, the layouts are read on up to `threads`
-    /// of torch's threads: they are C++ reads only (the types were checked when the
-    /// [`Plain`]s were made), and the caller holds the GIL throughout, so no Python code can
-    /// change a tensor while they run.
-    pub fn of_all(objs: &[Plain<'_>], threads: usize) -> Vec<Meta> {
-        /// Objects per unit of work: enough to amortize a thread hand-off.
-        const BLOCK: usize = 256;
-        // Addresses as numbers, so the blocks can cross threads; the objects are held by
-        // `objs` until this returns.
-        let addrs: Vec<usize> = objs.iter().map(Plain::addr).collect();
-        let mut out = vec![Meta::NONE; addrs.len()];
-        let read = |addrs: &[usize], out: &mut [Meta]| {
-            // SAFETY: every address is a live object of exactly torch.Tensor/nn.Parameter
-            // type (checked when its Plain was made; the caller's GIL keeps it so); `out`
-            // has room for one layout each.
-            unsafe {
-                ft_tensor_metas(
-                    addrs.as_ptr() as *const *mut pyo3::ffi::PyObject,
-                    addrs.len(),
-                    out.as_mut_ptr(),
-                )
-            }
-        };
-        if threads > 1 && addrs.len() >= 2 * BLOCK {
-            let blocks = addrs.chunks(BLOCK).zip(out.chunks_mut(BLOCK)).collect();
-            crate::parallel::for_each(blocks, threads, &|(a, o)| read(a, o));
-        } else {
-            read(&addrs, &mut out);
+    /// [`Meta::of`] for the objects at `addrs`, into `out` (one layout each); an object
+    /// the shim cannot judge gets a layout that is not [`Meta::ok`]. These are C++ reads
+    /// only, so torch's worker threads may make them while the caller holds the GIL (which
+    /// keeps any Python code from changing a tensor meanwhile).
+    ///
+    /// # Safety
+    /// Every address is a live object made a [`Plain`] at this call and held by the caller
+    /// until this returns; `out` is as long as `addrs`.
+    pub unsafe fn read_plain(addrs: &[usize], out: &mut [Meta]) {
+        debug_assert_eq!(addrs.len(), out.len());
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            ft_tensor_metas(
+                addrs.as_ptr() as *const *mut pyo3::ffi::PyObject,
+                addrs.len(),
+                out.as_mut_ptr(),
+            )
         }
-        out
     }
 
     /// Whether the shim read this tensor's layout (see [`Meta::of`]).
@@ -513,46 +501,6 @@ pub fn flat(t: &Tensor) -> Option<Flat> {
         return None;
     }
     Some(Flat { dtype, numel, ptr })
-}
-
-/// [`any_overlap`] with the sort split over two of the kernels' threads when there are many
-/// ranges: each half is sorted on its own thread, then one merged pass over both finds any
-/// shared byte, as one pass over the whole sorted list would.
-pub fn any_overlap_par(ranges: &mut [(usize, usize)], threads: usize) -> bool {
-    if threads < 2 || ranges.len() < 4096 {
-        return any_overlap(ranges);
-    }
-    let (a, b) = ranges.split_at_mut(ranges.len() / 2);
-    crate::parallel::for_each(vec![&mut *a, &mut *b], 2, &|h| h.sort_by_key(|r| r.0));
-    let (mut a, mut b) = (a.iter().copied().peekable(), b.iter().copied().peekable());
-    overlap_in_sorted(std::iter::from_fn(|| match (a.peek(), b.peek()) {
-        (Some(x), Some(y)) if y.0 < x.0 => b.next(),
-        (Some(_), _) => a.next(),
-        _ => b.next(),
-    }))
-}
-
-/// True when two of the non-empty `ranges` share a byte (sorts `ranges`).
-pub fn any_overlap(ranges: &mut [(usize, usize)]) -> bool {
-    // By start only (equal starts of non-empty ranges overlap whatever their order); the
-    // stable sort is adaptive: ranges that arrive as a few sorted runs are merged, not sorted.
-    ranges.sort_by_key(|r| r.0);
-    overlap_in_sorted(ranges.iter().copied())
-}
-
-/// Whether two non-empty ranges of a list sorted by start share a byte.
-fn overlap_in_sorted(sorted: impl Iterator<Item = (usize, usize)>) -> bool {
-    let mut end = 0usize;
-    for (s, e) in sorted {
-        if s == e {
-            continue;
-        }
-        if s < end {
-            return true;
-        }
-        end = end.max(e);
-    }
-    false
 }
 
 /// A tensor's sizes, read without allocating (tensors of more than 8 dims compare unequal

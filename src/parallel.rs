@@ -66,15 +66,50 @@ impl Executor for TorchThreads {
 /// Calls `f` once on each of `items`, on up to `threads` of the kernels' threads: each
 /// thread takes the next item nobody has taken yet, so a late thread finds less to do.
 pub fn for_each<T: Send>(items: Vec<T>, threads: usize, f: &(dyn Fn(T) + Sync)) {
+    for_each_local(items, threads, &|| (), &|_, item| f(item), &|_| ());
+}
+
+/// [`for_each`] with a state of each thread's own: a thread makes it with `init` when it
+/// starts, passes it to `f` with each item it takes (in increasing order of position), and
+/// hands it to `done` when no item is left. Returns the states with the number of items
+/// each took, one per thread that ran; a thread that panicked returns nothing, so the
+/// counts then fall short of `items.len()`.
+pub fn for_each_local<T: Send, L: Send>(
+    items: Vec<T>,
+    threads: usize,
+    init: &(dyn Fn() -> L + Sync),
+    f: &(dyn Fn(&mut L, T) + Sync),
+    done: &(dyn Fn(&mut L) + Sync),
+) -> Vec<(L, usize)> {
+    let threads = threads.min(items.len()).max(1);
+    if threads == 1 {
+        let (mut local, n) = (init(), items.len());
+        for item in items {
+            f(&mut local, item);
+        }
+        done(&mut local);
+        return vec![(local, n)];
+    }
     let slots: Vec<Mutex<Option<T>>> = items.into_iter().map(|t| Mutex::new(Some(t))).collect();
     let next = AtomicUsize::new(0);
-    TorchThreads.broadcast(threads.min(slots.len()).max(1), &|| loop {
-        let k = next.fetch_add(1, Ordering::Relaxed);
-        let Some(slot) = slots.get(k) else { break };
-        if let Some(item) = slot.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            f(item);
+    let states = Mutex::new(Vec::with_capacity(threads));
+    TorchThreads.broadcast(threads, &|| {
+        let (mut local, mut taken) = (init(), 0);
+        loop {
+            let k = next.fetch_add(1, Ordering::Relaxed);
+            let Some(slot) = slots.get(k) else { break };
+            if let Some(item) = slot.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                f(&mut local, item);
+                taken += 1;
+            }
         }
+        done(&mut local);
+        states
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((local, taken));
     });
+    states.into_inner().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Whether steps run on torch's OpenMP threads (for diagnostics and tests).

@@ -193,7 +193,7 @@ def _many(name):
     _run(name, MANY, strided, steps=3)
 
     if name == "SGD":
-        _overlap_across_halves()
+        _overlap_across_threads()
     for n in (3, 1100):
         _versions_bumped(name, n)
 
@@ -225,11 +225,12 @@ def _versions_bumped(name, n):
     assert errors[0] == errors[1] == True, errors  # noqa: E712
 
 
-def _overlap_across_halves():
-    """Over 4096 buffers, the overlap check sorts two halves on two threads. Buffers are
-    listed slot by slot (parameters, grads, momentum buffers), so a momentum buffer that is
-    the first parameter's memory pairs the first buffer of the list with the last: the
-    native step must find it (and change nothing), and the step must give torch's numbers."""
+def _overlap_across_threads():
+    """From 512 tensors the layouts are read in blocks on two threads, each sorting the
+    memory ranges of its own blocks; the overlap check then merges the threads' lists. A
+    momentum buffer that is the first parameter's memory, at several positions (so in
+    blocks that the other thread usually reads), must be found — the native step reports
+    `serial` and changes nothing — and the step must give torch's numbers."""
     import ferrotorch.optim as fopt
 
     results = []
@@ -239,12 +240,16 @@ def _overlap_across_halves():
         opt = _make(mod, "SGD", ps)
         _grads(ps, 0)
         opt.step()
-        opt.state[ps[-1]]["momentum_buffer"] = ps[0].detach()
         if mod is fopt:
-            before = [p.detach().clone() for p in ps]
-            _, _, serial = opt._spec.step(opt.state, opt.param_groups[0], None, None, [])
-            assert serial, "memory shared by the first and the last buffer went unnoticed"
-            assert all(torch.equal(a, b) for a, b in zip(before, ps))
+            for k in (1, 100, 700, 1001, 1399) * 3:
+                own = opt.state[ps[k]]["momentum_buffer"]
+                opt.state[ps[k]]["momentum_buffer"] = ps[0].detach()
+                before = [p.detach().clone() for p in ps]
+                _, _, serial = opt._spec.step(opt.state, opt.param_groups[0], None, None, [])
+                assert serial, f"memory shared by parameter 0 and buffer {k} went unnoticed"
+                assert all(torch.equal(a, b) for a, b in zip(before, ps))
+                opt.state[ps[k]]["momentum_buffer"] = own
+        opt.state[ps[-1]]["momentum_buffer"] = ps[0].detach()
         for step in range(1, 3):
             _grads(ps, step)
             opt.step()

@@ -16,7 +16,7 @@ use ferrotorch_kernels::{
     nadam::NAdam, radam::RAdam, rmsprop::RmsProp, rprop::Rprop, sgd::Sgd,
 };
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyString};
 
 use crate::errors::Error;
 use algos::{Fused, Sparse, Spec};
@@ -86,8 +86,8 @@ impl OptimizerSpec {
     }
     /// The per-parameter one-element state tensors (`step` first where torch counts steps).
     #[getter]
-    fn scalar_keys(&self) -> Vec<&'static str> {
-        self.entry.spec.scalars.to_vec()
+    fn scalar_keys<'py>(&self, py: Python<'py>) -> Vec<Bound<'py, PyString>> {
+        interned(py, self.entry.spec.scalars)
     }
     /// Whether sparse gradients are stepped by torch (True) or rejected with torch's error.
     #[getter]
@@ -96,8 +96,8 @@ impl OptimizerSpec {
     }
     /// The state tensors (besides `step`) this group's settings need, in the kernel's order;
     /// each has the parameter's shape.
-    fn state_keys(&self, group: &Bound<'_, PyDict>) -> PyResult<Vec<&'static str>> {
-        Ok((self.entry.keys)(group)?)
+    fn state_keys<'py>(&self, group: &Bound<'py, PyDict>) -> PyResult<Vec<Bound<'py, PyString>>> {
+        Ok(interned(group.py(), &(self.entry.keys)(group)?))
     }
 
     /// One step of `group`, reading `state` (the optimizer's `state`) as it is now.
@@ -164,4 +164,11 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(lbfgs::lbfgs_add, m)?)?;
     m.add_function(wrap_pyfunction!(lbfgs::lbfgs_set, m)?)?;
     Ok(())
+}
+
+/// The state keys as interned strings: the state dicts made with them then hold the very
+/// objects the step looks up with, so each lookup matches by identity, not by comparing
+/// characters.
+fn interned<'py>(py: Python<'py>, keys: &[&'static str]) -> Vec<Bound<'py, PyString>> {
+    keys.iter().map(|k| PyString::intern(py, k)).collect()
 }

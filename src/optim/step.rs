@@ -13,7 +13,7 @@ use pyo3::types::{PyDict, PyList, PyString};
 
 use super::algos::{Fused, Sparse, StepCache};
 use crate::access::{
-    any_overlap_par, bump_plain_versions, bump_versions, grads_of, is_tensor, Flat, Meta, Plain,
+    any_overlap_sorted, bump_plain_versions, bump_versions, grads_of, is_tensor, Flat, Meta, Plain,
     Scalar, Sharded, StateLookup,
 };
 use crate::errors::{enter, Error, Result};
@@ -26,7 +26,7 @@ struct Entry {
     /// GIL. (Its local shard, like a plain parameter, is the entry's first read object and
     /// is bumped right after the kernel.)
     wrapper: Option<usize>,
-    /// Where this parameter's layouts start in [`Gathered::metas`]: the parameter, its grad,
+    /// Where this parameter's objects start in [`Gathered::reads`]: the parameter, its grad,
     /// the states in the kernel's order, then the scalar states in `SPEC.scalars`' order.
     /// None when the parameter, its grad or a state is not a plain tensor: torch steps it.
     metas: Option<usize>,
@@ -46,14 +46,12 @@ pub struct Outcome {
     stepped: Vec<usize>,
 }
 
-/// What [`gather`] found: the entries, the layouts they read (one flat list, so that an
-/// entry is a few words and nothing large is moved per parameter), the DTensor parameters
-/// whose version a step bumps, and every plain tensor object read (`reads[at]` for an
+/// What [`gather`] found: the entries, the DTensor parameters whose version a step bumps,
+/// and every plain tensor object whose layout the step reads (`reads[at..at + per]` for an
 /// entry's `metas: Some(at)`), held so that their memory stays alive while the GIL is
 /// released.
 struct Gathered<'py> {
     entries: Vec<Entry>,
-    metas: Vec<Meta>,
     written: Vec<Bound<'py, PyAny>>,
     reads: Vec<Plain<'py>>,
 }
@@ -65,7 +63,6 @@ fn gather<'py>(
     keys: &[&'static str],
     scalar_keys: &[&'static str],
     first: &[usize],
-    threads: usize,
 ) -> PyResult<std::result::Result<Gathered<'py>, Vec<usize>>> {
     let params = group
         .get_item("params")?
@@ -191,19 +188,8 @@ fn gather<'py>(
     if !missing.is_empty() {
         return Ok(Err(missing));
     }
-    // Every layout at once (on torch's threads when there are many), then the entries
-    // whose tensors the shim could not judge go to torch.
-    let metas = Meta::of_all(&reads, threads);
-    for e in &mut entries {
-        if let Some(at) = e.metas {
-            if !metas[at..at + per].iter().all(Meta::ok) {
-                e.metas = None;
-            }
-        }
-    }
     Ok(Ok(Gathered {
         entries,
-        metas,
         written,
         reads,
     }))
@@ -218,6 +204,12 @@ struct Ready {
     scalars: [Scalar; MAX_SCALARS],
     first: bool,
 }
+
+// SAFETY: a Ready is addresses and sizes read at this call (by whichever of torch's threads
+// read the layouts); nothing reads or writes through them before `run_entries` has checked
+// the whole call's memory for overlap, and `Gathered` holds their objects until then.
+unsafe impl Send for Ready {}
+unsafe impl Sync for Ready {}
 
 /// Most scalar state tensors an algorithm keeps per parameter (ASGD: step, eta, mu).
 const MAX_SCALARS: usize = 3;
@@ -241,18 +233,14 @@ fn check_grad_matches(index: usize, param: &Meta, grad: &Meta) -> Result<()> {
     Ok(())
 }
 
-/// The kernel's view of an entry, or None (torch steps it). Errors are torch's.
+/// The kernel's view of an entry whose layouts are `m`, or None (torch steps it; the
+/// memory it covers goes to `ranges`). Errors are torch's.
 fn classify<A: Fused>(
     e: &Entry,
-    metas: &[Meta],
+    m: &[Meta],
     n_states: usize,
     ranges: &mut Vec<(usize, usize)>,
 ) -> Result<Option<Ready>> {
-    let Some(at) = e.metas else {
-        return Ok(None);
-    };
-    let n_scalars = A::SPEC.scalars.len();
-    let m = &metas[at..at + 2 + n_states + n_scalars];
     let (param, grad) = (&m[0], &m[1]);
     let (states_in, scalars_in) = m[2..].split_at(n_states);
     if grad.is_sparse() {
@@ -302,7 +290,7 @@ fn classify<A: Fused>(
             None => return slow(ranges),
         }
     }
-    // (The ready buffers' ranges are added by run_entries, slot by slot.)
+    // (The ready buffers' ranges are added by Share::judge, slot by slot.)
     Ok(Some(Ready {
         param: param_flat,
         grad,
@@ -312,55 +300,198 @@ fn classify<A: Fused>(
     }))
 }
 
-/// Checks and steps the entries; `params[k]` is the address of entry k's parameter object
-/// (or its local shard), whose version is bumped once the kernel has run.
+/// What the layouts read at this call allow: the kernel's view of the entries it can step
+/// (by position in the entries; the others torch steps) and the memory of every buffer the
+/// step reads or writes, as one list per thread that read them, each sorted by start.
+struct Judged {
+    ready: Vec<Vec<(usize, Ready)>>,
+    ranges: Vec<Vec<(usize, usize)>>,
+}
+
+/// One thread's part of [`judge`].
+struct Share {
+    /// Objects per entry.
+    per: usize,
+    /// The ranges of the ready buffers slot by slot (every parameter, every grad, every
+    /// state...), then those of the entries torch steps. Tensors are mostly allocated in
+    /// parameter order and a thread takes its blocks in order, so each slot is an ascending
+    /// or descending run and the adaptive sort merges a few runs instead of sorting afresh.
+    slots: Vec<Vec<(usize, usize)>>,
+    /// All of them, sorted by start, once the thread is done.
+    sorted: Vec<(usize, usize)>,
+    /// The entries the kernel can step, by position.
+    ready: Vec<(usize, Ready)>,
+    /// The first error, by position in the entries.
+    error: Option<(usize, Error)>,
+    /// The layouts of the block at hand.
+    metas: Vec<Meta>,
+}
+
+/// Objects per unit of work in [`judge`]: enough to amortize a thread hand-off.
+const BLOCK: usize = 256;
+
+impl Share {
+    fn new(per: usize) -> Share {
+        Share {
+            per,
+            slots: vec![Vec::new(); per + 1],
+            sorted: Vec::new(),
+            ready: Vec::new(),
+            error: None,
+            metas: Vec::new(),
+        }
+    }
+
+    /// Reads the layouts of a block of entries (the first at position `start`) and judges
+    /// each entry.
+    ///
+    /// # Safety
+    /// As [`Meta::read_plain`] for `addrs`.
+    unsafe fn judge<A: Fused>(
+        &mut self,
+        (start, entries): (usize, &[Entry]),
+        addrs: &[usize],
+        n_states: usize,
+    ) {
+        let per = self.per;
+        if self.error.is_some() {
+            return; // every later entry of this thread comes after its error
+        }
+        let Some(lo) = entries.iter().find_map(|e| e.metas) else {
+            return;
+        };
+        let hi = entries.iter().rev().find_map(|e| e.metas).unwrap_or(lo) + per;
+        self.metas.clear();
+        self.metas.resize(hi - lo, Meta::NONE);
+        // SAFETY: forwarded from the caller.
+        unsafe { Meta::read_plain(&addrs[lo..hi], &mut self.metas) };
+        let (ready_slots, slow) = self.slots.split_at_mut(per);
+        for (k, e) in entries.iter().enumerate() {
+            let Some(at) = e.metas else { continue };
+            let m = &self.metas[at - lo..at - lo + per];
+            // A tensor the shim could not judge: torch steps the parameter.
+            if !m.iter().all(Meta::ok) {
+                continue;
+            }
+            match classify::<A>(e, m, n_states, &mut slow[0]) {
+                Ok(Some(r)) => {
+                    let n_scalars = A::SPEC.scalars.len();
+                    let ranges = [r.param.range(), r.grad.range()]
+                        .into_iter()
+                        .chain(r.states[..n_states].iter().map(Flat::range))
+                        .chain(r.scalars[..n_scalars].iter().map(Scalar::range));
+                    for (s, range) in ready_slots.iter_mut().zip(ranges) {
+                        s.push(range);
+                    }
+                    self.ready.push((start + k, r));
+                }
+                Ok(None) => {}
+                Err(err) => {
+                    self.error = Some((start + k, err));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Sorts all this thread's ranges into `sorted`.
+    fn finish(&mut self) {
+        let mut all = Vec::with_capacity(self.slots.iter().map(Vec::len).sum());
+        for s in self.slots.drain(..) {
+            all.extend_from_slice(&s);
+        }
+        all.sort_by_key(|r| r.0);
+        self.sorted = all;
+    }
+}
+
+/// Reads the layout of every tensor of `gathered` and judges each entry, in blocks on up to
+/// `threads` of torch's threads when there are many: reading, judging and sorting the
+/// memory ranges all happen on the thread that read the block, so its layouts never cross to
+/// another core. The caller holds the GIL throughout, so no Python code can change a tensor
+/// meanwhile; the threads make C++ reads only (the types were checked when the [`Plain`]s
+/// were made). Errors are torch's, for the first parameter that has one.
+fn judge<A: Fused>(gathered: &Gathered<'_>, n_states: usize, threads: usize) -> Result<Judged> {
+    let entries = &gathered.entries;
+    let per = 2 + n_states + A::SPEC.scalars.len();
+    let addrs: Vec<usize> = gathered.reads.iter().map(Plain::addr).collect();
+    let block = (BLOCK / per).max(1);
+    let items: Vec<_> = entries
+        .chunks(block)
+        .enumerate()
+        .map(|(b, e)| (b * block, e))
+        .collect();
+    let n_items = items.len();
+    let threads = if addrs.len() >= 2 * BLOCK { threads } else { 1 };
+    let shares = crate::parallel::for_each_local(
+        items,
+        threads,
+        &|| Share::new(per),
+        // SAFETY: every address is a live Plain object held by `gathered` (and the GIL).
+        &|share, item| unsafe { share.judge::<A>(item, &addrs, n_states) },
+        &Share::finish,
+    );
+    if shares.iter().map(|(_, n)| n).sum::<usize>() != n_items {
+        return Err(Error::Runtime(format!(
+            "{}: a thread reading the tensors' layouts failed; nothing was changed",
+            A::SPEC.label
+        )));
+    }
+    let mut first_error: Option<(usize, Error)> = None;
+    let (mut ranges, mut ready) = (Vec::new(), Vec::new());
+    for (share, _) in shares {
+        if let Some((k, err)) = share.error {
+            if first_error.as_ref().is_none_or(|(j, _)| k < *j) {
+                first_error = Some((k, err));
+            }
+        }
+        ranges.push(share.sorted);
+        ready.push(share.ready);
+    }
+    if let Some((_, err)) = first_error {
+        return Err(err);
+    }
+    Ok(Judged { ready, ranges })
+}
+
+/// Steps the judged entries when no two of the call's buffers share memory; `params[k]` is
+/// the address of entry k's parameter object (or its local shard), whose version is bumped
+/// once the kernel has run.
 ///
 /// # Safety
-/// Every non-zero address in `params` is a live plain tensor object held by the caller.
+/// Every non-zero address in `params` is a live plain tensor object held by the caller, and
+/// so is every object whose buffers `judged` holds.
 unsafe fn run_entries<A: Fused>(
     algo: &A,
     entries: &[Entry],
-    metas: &[Meta],
+    judged: &Judged,
     params: &[usize],
-    n_states: usize,
     threads: usize,
 ) -> Result<Outcome> {
-    let mut ranges = Vec::with_capacity(entries.len() * (3 + n_states));
-    let mut ready = Vec::with_capacity(entries.len());
-    let mut stepped = Vec::with_capacity(entries.len());
-    let mut slow = Vec::new();
-    for (k, e) in entries.iter().enumerate() {
-        match classify::<A>(e, metas, n_states, &mut ranges)? {
-            Some(r) => {
-                ready.push(r);
-                stepped.push(k);
-            }
-            None => slow.push((e.index, e.first)),
-        }
-    }
-    // Slot by slot (every parameter, then every grad, every state...): tensors are mostly
-    // allocated in parameter order, so each slot's ranges form an ascending or descending
-    // run and the adaptive sort in any_overlap merges a few runs instead of sorting afresh.
-    let n_scalars = A::SPEC.scalars.len();
-    ranges.extend(ready.iter().map(|r| r.param.range()));
-    ranges.extend(ready.iter().map(|r| r.grad.range()));
-    for k in 0..n_states {
-        ranges.extend(ready.iter().map(|r| r.states[k].range()));
-    }
-    for k in 0..n_scalars {
-        ranges.extend(ready.iter().map(|r| r.scalars[k].range()));
-    }
-    if any_overlap_par(&mut ranges, threads) {
+    if any_overlap_sorted(&judged.ranges) {
         return Ok(Outcome {
             serial: true,
             ..Outcome::default()
         });
     }
+    let stepped: Vec<usize> = judged.ready.iter().flatten().map(|(k, _)| *k).collect();
+    let mut is_ready = vec![false; entries.len()];
+    for &k in &stepped {
+        is_ready[k] = true;
+    }
+    let slow = entries
+        .iter()
+        .zip(is_ready)
+        .filter(|(_, ready)| !ready)
+        .map(|(e, _)| (e.index, e.first))
+        .collect();
     // Every check passed and no two buffers share memory: the kernel may write.
     let mut cache = StepCache::default();
-    let jobs: Vec<Job<A::Scalars>> = ready
+    let jobs: Vec<Job<A::Scalars>> = judged
+        .ready
         .iter()
-        .map(|r| Job {
+        .flatten()
+        .map(|(_, r)| Job {
             dtype: r.param.dtype,
             numel: r.param.numel,
             param: r.param.ptr,
@@ -405,7 +536,7 @@ pub fn step_group<A: Fused>(
         .into());
     }
     let threads = tch::get_num_threads().max(1) as usize;
-    let gathered = match gather(state, group, &keys, A::SPEC.scalars, &first, threads)? {
+    let gathered = match gather(state, group, &keys, A::SPEC.scalars, &first)? {
         Ok(g) => g,
         Err(missing) => {
             return Ok(Outcome {
@@ -414,14 +545,15 @@ pub fn step_group<A: Fused>(
             })
         }
     };
-    let (entries, metas) = (&gathered.entries, &gathered.metas);
+    let judged = judge::<A>(&gathered, n_states, threads)?;
+    let entries = &gathered.entries;
     let params: Vec<usize> = entries
         .iter()
         .map(|e| e.metas.map_or(0, |at| gathered.reads[at].addr()))
         .collect();
-    let out = enter(py, A::SPEC.label, move || {
+    let out = enter(py, A::SPEC.label, || {
         // SAFETY: `gathered` holds every tensor object while the GIL is released.
-        unsafe { run_entries(&algo, entries, metas, &params, n_states, threads) }
+        unsafe { run_entries(&algo, entries, &judged, &params, threads) }
     })?;
     bump_versions(
         out.stepped

@@ -19,6 +19,7 @@ pub mod elem;
 pub mod ema;
 pub mod lbfgs;
 pub mod nadam;
+pub mod overlap;
 pub mod pool;
 pub mod radam;
 pub mod rmsprop;
