@@ -331,12 +331,13 @@ struct Share {
 const BLOCK: usize = 256;
 
 impl Share {
-    fn new(per: usize) -> Share {
+    /// A share expecting about `entries` entries (growing a vector of them would copy it).
+    fn new(per: usize, entries: usize) -> Share {
         Share {
             per,
-            slots: vec![Vec::new(); per + 1],
+            slots: (0..=per).map(|_| Vec::with_capacity(entries)).collect(),
             sorted: Vec::new(),
-            ready: Vec::new(),
+            ready: Vec::with_capacity(entries),
             error: None,
             metas: Vec::new(),
         }
@@ -426,7 +427,8 @@ fn judge<A: Fused>(gathered: &Gathered<'_>, n_states: usize, threads: usize) -> 
     let shares = crate::parallel::for_each_local(
         items,
         threads,
-        &|| Share::new(per),
+        // Each thread takes about its share of the blocks, plus one.
+        &|| Share::new(per, entries.len() / threads + block),
         // SAFETY: every address is a live Plain object held by `gathered` (and the GIL).
         &|share, item| unsafe { share.judge::<A>(item, &addrs, n_states) },
         &Share::finish,
