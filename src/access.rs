@@ -52,7 +52,7 @@ impl<'py> Plain<'py> {
     }
 
     /// The object's address, a number that may cross into GIL-free code (see
-    /// [`Meta::of_all`], [`bump_plain_versions`]).
+    /// [`Meta::read_plain`], [`bump_plain_versions`]).
     pub fn addr(&self) -> usize {
         self.0.as_ptr() as usize
     }

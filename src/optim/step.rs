@@ -335,7 +335,10 @@ impl Share {
     fn new(per: usize, entries: usize) -> Share {
         Share {
             per,
-            slots: (0..=per).map(|_| Vec::with_capacity(entries)).collect(),
+            // One list per ready slot, then the (rare) entries torch steps.
+            slots: (0..=per)
+                .map(|s| Vec::with_capacity(if s < per { entries } else { 0 }))
+                .collect(),
             sorted: Vec::new(),
             ready: Vec::with_capacity(entries),
             error: None,
@@ -406,16 +409,23 @@ impl Share {
     }
 }
 
-/// Reads the layout of every tensor of `gathered` and judges each entry, in blocks on up to
+/// Reads the layout of every tensor of `entries` and judges each entry, in blocks on up to
 /// `threads` of torch's threads when there are many: reading, judging and sorting the
 /// memory ranges all happen on the thread that read the block, so its layouts never cross to
 /// another core. The caller holds the GIL throughout, so no Python code can change a tensor
 /// meanwhile; the threads make C++ reads only (the types were checked when the [`Plain`]s
 /// were made). Errors are torch's, for the first parameter that has one.
-fn judge<A: Fused>(gathered: &Gathered<'_>, n_states: usize, threads: usize) -> Result<Judged> {
-    let entries = &gathered.entries;
+///
+/// # Safety
+/// `addrs` are the addresses of `entries`' objects (`reads` of [`Gathered`]), held by the
+/// caller until this returns.
+unsafe fn judge<A: Fused>(
+    entries: &[Entry],
+    addrs: &[usize],
+    n_states: usize,
+    threads: usize,
+) -> Result<Judged> {
     let per = 2 + n_states + A::SPEC.scalars.len();
-    let addrs: Vec<usize> = gathered.reads.iter().map(Plain::addr).collect();
     let block = (BLOCK / per).max(1);
     let items: Vec<_> = entries
         .chunks(block)
@@ -429,8 +439,8 @@ fn judge<A: Fused>(gathered: &Gathered<'_>, n_states: usize, threads: usize) -> 
         threads,
         // Each thread takes about its share of the blocks, plus one.
         &|| Share::new(per, entries.len() / threads + block),
-        // SAFETY: every address is a live Plain object held by `gathered` (and the GIL).
-        &|share, item| unsafe { share.judge::<A>(item, &addrs, n_states) },
+        // SAFETY: forwarded from the caller (the GIL is held throughout).
+        &|share, item| unsafe { share.judge::<A>(item, addrs, n_states) },
         &Share::finish,
     );
     if shares.iter().map(|(_, n)| n).sum::<usize>() != n_items {
@@ -456,18 +466,18 @@ fn judge<A: Fused>(gathered: &Gathered<'_>, n_states: usize, threads: usize) -> 
     Ok(Judged { ready, ranges })
 }
 
-/// Steps the judged entries when no two of the call's buffers share memory; `params[k]` is
-/// the address of entry k's parameter object (or its local shard), whose version is bumped
-/// once the kernel has run.
+/// Steps the judged entries when no two of the call's buffers share memory; each stepped
+/// parameter's object (or its local shard: the entry's first object in `addrs`) has its
+/// version bumped once the kernel has run.
 ///
 /// # Safety
-/// Every non-zero address in `params` is a live plain tensor object held by the caller, and
-/// so is every object whose buffers `judged` holds.
+/// `addrs` are the addresses of `entries`' objects, live plain tensor objects held by the
+/// caller, as is every object whose buffers `judged` holds.
 unsafe fn run_entries<A: Fused>(
     algo: &A,
     entries: &[Entry],
     judged: &Judged,
-    params: &[usize],
+    addrs: &[usize],
     threads: usize,
 ) -> Result<Outcome> {
     if any_overlap_sorted(&judged.ranges) {
@@ -505,7 +515,10 @@ unsafe fn run_entries<A: Fused>(
     // SAFETY: every buffer was read at this call from a live plain CPU tensor whose object
     // the caller holds, is contiguous with `numel` elements of `dtype`, and no two overlap.
     unsafe { ferrotorch_kernels::run(algo, &jobs, threads, &crate::parallel::TorchThreads)? };
-    let bumped: Vec<usize> = stepped.iter().map(|&k| params[k]).collect();
+    let bumped: Vec<usize> = stepped
+        .iter()
+        .filter_map(|&k| entries[k].metas.map(|at| addrs[at]))
+        .collect();
     // SAFETY: forwarded from the caller.
     unsafe { bump_plain_versions(&bumped, threads) };
     Ok(Outcome {
@@ -547,15 +560,14 @@ pub fn step_group<A: Fused>(
             })
         }
     };
-    let judged = judge::<A>(&gathered, n_states, threads)?;
     let entries = &gathered.entries;
-    let params: Vec<usize> = entries
-        .iter()
-        .map(|e| e.metas.map_or(0, |at| gathered.reads[at].addr()))
-        .collect();
+    // Addresses as numbers, so that they can cross threads; `gathered` holds the objects.
+    let addrs: Vec<usize> = gathered.reads.iter().map(Plain::addr).collect();
+    // SAFETY: `gathered` holds every object at `addrs`, and the GIL is held.
+    let judged = unsafe { judge::<A>(entries, &addrs, n_states, threads)? };
     let out = enter(py, A::SPEC.label, || {
         // SAFETY: `gathered` holds every tensor object while the GIL is released.
-        unsafe { run_entries(&algo, entries, &judged, &params, threads) }
+        unsafe { run_entries(&algo, entries, &judged, &addrs, threads) }
     })?;
     bump_versions(
         out.stepped
