@@ -171,7 +171,9 @@ def test_lean_path_leaves_mixed_groups_to_the_general_one(monkeypatch):
         ref.step()
     assert lean == []
     for a, b in zip(pa, pb):
-        assert torch.equal(a, b)
+        # Not bit-equal on every CPU: torch.sqrt goes through MKL's vector math, which on
+        # AMD CPUs rounds ~15% of results differently from the exact sqrt the kernels use.
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", ["Adam", "SGD", "RMSprop"])
