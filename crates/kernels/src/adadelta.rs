@@ -1,7 +1,8 @@
 //! Adadelta (`torch.optim.Adadelta`). States: `square_avg`, `acc_delta`.
 
-use crate::common::{in_dtype, l2_grad, GradIn};
+use crate::common::{in_dtype, GradIn, ReadGrad};
 use crate::elem::{Elem, OpFloat};
+use crate::with_grad_reader;
 use crate::{Algorithm, MAX_STATES};
 
 #[derive(Clone, Copy, Debug)]
@@ -23,18 +24,32 @@ impl Algorithm for Adadelta {
     }
 
     #[inline(always)]
-    fn update<E: Elem>(&self, _: &(), p: &mut [E], g: &mut [E], st: [&mut [E]; MAX_STATES]) {
+    fn update<E: Elem>(&self, s: &(), p: &mut [E], g: &mut [E], st: [&mut [E]; MAX_STATES]) {
+        let l2 = (self.weight_decay != 0.0).then_some(in_dtype::<E>(self.weight_decay));
+        with_grad_reader!(self.grad, self.maximize, l2, |r| self
+            .body::<E, _>(r, s, p, g, st))
+    }
+}
+
+impl Adadelta {
+    #[inline(always)]
+    fn body<E: Elem, R: ReadGrad<E>>(
+        &self,
+        read: R,
+        _: &(),
+        p: &mut [E],
+        g: &mut [E],
+        st: [&mut [E]; MAX_STATES],
+    ) {
         let [sq, acc, _] = st;
         let n = p.len();
         let (g, sq, acc) = (&mut g[..n], &mut sq[..n], &mut acc[..n]);
         let o = <E::Op as OpFloat>::of;
-        let (scale, clip) = (self.grad.grad_scale.map(o), self.grad.clip_coef.map(o));
-        let l2 = (self.weight_decay != 0.0).then_some(in_dtype::<E>(self.weight_decay));
         let (rho, c, eps, neg_lr) = (o(self.rho), o(1.0 - self.rho), o(self.eps), o(-self.lr));
         for i in 0..n {
             let param = p[i].load();
             // `grad.add(param, alpha=weight_decay)` is a tensor of the grad's dtype in torch.
-            let grad = E::store(l2_grad(&mut g[i], param, scale, clip, self.maximize, l2)).load();
+            let grad = E::store(read.read(&mut g[i], param)).load();
             // square_avg.mul_(rho).addcmul_(grad, grad, value=1 - rho): two roundings.
             let decayed = E::store(sq[i].load() * rho).load();
             let square_avg = E::store((c * grad).mul_add(grad, decayed));

@@ -3,9 +3,10 @@
 //! Follows torch's `_single_tensor_adagrad`: `clr = lr / (1 + (step - 1) * lr_decay)`,
 //! `sum.addcmul_(grad, grad, value=1)`, `param.addcdiv_(grad, sum.sqrt() + eps, value=-clr)`.
 
-use crate::common::{l2_grad, GradIn};
+use crate::common::{GradIn, ReadGrad};
 use crate::driver::{Algorithm, MAX_STATES};
 use crate::elem::{Elem, OpFloat};
+use crate::with_grad_reader;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Adagrad {
@@ -49,21 +50,30 @@ impl Algorithm for Adagrad {
         g: &mut [E],
         st: [&mut [E]; MAX_STATES],
     ) {
+        let l2 = (self.weight_decay != 0.0).then_some(<E::Op as OpFloat>::of(self.weight_decay));
+        with_grad_reader!(self.grad, self.maximize, l2, |r| self
+            .body::<E, _>(r, s, p, g, st))
+    }
+}
+
+impl Adagrad {
+    #[inline(always)]
+    fn body<E: Elem, R: ReadGrad<E>>(
+        &self,
+        read: R,
+        s: &AdagradScalars,
+        p: &mut [E],
+        g: &mut [E],
+        st: [&mut [E]; MAX_STATES],
+    ) {
         let [sum, _, _] = st;
         let n = p.len();
         let (g, sum) = (&mut g[..n], &mut sum[..n]);
         let o = <E::Op as OpFloat>::of;
-        let scale = self.grad.grad_scale.map(o);
-        let clip = self.grad.clip_coef.map(o);
-        let (wd, eps, neg_clr, one) = (
-            (self.weight_decay != 0.0).then_some(o(self.weight_decay)),
-            o(self.eps),
-            o(-s.clr),
-            o(1.0),
-        );
+        let (eps, neg_clr, one) = (o(self.eps), o(-s.clr), o(1.0));
         for i in 0..n {
             let param = p[i].load();
-            let grad = l2_grad(&mut g[i], param, scale, clip, self.maximize, wd);
+            let grad = read.read(&mut g[i], param);
             let acc = (one * grad).mul_add(grad, sum[i].load());
             sum[i] = E::store(acc);
             p[i] = E::store(param + neg_clr * grad / (acc.sqrt() + eps));

@@ -8,9 +8,10 @@
 //! `fmadd(value * t1, t2, self)`), so do these, so fp32 results agree to the last bit but for
 //! torch's `sqrt`, which on AVX-512 CPUs is off by one ulp for ~17% of inputs.
 
-use crate::common::{l2_grad, lerp, GradIn};
+use crate::common::{lerp, GradIn, ReadGrad};
 use crate::driver::{Algorithm, MAX_STATES};
 use crate::elem::{Elem, OpFloat};
+use crate::with_grad_reader;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Adam {
@@ -48,8 +49,9 @@ impl Adam {
 
 impl Adam {
     #[inline(always)]
-    fn body<E: Elem, const AMSGRAD: bool>(
+    fn body<E: Elem, R: ReadGrad<E>, const AMSGRAD: bool>(
         &self,
+        read: R,
         s: &AdamScalars,
         p: &mut [E],
         g: &mut [E],
@@ -60,20 +62,17 @@ impl Adam {
         let (g, m, v) = (&mut g[..n], &mut m[..n], &mut v[..n]);
         let vmax: &mut [E] = if AMSGRAD { &mut vmax[..n] } else { vmax };
         let o = <E::Op as OpFloat>::of;
-        let scale = self.grad.grad_scale.map(o);
-        let clip = self.grad.clip_coef.map(o);
         let (w1, beta2, c2) = (o(1.0 - self.beta1), o(self.beta2), o(1.0 - self.beta2));
-        let (wd, decay) = (o(self.weight_decay), o(1.0 - self.lr * self.weight_decay));
+        let decay = o(1.0 - self.lr * self.weight_decay);
         let (bc2_sqrt, eps, neg_step) = (o(s.bias_correction2_sqrt), o(self.eps), o(-s.step_size));
         let has_wd = self.weight_decay != 0.0;
         let decoupled = has_wd && self.decoupled_weight_decay;
-        let l2 = (has_wd && !self.decoupled_weight_decay).then_some(wd);
         for i in 0..n {
             let mut param = p[i].load();
             if decoupled {
                 param = param * decay;
             }
-            let grad = l2_grad(&mut g[i], param, scale, clip, self.maximize, l2);
+            let grad = read.read(&mut g[i], param);
             let exp_avg = lerp(m[i].load(), grad, w1);
             let exp_avg_sq = (c2 * grad).mul_add(grad, v[i].load() * beta2);
             m[i] = E::store(exp_avg);
@@ -111,11 +110,13 @@ impl Algorithm for Adam {
         g: &mut [E],
         st: [&mut [E]; MAX_STATES],
     ) {
-        if self.amsgrad {
-            self.body::<E, true>(s, p, g, st)
+        let l2 = (self.weight_decay != 0.0 && !self.decoupled_weight_decay)
+            .then_some(<E::Op as OpFloat>::of(self.weight_decay));
+        with_grad_reader!(self.grad, self.maximize, l2, |r| if self.amsgrad {
+            self.body::<E, _, true>(r, s, p, g, st)
         } else {
-            self.body::<E, false>(s, p, g, st)
-        }
+            self.body::<E, _, false>(r, s, p, g, st)
+        })
     }
 }
 

@@ -1,8 +1,9 @@
 //! Adamax (`torch.optim.Adamax`): Adam with an infinity-norm second moment.
 //! States: `exp_avg`, `exp_inf`.
 
-use crate::common::{in_dtype, l2_grad, lerp, GradIn};
+use crate::common::{in_dtype, lerp, GradIn, ReadGrad};
 use crate::elem::{Elem, OpFloat};
+use crate::with_grad_reader;
 use crate::{Algorithm, MAX_STATES};
 
 #[derive(Clone, Copy, Debug)]
@@ -47,18 +48,32 @@ impl Algorithm for Adamax {
         g: &mut [E],
         st: [&mut [E]; MAX_STATES],
     ) {
+        let l2 = (self.weight_decay != 0.0).then_some(in_dtype::<E>(self.weight_decay));
+        with_grad_reader!(self.grad, self.maximize, l2, |r| self
+            .body::<E, _>(r, s, p, g, st))
+    }
+}
+
+impl Adamax {
+    #[inline(always)]
+    fn body<E: Elem, R: ReadGrad<E>>(
+        &self,
+        read: R,
+        s: &AdamaxScalars,
+        p: &mut [E],
+        g: &mut [E],
+        st: [&mut [E]; MAX_STATES],
+    ) {
         let [m, u, _] = st;
         let n = p.len();
         let (g, m, u) = (&mut g[..n], &mut m[..n], &mut u[..n]);
         let o = <E::Op as OpFloat>::of;
-        let (scale, clip) = (self.grad.grad_scale.map(o), self.grad.clip_coef.map(o));
-        let l2 = (self.weight_decay != 0.0).then_some(in_dtype::<E>(self.weight_decay));
         let (w1, beta2, eps, neg_clr) =
             (o(1.0 - self.beta1), o(self.beta2), o(self.eps), o(-s.clr));
         for i in 0..n {
             let param = p[i].load();
             // `grad.add(param, alpha=weight_decay)` is a tensor of the grad's dtype in torch.
-            let grad = E::store(l2_grad(&mut g[i], param, scale, clip, self.maximize, l2)).load();
+            let grad = E::store(read.read(&mut g[i], param)).load();
             let exp_avg = E::store(lerp(m[i].load(), grad, w1));
             // torch.maximum(exp_inf.mul_(beta2), grad.abs().add_(eps)): NaN propagates.
             let decayed = E::store(u[i].load() * beta2).load();

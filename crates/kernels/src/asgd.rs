@@ -1,8 +1,9 @@
 //! ASGD (`torch.optim.ASGD`): SGD with a decaying step size and a running average of the
 //! parameter. State: `ax` (and the scalars `eta`, `mu`).
 
-use crate::common::{in_dtype, l2_grad, GradIn};
+use crate::common::{in_dtype, GradIn, ReadGrad};
 use crate::elem::{Elem, OpFloat};
+use crate::with_grad_reader;
 use crate::{Algorithm, MAX_STATES};
 
 #[derive(Clone, Copy, Debug)]
@@ -50,19 +51,21 @@ impl Algorithm for Asgd {
         g: &mut [E],
         st: [&mut [E]; MAX_STATES],
     ) {
-        if s.mu != 1.0 {
-            self.body::<E, true>(s, p, g, st)
+        let l2 = (self.weight_decay != 0.0).then_some(in_dtype::<E>(self.weight_decay));
+        with_grad_reader!(self.grad, self.maximize, l2, |r| if s.mu != 1.0 {
+            self.body::<E, _, true>(r, s, p, g, st)
         } else {
-            self.body::<E, false>(s, p, g, st)
-        }
+            self.body::<E, _, false>(r, s, p, g, st)
+        })
     }
 }
 
 impl Asgd {
     /// One loop per averaging mode, so neither carries a branch per element.
     #[inline(always)]
-    fn body<E: Elem, const AVERAGE: bool>(
+    fn body<E: Elem, R: ReadGrad<E>, const AVERAGE: bool>(
         &self,
+        read: R,
         s: &AsgdScalars,
         p: &mut [E],
         g: &mut [E],
@@ -72,9 +75,6 @@ impl Asgd {
         let n = p.len();
         let (g, ax) = (&mut g[..n], &mut ax[..n]);
         let o = <E::Op as OpFloat>::of;
-        let (scale, clip) = (self.grad.grad_scale.map(o), self.grad.clip_coef.map(o));
-
-        let l2 = (self.weight_decay != 0.0).then_some(in_dtype::<E>(self.weight_decay));
         let decay = o(1.0 - self.lambd * s.eta);
         let neg_eta = in_dtype::<E>(-s.eta);
         // `mu` is a one-element tensor: `mul_(mu)` computes in the parameter's dtype.
@@ -82,7 +82,7 @@ impl Asgd {
         for i in 0..n {
             let p0 = p[i].load();
             // grad.add(param, alpha=wd) reads the parameter before the decay
-            let grad = E::store(l2_grad(&mut g[i], p0, scale, clip, self.maximize, l2)).load();
+            let grad = E::store(read.read(&mut g[i], p0)).load();
             let param = E::store(p0 * decay).load();
             let param = E::store(grad.mul_add(neg_eta, param));
             p[i] = param;

@@ -177,35 +177,37 @@ pub unsafe fn run<A: Algorithm>(
         }
         return Ok(());
     }
-    // Pieces are (job, begin, end) with at most CHUNK elements; a unit is a run of
-    // consecutive pieces holding about CHUNK elements, so 2000 tiny tensors make ~60 units.
-    let mut pieces: Vec<(usize, usize, usize)> = Vec::with_capacity(jobs.len() + total / CHUNK);
+    // A unit is about CHUNK consecutive elements, cut across tensors where they end: it
+    // starts at element `begin` of job `first` and runs up to the start of the next unit
+    // (2000 tiny tensors make ~60 units; a big tensor is cut into several).
     let mut units: Vec<(usize, usize)> = Vec::with_capacity(total / CHUNK + 2);
-    let (mut unit_start, mut unit_elems) = (0usize, 0usize);
+    let mut filled = CHUNK;
     for (j, job) in jobs.iter().enumerate() {
         let mut b = 0;
         while b < job.numel {
-            let e = (b + CHUNK - unit_elems).min(job.numel);
-            pieces.push((j, b, e));
-            unit_elems += e - b;
-            b = e;
-            if unit_elems >= CHUNK {
-                units.push((unit_start, pieces.len()));
-                unit_start = pieces.len();
-                unit_elems = 0;
+            if filled == CHUNK {
+                units.push((j, b));
+                filled = 0;
             }
+            let take = (CHUNK - filled).min(job.numel - b);
+            filled += take;
+            b += take;
         }
-    }
-    if unit_start < pieces.len() {
-        units.push((unit_start, pieces.len()));
     }
     let next = AtomicUsize::new(0);
     let task = || loop {
         let u = next.fetch_add(1, Ordering::Relaxed);
-        let Some(&(a, b)) = units.get(u) else { break };
-        for &(j, lo, hi) in &pieces[a..b] {
-            // SAFETY: forwarded from the caller; pieces of one job are disjoint ranges.
-            unsafe { run_chunk(alg, &jobs[j], lo, hi) }
+        let Some(&(first, begin)) = units.get(u) else {
+            break;
+        };
+        let (last, end) = units.get(u + 1).copied().unwrap_or((jobs.len(), 0));
+        for (j, job) in jobs.iter().enumerate().take(last + 1).skip(first) {
+            let lo = if j == first { begin } else { 0 };
+            let hi = if j == last { end } else { job.numel };
+            if lo < hi {
+                // SAFETY: forwarded from the caller; units cover disjoint element ranges.
+                unsafe { run_chunk(alg, job, lo, hi) }
+            }
         }
     };
     exec.broadcast(threads.min(units.len()), &task);
@@ -411,5 +413,60 @@ mod tests {
         assert_eq!(capability_cap("default"), Some(1));
         assert_eq!(capability_cap("zvector"), None);
         assert!((1..=3).contains(&simd_level()));
+    }
+
+    /// Adds 1 to every parameter element and counts the elements it was handed.
+    struct Count;
+    impl Algorithm for Count {
+        type Scalars = ();
+        const NAME: &'static str = "count";
+        fn n_states(&self) -> usize {
+            0
+        }
+        fn update<E: Elem>(&self, _: &(), p: &mut [E], _: &mut [E], _: [&mut [E]; MAX_STATES]) {
+            for x in p.iter_mut() {
+                *x = E::store(x.load() + <E::Op as crate::OpFloat>::of(1.0));
+            }
+        }
+    }
+
+    /// However tensors are cut into units (tiny ones grouped, big ones split, empty ones
+    /// in between), every element is updated exactly once, on one thread or several.
+    #[test]
+    fn units_cover_every_element_once() {
+        let sizes = [
+            0,
+            1,
+            1000,
+            CHUNK - 1,
+            CHUNK,
+            CHUNK + 1,
+            0,
+            3 * CHUNK + 17,
+            5,
+            MIN_PARALLEL,
+        ];
+        for threads in [1, 2, 3, 8] {
+            let mut tensors: Vec<testing::Buffers<f32>> = sizes
+                .iter()
+                .cycle()
+                .take(40)
+                .map(|&n| testing::Buffers {
+                    param: vec![0.0; n],
+                    grad: vec![0.0; n],
+                    states: vec![],
+                })
+                .collect();
+            for round in 1..=2 {
+                testing::step(&Count, (), &mut tensors, threads);
+                for (i, t) in tensors.iter().enumerate() {
+                    assert!(
+                        t.param.iter().all(|&x| x == round as f32),
+                        "threads {threads}, tensor {i} ({} elements), round {round}",
+                        t.param.len()
+                    );
+                }
+            }
+        }
     }
 }

@@ -1,8 +1,9 @@
 //! RAdam (`torch.optim.RAdam`): Adam with the variance rectification term, L2 or decoupled
 //! weight decay. States: `exp_avg`, `exp_avg_sq`.
 
-use crate::common::{in_dtype, l2_grad, lerp, GradIn};
+use crate::common::{in_dtype, lerp, GradIn, ReadGrad};
 use crate::elem::{Elem, OpFloat};
+use crate::with_grad_reader;
 use crate::{Algorithm, MAX_STATES};
 
 #[derive(Clone, Copy, Debug)]
@@ -61,16 +62,30 @@ impl Algorithm for RAdam {
         g: &mut [E],
         st: [&mut [E]; MAX_STATES],
     ) {
+        let l2 = (self.weight_decay != 0.0 && !self.decoupled_weight_decay)
+            .then_some(in_dtype::<E>(self.weight_decay));
+        with_grad_reader!(self.grad, self.maximize, l2, |r| self
+            .body::<E, _>(r, s, p, g, st))
+    }
+}
+
+impl RAdam {
+    #[inline(always)]
+    fn body<E: Elem, R: ReadGrad<E>>(
+        &self,
+        read: R,
+        s: &RAdamScalars,
+        p: &mut [E],
+        g: &mut [E],
+        st: [&mut [E]; MAX_STATES],
+    ) {
         let [m, v, _] = st;
         let n = p.len();
         let (g, m, v) = (&mut g[..n], &mut m[..n], &mut v[..n]);
         let o = <E::Op as OpFloat>::of;
-        let (scale, clip) = (self.grad.grad_scale.map(o), self.grad.clip_coef.map(o));
         let has_wd = self.weight_decay != 0.0;
         let decay =
             (has_wd && self.decoupled_weight_decay).then_some(o(1.0 - self.lr * self.weight_decay));
-        let l2 =
-            (has_wd && !self.decoupled_weight_decay).then_some(in_dtype::<E>(self.weight_decay));
         let (w1, beta2, c2, eps, lr) = (
             o(1.0 - self.beta1),
             o(self.beta2),
@@ -86,7 +101,7 @@ impl Algorithm for RAdam {
                 param = E::store(param * d).load();
             }
             // `grad.add(param, alpha=weight_decay)` is a tensor of the grad's dtype in torch.
-            let grad = E::store(l2_grad(&mut g[i], param, scale, clip, self.maximize, l2)).load();
+            let grad = E::store(read.read(&mut g[i], param)).load();
             let exp_avg = E::store(lerp(m[i].load(), grad, w1));
             // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2): two roundings.
             let decayed = E::store(v[i].load() * beta2).load();

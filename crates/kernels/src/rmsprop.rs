@@ -3,9 +3,10 @@
 //! State order: `square_avg`, then `momentum_buffer` when `momentum > 0`, then `grad_avg`
 //! when `centered`. Operation order follows torch's `_single_tensor_rmsprop`.
 
-use crate::common::{l2_grad, lerp, GradIn};
+use crate::common::{lerp, GradIn, ReadGrad};
 use crate::driver::{Algorithm, MAX_STATES};
 use crate::elem::{Elem, OpFloat};
+use crate::with_grad_reader;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RmsProp {
@@ -31,19 +32,24 @@ impl Algorithm for RmsProp {
     #[inline(always)]
     fn update<E: Elem>(&self, _: &(), p: &mut [E], g: &mut [E], st: [&mut [E]; MAX_STATES]) {
         // One source, specialized so each loop body is branch-free and vectorizes.
-        match (self.momentum > 0.0, self.centered) {
-            (false, false) => self.body::<E, false, false>(p, g, st),
-            (false, true) => self.body::<E, false, true>(p, g, st),
-            (true, false) => self.body::<E, true, false>(p, g, st),
-            (true, true) => self.body::<E, true, true>(p, g, st),
-        }
+        let wd = (self.weight_decay != 0.0).then_some(<E::Op as OpFloat>::of(self.weight_decay));
+        with_grad_reader!(self.grad, self.maximize, wd, |r| match (
+            self.momentum > 0.0,
+            self.centered
+        ) {
+            (false, false) => self.body::<E, _, false, false>(r, p, g, st),
+            (false, true) => self.body::<E, _, false, true>(r, p, g, st),
+            (true, false) => self.body::<E, _, true, false>(r, p, g, st),
+            (true, true) => self.body::<E, _, true, true>(r, p, g, st),
+        })
     }
 }
 
 impl RmsProp {
     #[inline(always)]
-    fn body<E: Elem, const MOMENTUM: bool, const CENTERED: bool>(
+    fn body<E: Elem, R: ReadGrad<E>, const MOMENTUM: bool, const CENTERED: bool>(
         &self,
+        read: R,
         p: &mut [E],
         g: &mut [E],
         st: [&mut [E]; MAX_STATES],
@@ -56,18 +62,11 @@ impl RmsProp {
         let buf: &mut [E] = if MOMENTUM { &mut buf[..n] } else { buf };
         let gavg: &mut [E] = if CENTERED { &mut gavg[..n] } else { gavg };
         let o = <E::Op as OpFloat>::of;
-        let scale = self.grad.grad_scale.map(o);
-        let clip = self.grad.clip_coef.map(o);
-        let (wd, alpha, c, eps) = (
-            (self.weight_decay != 0.0).then_some(o(self.weight_decay)),
-            o(self.alpha),
-            o(1.0 - self.alpha),
-            o(self.eps),
-        );
+        let (alpha, c, eps) = (o(self.alpha), o(1.0 - self.alpha), o(self.eps));
         let (mom, neg_lr, one) = (o(self.momentum), o(-self.lr), o(1.0));
         for i in 0..n {
             let param = p[i].load();
-            let grad = l2_grad(&mut g[i], param, scale, clip, self.maximize, wd);
+            let grad = read.read(&mut g[i], param);
             let square_avg = (c * grad).mul_add(grad, sq[i].load() * alpha);
             sq[i] = E::store(square_avg);
             let avg = if CENTERED {

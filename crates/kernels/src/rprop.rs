@@ -1,8 +1,9 @@
 //! Rprop (`torch.optim.Rprop`): per-element step sizes grown or shrunk by the sign of
 //! `grad * prev`. States: `prev`, `step_size`.
 
-use crate::common::{in_dtype, load_grad, GradIn};
+use crate::common::{in_dtype, GradIn, ReadGrad};
 use crate::elem::{Elem, OpFloat};
+use crate::with_grad_reader;
 use crate::{Algorithm, MAX_STATES};
 
 #[derive(Clone, Copy, Debug)]
@@ -36,18 +37,33 @@ impl Algorithm for Rprop {
     }
 
     #[inline(always)]
-    fn update<E: Elem>(&self, _: &(), p: &mut [E], g: &mut [E], st: [&mut [E]; MAX_STATES]) {
+    fn update<E: Elem>(&self, s: &(), p: &mut [E], g: &mut [E], st: [&mut [E]; MAX_STATES]) {
+        let l2 = None;
+        with_grad_reader!(self.grad, self.maximize, l2, |r| self
+            .body::<E, _>(r, s, p, g, st))
+    }
+}
+
+impl Rprop {
+    #[inline(always)]
+    fn body<E: Elem, R: ReadGrad<E>>(
+        &self,
+        read: R,
+        _: &(),
+        p: &mut [E],
+        g: &mut [E],
+        st: [&mut [E]; MAX_STATES],
+    ) {
         let [prev, size, _] = st;
         let n = p.len();
         let (g, prev, size) = (&mut g[..n], &mut prev[..n], &mut size[..n]);
         let o = <E::Op as OpFloat>::of;
-        let (scale, clip) = (self.grad.grad_scale.map(o), self.grad.clip_coef.map(o));
         // `sign[...] = etaplus` stores the factors in the grad's dtype.
         let (plus, minus) = (in_dtype::<E>(self.etaplus), in_dtype::<E>(self.etaminus));
         let (lo, hi) = (o(self.step_size_min), o(self.step_size_max));
         let (zero, one) = (o(0.0), o(1.0));
         for i in 0..n {
-            let grad = load_grad(&mut g[i], scale, clip, self.maximize);
+            let grad = read.read(&mut g[i], zero);
             let s = sign(E::store(grad * prev[i].load()).load());
             let factor = if s > zero {
                 plus

@@ -5,9 +5,10 @@
 //! do `buf.mul_(momentum).add_(grad, alpha=1-dampening)`. `add_(x, alpha)` is an fmadd in
 //! torch's vectorized CPU kernels, so it is one here too.
 
-use crate::common::{l2_grad, GradIn};
+use crate::common::{GradIn, ReadGrad};
 use crate::driver::{Algorithm, MAX_STATES};
 use crate::elem::{Elem, OpFloat};
+use crate::with_grad_reader;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Sgd {
@@ -44,18 +45,32 @@ impl Algorithm for Sgd {
         st: [&mut [E]; MAX_STATES],
     ) {
         // One source, specialized so each loop body is branch-free and vectorizes.
-        match (self.momentum != 0.0, s.first_step) {
-            (false, _) => self.body::<E, false, false>(p, g, st),
-            (true, true) => self.body::<E, true, true>(p, g, st),
-            (true, false) => self.body::<E, true, false>(p, g, st),
-        }
+        let wd = (self.weight_decay != 0.0).then_some(<E::Op as OpFloat>::of(self.weight_decay));
+        with_grad_reader!(self.grad, self.maximize, wd, |r| match (
+            self.momentum != 0.0,
+            s.first_step,
+            self.nesterov
+        ) {
+            (false, _, _) => self.body::<E, _, false, false, false>(r, p, g, st),
+            (true, true, false) => self.body::<E, _, true, true, false>(r, p, g, st),
+            (true, true, true) => self.body::<E, _, true, true, true>(r, p, g, st),
+            (true, false, false) => self.body::<E, _, true, false, false>(r, p, g, st),
+            (true, false, true) => self.body::<E, _, true, false, true>(r, p, g, st),
+        })
     }
 }
 
 impl Sgd {
     #[inline(always)]
-    fn body<E: Elem, const MOMENTUM: bool, const FIRST: bool>(
+    fn body<
+        E: Elem,
+        R: ReadGrad<E>,
+        const MOMENTUM: bool,
+        const FIRST: bool,
+        const NESTEROV: bool,
+    >(
         &self,
+        read: R,
         p: &mut [E],
         g: &mut [E],
         st: [&mut [E]; MAX_STATES],
@@ -65,16 +80,11 @@ impl Sgd {
         let g = &mut g[..n];
         let buf: &mut [E] = if MOMENTUM { &mut buf[..n] } else { buf };
         let o = <E::Op as OpFloat>::of;
-        let scale = self.grad.grad_scale.map(o);
-        let clip = self.grad.clip_coef.map(o);
-        let (wd, neg_lr) = (
-            (self.weight_decay != 0.0).then_some(o(self.weight_decay)),
-            o(-self.lr),
-        );
+        let neg_lr = o(-self.lr);
         let (mom, keep) = (o(self.momentum), o(1.0 - self.dampening));
         for i in 0..n {
             let param = p[i].load();
-            let mut grad = l2_grad(&mut g[i], param, scale, clip, self.maximize, wd);
+            let mut grad = read.read(&mut g[i], param);
             if MOMENTUM {
                 let b = if FIRST {
                     grad
@@ -82,11 +92,7 @@ impl Sgd {
                     grad.mul_add(keep, buf[i].load() * mom)
                 };
                 buf[i] = E::store(b);
-                grad = if self.nesterov {
-                    b.mul_add(mom, grad)
-                } else {
-                    b
-                };
+                grad = if NESTEROV { b.mul_add(mom, grad) } else { b };
             }
             p[i] = E::store(grad.mul_add(neg_lr, param));
         }
