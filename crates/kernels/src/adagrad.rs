@@ -3,10 +3,9 @@
 //! Follows torch's `_single_tensor_adagrad`: `clr = lr / (1 + (step - 1) * lr_decay)`,
 //! `sum.addcmul_(grad, grad, value=1)`, `param.addcdiv_(grad, sum.sqrt() + eps, value=-clr)`.
 
-use crate::common::{GradIn, ReadGrad};
+use crate::common::{GradIn, PreparedGrad, ReadGrad};
 use crate::driver::{Algorithm, MAX_STATES};
 use crate::elem::{Elem, OpFloat};
-use crate::with_grad_reader;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Adagrad {
@@ -43,22 +42,13 @@ impl Algorithm for Adagrad {
     }
 
     #[inline(always)]
-    fn update<E: Elem>(
-        &self,
-        s: &AdagradScalars,
-        p: &mut [E],
-        g: &mut [E],
-        st: [&mut [E]; MAX_STATES],
-    ) {
+    fn grad_reader<E: Elem>(&self) -> Option<PreparedGrad<E::Op>> {
         let l2 = (self.weight_decay != 0.0).then_some(<E::Op as OpFloat>::of(self.weight_decay));
-        with_grad_reader!(self.grad, self.maximize, l2, |r| self
-            .body::<E, _>(r, s, p, g, st))
+        PreparedGrad::new(self.grad, self.maximize, l2)
     }
-}
 
-impl Adagrad {
     #[inline(always)]
-    fn body<E: Elem, R: ReadGrad<E>>(
+    fn update<E: Elem, R: ReadGrad<E>>(
         &self,
         read: R,
         s: &AdagradScalars,

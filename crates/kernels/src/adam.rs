@@ -8,10 +8,9 @@
 //! `fmadd(value * t1, t2, self)`), so do these, so fp32 results agree to the last bit but for
 //! torch's `sqrt`, which on AVX-512 CPUs is off by one ulp for ~17% of inputs.
 
-use crate::common::{lerp, GradIn, ReadGrad};
+use crate::common::{lerp, GradIn, PreparedGrad, ReadGrad};
 use crate::driver::{Algorithm, MAX_STATES};
 use crate::elem::{Elem, OpFloat};
-use crate::with_grad_reader;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Adam {
@@ -103,20 +102,26 @@ impl Algorithm for Adam {
     }
 
     #[inline(always)]
-    fn update<E: Elem>(
+    fn grad_reader<E: Elem>(&self) -> Option<PreparedGrad<E::Op>> {
+        let l2 = (self.weight_decay != 0.0 && !self.decoupled_weight_decay)
+            .then_some(<E::Op as OpFloat>::of(self.weight_decay));
+        PreparedGrad::new(self.grad, self.maximize, l2)
+    }
+
+    #[inline(always)]
+    fn update<E: Elem, R: ReadGrad<E>>(
         &self,
+        read: R,
         s: &AdamScalars,
         p: &mut [E],
         g: &mut [E],
         st: [&mut [E]; MAX_STATES],
     ) {
-        let l2 = (self.weight_decay != 0.0 && !self.decoupled_weight_decay)
-            .then_some(<E::Op as OpFloat>::of(self.weight_decay));
-        with_grad_reader!(self.grad, self.maximize, l2, |r| if self.amsgrad {
-            self.body::<E, _, true>(r, s, p, g, st)
+        if self.amsgrad {
+            self.body::<E, _, true>(read, s, p, g, st)
         } else {
-            self.body::<E, _, false>(r, s, p, g, st)
-        })
+            self.body::<E, _, false>(read, s, p, g, st)
+        }
     }
 }
 

@@ -1,9 +1,8 @@
 //! Adamax (`torch.optim.Adamax`): Adam with an infinity-norm second moment.
 //! States: `exp_avg`, `exp_inf`.
 
-use crate::common::{in_dtype, lerp, GradIn, ReadGrad};
+use crate::common::{in_dtype, lerp, GradIn, PreparedGrad, ReadGrad};
 use crate::elem::{Elem, OpFloat};
-use crate::with_grad_reader;
 use crate::{Algorithm, MAX_STATES};
 
 #[derive(Clone, Copy, Debug)]
@@ -41,22 +40,13 @@ impl Algorithm for Adamax {
     }
 
     #[inline(always)]
-    fn update<E: Elem>(
-        &self,
-        s: &AdamaxScalars,
-        p: &mut [E],
-        g: &mut [E],
-        st: [&mut [E]; MAX_STATES],
-    ) {
+    fn grad_reader<E: Elem>(&self) -> Option<PreparedGrad<E::Op>> {
         let l2 = (self.weight_decay != 0.0).then_some(in_dtype::<E>(self.weight_decay));
-        with_grad_reader!(self.grad, self.maximize, l2, |r| self
-            .body::<E, _>(r, s, p, g, st))
+        PreparedGrad::new(self.grad, self.maximize, l2)
     }
-}
 
-impl Adamax {
     #[inline(always)]
-    fn body<E: Elem, R: ReadGrad<E>>(
+    fn update<E: Elem, R: ReadGrad<E>>(
         &self,
         read: R,
         s: &AdamaxScalars,

@@ -1,9 +1,8 @@
 //! ASGD (`torch.optim.ASGD`): SGD with a decaying step size and a running average of the
 //! parameter. State: `ax` (and the scalars `eta`, `mu`).
 
-use crate::common::{in_dtype, GradIn, ReadGrad};
+use crate::common::{in_dtype, GradIn, PreparedGrad, ReadGrad};
 use crate::elem::{Elem, OpFloat};
-use crate::with_grad_reader;
 use crate::{Algorithm, MAX_STATES};
 
 #[derive(Clone, Copy, Debug)]
@@ -44,19 +43,25 @@ impl Algorithm for Asgd {
     }
 
     #[inline(always)]
-    fn update<E: Elem>(
+    fn grad_reader<E: Elem>(&self) -> Option<PreparedGrad<E::Op>> {
+        let l2 = (self.weight_decay != 0.0).then_some(in_dtype::<E>(self.weight_decay));
+        PreparedGrad::new(self.grad, self.maximize, l2)
+    }
+
+    #[inline(always)]
+    fn update<E: Elem, R: ReadGrad<E>>(
         &self,
+        read: R,
         s: &AsgdScalars,
         p: &mut [E],
         g: &mut [E],
         st: [&mut [E]; MAX_STATES],
     ) {
-        let l2 = (self.weight_decay != 0.0).then_some(in_dtype::<E>(self.weight_decay));
-        with_grad_reader!(self.grad, self.maximize, l2, |r| if s.mu != 1.0 {
-            self.body::<E, _, true>(r, s, p, g, st)
+        if s.mu != 1.0 {
+            self.body::<E, _, true>(read, s, p, g, st)
         } else {
-            self.body::<E, _, false>(r, s, p, g, st)
-        })
+            self.body::<E, _, false>(read, s, p, g, st)
+        }
     }
 }
 

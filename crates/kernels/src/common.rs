@@ -75,9 +75,9 @@ fn l2_grad<E: Elem>(
 }
 
 /// Reads one gradient element as [`l2_grad`] does, with the settings fixed for a whole kernel
-/// call. Every kernel is compiled twice, for [`PlainGrad`] (no unscaling, clipping, maximize
-/// or L2 term: a bare load, the common case) and for [`PreparedGrad`], so that neither loop
-/// tests the settings per element.
+/// call. The driver compiles every kernel twice, for [`PlainGrad`] (no unscaling, clipping,
+/// maximize or L2 term: a bare load, the common case) and for [`PreparedGrad`], so that
+/// neither loop tests the settings per element.
 pub trait ReadGrad<E: Elem>: Copy {
     fn read(self, g: &mut E, param: E::Op) -> E::Op;
 }
@@ -129,21 +129,6 @@ impl<E: Elem> ReadGrad<E> for PreparedGrad<E::Op> {
             self.weight_decay,
         )
     }
-}
-
-/// Calls `$body(reader)` with [`PlainGrad`] when nothing is done to the gradient, else with
-/// a [`PreparedGrad`]: the one place a kernel picks its gradient reader.
-#[macro_export]
-macro_rules! with_grad_reader {
-    ($grad:expr, $maximize:expr, $weight_decay:expr, |$r:ident| $body:expr) => {
-        match $crate::common::PreparedGrad::new($grad, $maximize, $weight_decay) {
-            None => {
-                let $r = $crate::common::PlainGrad;
-                $body
-            }
-            Some($r) => $body,
-        }
-    };
 }
 
 #[cfg(test)]

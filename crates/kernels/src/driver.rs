@@ -3,6 +3,7 @@
 use half::{bf16, f16};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use crate::common::{PlainGrad, PreparedGrad, ReadGrad};
 use crate::elem::Elem;
 use crate::{pool, KernelError};
 
@@ -59,8 +60,14 @@ pub trait Algorithm: Sync {
     const NAME: &'static str;
     /// How many state buffers this configuration needs.
     fn n_states(&self) -> usize;
-    fn update<E: Elem>(
+    /// How this configuration reads gradient elements (unscaled, clipped, negated, L2 term
+    /// added), or None when a bare load does: the driver then instantiates `update` with
+    /// [`PlainGrad`], so the common loop tests no settings per element.
+    fn grad_reader<E: Elem>(&self) -> Option<PreparedGrad<E::Op>>;
+    /// Updates one chunk, reading each gradient element through `read`.
+    fn update<E: Elem, R: ReadGrad<E>>(
         &self,
+        read: R,
         s: &Self::Scalars,
         param: &mut [E],
         grad: &mut [E],
@@ -346,7 +353,11 @@ unsafe fn chunk<A: Algorithm, E: Elem>(alg: &A, job: &Job<A::Scalars>, b: usize,
         slice(job.states[1]),
         slice(job.states[2]),
     ];
-    alg.update::<E>(&job.scalars, slice(job.param), slice(job.grad), states);
+    let (param, grad) = (slice(job.param), slice(job.grad));
+    match alg.grad_reader::<E>() {
+        None => alg.update::<E, _>(PlainGrad, &job.scalars, param, grad, states),
+        Some(read) => alg.update::<E, _>(read, &job.scalars, param, grad, states),
+    }
 }
 
 #[cfg(test)]
@@ -423,7 +434,17 @@ mod tests {
         fn n_states(&self) -> usize {
             0
         }
-        fn update<E: Elem>(&self, _: &(), p: &mut [E], _: &mut [E], _: [&mut [E]; MAX_STATES]) {
+        fn grad_reader<E: Elem>(&self) -> Option<PreparedGrad<E::Op>> {
+            None
+        }
+        fn update<E: Elem, R: ReadGrad<E>>(
+            &self,
+            _: R,
+            _: &(),
+            p: &mut [E],
+            _: &mut [E],
+            _: [&mut [E]; MAX_STATES],
+        ) {
             for x in p.iter_mut() {
                 *x = E::store(x.load() + <E::Op as crate::OpFloat>::of(1.0));
             }

@@ -1,9 +1,8 @@
 //! RAdam (`torch.optim.RAdam`): Adam with the variance rectification term, L2 or decoupled
 //! weight decay. States: `exp_avg`, `exp_avg_sq`.
 
-use crate::common::{in_dtype, lerp, GradIn, ReadGrad};
+use crate::common::{in_dtype, lerp, GradIn, PreparedGrad, ReadGrad};
 use crate::elem::{Elem, OpFloat};
-use crate::with_grad_reader;
 use crate::{Algorithm, MAX_STATES};
 
 #[derive(Clone, Copy, Debug)]
@@ -55,23 +54,14 @@ impl Algorithm for RAdam {
     }
 
     #[inline(always)]
-    fn update<E: Elem>(
-        &self,
-        s: &RAdamScalars,
-        p: &mut [E],
-        g: &mut [E],
-        st: [&mut [E]; MAX_STATES],
-    ) {
+    fn grad_reader<E: Elem>(&self) -> Option<PreparedGrad<E::Op>> {
         let l2 = (self.weight_decay != 0.0 && !self.decoupled_weight_decay)
             .then_some(in_dtype::<E>(self.weight_decay));
-        with_grad_reader!(self.grad, self.maximize, l2, |r| self
-            .body::<E, _>(r, s, p, g, st))
+        PreparedGrad::new(self.grad, self.maximize, l2)
     }
-}
 
-impl RAdam {
     #[inline(always)]
-    fn body<E: Elem, R: ReadGrad<E>>(
+    fn update<E: Elem, R: ReadGrad<E>>(
         &self,
         read: R,
         s: &RAdamScalars,

@@ -3,10 +3,9 @@
 //! State order: `square_avg`, then `momentum_buffer` when `momentum > 0`, then `grad_avg`
 //! when `centered`. Operation order follows torch's `_single_tensor_rmsprop`.
 
-use crate::common::{lerp, GradIn, ReadGrad};
+use crate::common::{lerp, GradIn, PreparedGrad, ReadGrad};
 use crate::driver::{Algorithm, MAX_STATES};
 use crate::elem::{Elem, OpFloat};
-use crate::with_grad_reader;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RmsProp {
@@ -30,18 +29,27 @@ impl Algorithm for RmsProp {
     }
 
     #[inline(always)]
-    fn update<E: Elem>(&self, _: &(), p: &mut [E], g: &mut [E], st: [&mut [E]; MAX_STATES]) {
-        // One source, specialized so each loop body is branch-free and vectorizes.
+    fn grad_reader<E: Elem>(&self) -> Option<PreparedGrad<E::Op>> {
         let wd = (self.weight_decay != 0.0).then_some(<E::Op as OpFloat>::of(self.weight_decay));
-        with_grad_reader!(self.grad, self.maximize, wd, |r| match (
-            self.momentum > 0.0,
-            self.centered
-        ) {
-            (false, false) => self.body::<E, _, false, false>(r, p, g, st),
-            (false, true) => self.body::<E, _, false, true>(r, p, g, st),
-            (true, false) => self.body::<E, _, true, false>(r, p, g, st),
-            (true, true) => self.body::<E, _, true, true>(r, p, g, st),
-        })
+        PreparedGrad::new(self.grad, self.maximize, wd)
+    }
+
+    #[inline(always)]
+    fn update<E: Elem, R: ReadGrad<E>>(
+        &self,
+        read: R,
+        _: &(),
+        p: &mut [E],
+        g: &mut [E],
+        st: [&mut [E]; MAX_STATES],
+    ) {
+        // One source, specialized so each loop body is branch-free and vectorizes.
+        match (self.momentum > 0.0, self.centered) {
+            (false, false) => self.body::<E, _, false, false>(read, p, g, st),
+            (false, true) => self.body::<E, _, false, true>(read, p, g, st),
+            (true, false) => self.body::<E, _, true, false>(read, p, g, st),
+            (true, true) => self.body::<E, _, true, true>(read, p, g, st),
+        }
     }
 }
 

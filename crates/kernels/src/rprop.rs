@@ -1,9 +1,8 @@
 //! Rprop (`torch.optim.Rprop`): per-element step sizes grown or shrunk by the sign of
 //! `grad * prev`. States: `prev`, `step_size`.
 
-use crate::common::{in_dtype, GradIn, ReadGrad};
+use crate::common::{in_dtype, GradIn, PreparedGrad, ReadGrad};
 use crate::elem::{Elem, OpFloat};
-use crate::with_grad_reader;
 use crate::{Algorithm, MAX_STATES};
 
 #[derive(Clone, Copy, Debug)]
@@ -37,16 +36,12 @@ impl Algorithm for Rprop {
     }
 
     #[inline(always)]
-    fn update<E: Elem>(&self, s: &(), p: &mut [E], g: &mut [E], st: [&mut [E]; MAX_STATES]) {
-        let l2 = None;
-        with_grad_reader!(self.grad, self.maximize, l2, |r| self
-            .body::<E, _>(r, s, p, g, st))
+    fn grad_reader<E: Elem>(&self) -> Option<PreparedGrad<E::Op>> {
+        PreparedGrad::new(self.grad, self.maximize, None)
     }
-}
 
-impl Rprop {
     #[inline(always)]
-    fn body<E: Elem, R: ReadGrad<E>>(
+    fn update<E: Elem, R: ReadGrad<E>>(
         &self,
         read: R,
         _: &(),

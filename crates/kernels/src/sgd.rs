@@ -5,10 +5,9 @@
 //! do `buf.mul_(momentum).add_(grad, alpha=1-dampening)`. `add_(x, alpha)` is an fmadd in
 //! torch's vectorized CPU kernels, so it is one here too.
 
-use crate::common::{GradIn, ReadGrad};
+use crate::common::{GradIn, PreparedGrad, ReadGrad};
 use crate::driver::{Algorithm, MAX_STATES};
 use crate::elem::{Elem, OpFloat};
-use crate::with_grad_reader;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Sgd {
@@ -37,26 +36,28 @@ impl Algorithm for Sgd {
     }
 
     #[inline(always)]
-    fn update<E: Elem>(
+    fn grad_reader<E: Elem>(&self) -> Option<PreparedGrad<E::Op>> {
+        let wd = (self.weight_decay != 0.0).then_some(<E::Op as OpFloat>::of(self.weight_decay));
+        PreparedGrad::new(self.grad, self.maximize, wd)
+    }
+
+    #[inline(always)]
+    fn update<E: Elem, R: ReadGrad<E>>(
         &self,
+        read: R,
         s: &SgdScalars,
         p: &mut [E],
         g: &mut [E],
         st: [&mut [E]; MAX_STATES],
     ) {
         // One source, specialized so each loop body is branch-free and vectorizes.
-        let wd = (self.weight_decay != 0.0).then_some(<E::Op as OpFloat>::of(self.weight_decay));
-        with_grad_reader!(self.grad, self.maximize, wd, |r| match (
-            self.momentum != 0.0,
-            s.first_step,
-            self.nesterov
-        ) {
-            (false, _, _) => self.body::<E, _, false, false, false>(r, p, g, st),
-            (true, true, false) => self.body::<E, _, true, true, false>(r, p, g, st),
-            (true, true, true) => self.body::<E, _, true, true, true>(r, p, g, st),
-            (true, false, false) => self.body::<E, _, true, false, false>(r, p, g, st),
-            (true, false, true) => self.body::<E, _, true, false, true>(r, p, g, st),
-        })
+        match (self.momentum != 0.0, s.first_step, self.nesterov) {
+            (false, _, _) => self.body::<E, _, false, false, false>(read, p, g, st),
+            (true, true, false) => self.body::<E, _, true, true, false>(read, p, g, st),
+            (true, true, true) => self.body::<E, _, true, true, true>(read, p, g, st),
+            (true, false, false) => self.body::<E, _, true, false, false>(read, p, g, st),
+            (true, false, true) => self.body::<E, _, true, false, true>(read, p, g, st),
+        }
     }
 }
 
