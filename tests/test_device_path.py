@@ -171,8 +171,9 @@ def test_lean_path_leaves_mixed_groups_to_the_general_one(monkeypatch):
         ref.step()
     assert lean == []
     for a, b in zip(pa, pb):
-        # Not bit-equal on every CPU: torch.sqrt goes through MKL's vector math, which on
-        # AMD CPUs rounds ~15% of results differently from the exact sqrt the kernels use.
+        # Not bit-equal on every CPU: torch.sqrt goes through MKL's vector math, which is not
+        # always correctly rounded (on an AMD EPYC 155,078 of 1,000,000 results differ from
+        # the exact sqrt the kernels use; see crates/kernels/src/adam.rs).
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 

@@ -426,7 +426,8 @@ mod tests {
         assert!((1..=3).contains(&simd_level()));
     }
 
-    /// Adds 1 to every parameter element and counts the elements it was handed.
+    /// Adds 1 to every parameter element it is handed, so a count of 1 per call shows that
+    /// each element was handed over exactly once.
     struct Count;
     impl Algorithm for Count {
         type Scalars = ();

@@ -58,6 +58,7 @@ impl Algorithm for Rprop {
         let (lo, hi) = (o(self.step_size_min), o(self.step_size_max));
         let (zero, one) = (o(0.0), o(1.0));
         for i in 0..n {
+            // No weight decay in Rprop: the reader never uses the parameter it is given.
             let grad = read.read(&mut g[i], zero);
             let s = sign(E::store(grad * prev[i].load()).load());
             let factor = if s > zero {
