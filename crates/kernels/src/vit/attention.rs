@@ -1,25 +1,32 @@
 //! Multi-head self-attention, one (batch, head) pair at a time in cache.
 
+use std::ops::Range;
+
 use super::*;
 
-/// In-place softmax of a row: a max pass, then exp and sum in one pass, then the scaling.
+/// In-place softmax of the first `n` entries of a row padded to a multiple of 16 (the
+/// padding ends as 0): a max pass, then exp and sum in one pass, then the scaling. Whole
+/// 16-lane vectors throughout, the padding masked in registers; a scalar tail per pass cost
+/// as much as the vectors on 65-token rows.
 #[inline(always)]
-fn softmax_row<T: Act>(row: &mut [T]) {
-    let m = slice_max(row);
-    let mut acc = [T::of(0.0); LANES];
-    let mut it = row.chunks_exact_mut(LANES);
-    for c in &mut it {
-        for (a, x) in acc.iter_mut().zip(c.iter_mut()) {
-            *x = (*x - m).exp();
+fn softmax_row<T: Act>(row: &mut [T], n: usize) {
+    debug_assert!(row.len() % LANES == 0 && n <= row.len());
+    let (ninf, zero) = (T::of(f64::NEG_INFINITY), T::of(0.0));
+    let mut mx = [ninf; LANES];
+    for (j0, c) in (0..).step_by(LANES).zip(row.chunks_exact(LANES)) {
+        for (l, (a, x)) in mx.iter_mut().zip(c).enumerate() {
+            *a = a.fmax(if j0 + l < n { *x } else { ninf });
+        }
+    }
+    let m = tree(mx, |a, b| a.fmax(b));
+    let mut acc = [zero; LANES];
+    for (j0, c) in (0..).step_by(LANES).zip(row.chunks_exact_mut(LANES)) {
+        for (l, (a, x)) in acc.iter_mut().zip(c.iter_mut()).enumerate() {
+            *x = if j0 + l < n { (*x - m).exp() } else { zero };
             *a = *a + *x;
         }
     }
-    let mut s = hsum(acc);
-    for x in it.into_remainder() {
-        *x = (*x - m).exp();
-        s = s + *x;
-    }
-    let inv = T::of(1.0) / s;
+    let inv = T::of(1.0) / hsum(acc);
     for x in row.iter_mut() {
         *x = *x * inv;
     }
@@ -224,21 +231,14 @@ impl Attention {
         }
     }
 
-    /// Loads one head: q (pre-multiplied by the scale, so `q k^T` is already scaled), k, v as
-    /// rows, and k (and v) transposed.
+    /// Loads head `h` from one batch element's `(N, 3, H, dh)` block of qkv: q (pre-multiplied
+    /// by the scale, so `q k^T` is already scaled), k, v as rows, and k (and v) transposed.
     #[inline(always)]
-    fn load_head<E: VElem>(
-        &self,
-        qkv: &[E],
-        b: usize,
-        h: usize,
-        hd: &mut Head<E::Op>,
-        need_vt: bool,
-    ) {
+    fn load_head<E: VElem>(&self, block: &[E], h: usize, hd: &mut Head<E::Op>, need_vt: bool) {
         let (n, dh, np, dp) = (self.n, self.dh, hd.np, hd.dp);
         let scale = E::Op::of(self.scale);
         let tok = 3 * self.heads * dh;
-        let base = &qkv[b * n * tok + h * dh..];
+        let base = &block[h * dh..];
         for (i, ((qr, kr), vr)) in
             hd.q.chunks_exact_mut(dp)
                 .zip(hd.k.chunks_exact_mut(dp))
@@ -270,12 +270,10 @@ impl Attention {
     fn probs<T: Act>(&self, hd: &mut Head<T>, u: usize, mask: &Mask<T>) {
         let (n, dh, np, dp) = (self.n, self.dh, hd.np, hd.dp);
         gemm::<T, false>(n, np, dh, &hd.q, dp, &hd.kt, np, &mut hd.p, np);
-        let ninf = T::of(f64::NEG_INFINITY);
         for (i, row) in hd.p.chunks_exact_mut(np).enumerate() {
-            // Whole padded rows (multiples of 16): padding is -inf before the max and 0 after.
-            row[n..].iter_mut().for_each(|x| *x = ninf);
-            softmax_row(row);
-            row[n..].iter_mut().for_each(|x| *x = T::of(0.0));
+            // (Writing -inf into the padding and loading it back as part of a vector stalled
+            // on store forwarding: the softmax took twice as long.)
+            softmax_row(row, n);
             let row = &row[..n];
             if mask.on {
                 let base = (u * n + i) * n;
@@ -298,24 +296,34 @@ impl RowOp for AttnFwd {
     #[inline(always)]
     fn rows<E: VElem>(&self, u0: usize, u1: usize) -> Vec<f64> {
         let a = &self.a;
-        let (n, dh, heads) = (a.n, a.dh, a.heads);
+        let (n, dh) = (a.n, a.dh);
+        let hdh = a.heads * dh;
         // SAFETY: `attention`'s contract; heads write disjoint column blocks of `o`.
         let qkv = unsafe { a.qkv.all::<E>(a.qkv_len()) };
         let o_all = unsafe { a.o_all::<E>(self.o) };
         let mask = Mask::<E::Op>::of(a.dropout);
         let mut hd = a.head_buffers::<E::Op>();
         let (np, dp) = (hd.np, hd.dp);
-        for u in u0..u1 {
-            let (b, h) = (u / heads, u % heads);
-            a.load_head::<E>(qkv, b, h, &mut hd, false);
-            a.probs(&mut hd, u, &mask);
-            let p = if mask.on { &hd.pd } else { &hd.p };
-            gemm::<E::Op, false>(n, dp, n, p, np, &hd.v, dp, &mut hd.o, dp);
-            for i in 0..n {
-                let out = &mut o_all[a.merged(b, i, h)..][..dh];
-                for (o, x) in out.iter_mut().zip(&hd.o[i * dp..][..dh]) {
-                    *o = E::store(*x);
+        let mut out = vec![E::store(E::Op::of(0.0)); n * hdh];
+        let mut block = vec![E::store(E::Op::of(0.0)); n * 3 * hdh];
+        for (b, heads) in a.batches(u0, u1) {
+            // one sequential read of the batch element's rows, then every head from cache:
+            // head by head, the rows' 3 KB stride defeated the prefetchers (20% of the time)
+            block.copy_from_slice(&qkv[b * n * 3 * hdh..][..n * 3 * hdh]);
+            for h in heads.clone() {
+                a.load_head::<E>(&block, h, &mut hd, false);
+                a.probs(&mut hd, b * a.heads + h, &mask);
+                let p = if mask.on { &hd.pd } else { &hd.p };
+                gemm::<E::Op, false>(n, dp, n, p, np, &hd.v, dp, &mut hd.o, dp);
+                for (row, x) in out.chunks_exact_mut(hdh).zip(hd.o.chunks_exact(dp)) {
+                    for (o, x) in row[h * dh..][..dh].iter_mut().zip(&x[..dh]) {
+                        *o = E::store(*x);
+                    }
                 }
+            }
+            let cols = heads.start * dh..heads.end * dh;
+            for (i, row) in out.chunks_exact(hdh).enumerate() {
+                o_all[a.merged(b, i, 0)..][cols.clone()].copy_from_slice(&row[cols.clone()]);
             }
         }
         Vec::new()
@@ -323,6 +331,22 @@ impl RowOp for AttnFwd {
 }
 
 impl Attention {
+    /// Each batch element among units `u0..u1` (u = b * H + h) with the heads of it they
+    /// cover. A unit reads and writes only its batch element's block: read whole (one
+    /// sequential stream, then every head from cache), written back as the columns of its
+    /// heads, row by row. (An iterator, not a closure: a closure's body is compiled without
+    /// the caller's target features, and the kernels ran 7x slower.)
+    #[inline(always)]
+    fn batches(&self, u0: usize, u1: usize) -> impl Iterator<Item = (usize, Range<usize>)> {
+        let heads = self.heads;
+        std::iter::successors(Some(u0), move |&u| Some((u / heads + 1) * heads))
+            .take_while(move |&u| u < u1)
+            .map(move |u| {
+                let b = u / heads;
+                (b, u % heads..(u1 - b * heads).min(heads))
+            })
+    }
+
     /// `(B, N, H * dh)` output or output-gradient buffer.
     #[allow(clippy::mut_from_ref)]
     unsafe fn o_all<'a, E>(&self, o: Ptr) -> &'a mut [E] {
@@ -341,7 +365,8 @@ impl RowOp for AttnBwd {
     #[inline(always)]
     fn rows<E: VElem>(&self, u0: usize, u1: usize) -> Vec<f64> {
         let a = &self.a;
-        let (n, dh, heads) = (a.n, a.dh, a.heads);
+        let (n, dh) = (a.n, a.dh);
+        let hdh = a.heads * dh;
         // SAFETY: `attention_backward`'s contract; heads write disjoint blocks of `g_qkv`.
         let qkv = unsafe { a.qkv.all::<E>(a.qkv_len()) };
         let g_o = unsafe { a.o_all::<E>(self.g_o) };
@@ -350,69 +375,80 @@ impl RowOp for AttnBwd {
         let scale = E::Op::of(a.scale);
         let mut hd = a.head_buffers::<E::Op>();
         let (np, dp) = (hd.np, hd.dp);
-        for u in u0..u1 {
-            let (b, h) = (u / heads, u % heads);
-            a.load_head::<E>(qkv, b, h, &mut hd, true);
-            a.probs(&mut hd, u, &mask);
-            // dO into hd.o (rows of dp)
-            for i in 0..n {
-                let src = &g_o[a.merged(b, i, h)..][..dh];
-                for (x, g) in hd.o[i * dp..][..dh].iter_mut().zip(src) {
-                    *x = g.load();
-                }
-            }
-            // d(dropped p) = dO v^T ; dV = (dropped p)^T dO
-            gemm::<E::Op, false>(n, np, dh, &hd.o, dp, &hd.vt, np, &mut hd.dp_, np);
-            let pd = if mask.on { &hd.pd } else { &hd.p };
-            gemm::<E::Op, true>(n, dp, n, pd, np, &hd.o, dp, &mut hd.dv, dp);
-            // dS = scale * p * (dp - sum(dp * p)), dp = d(dropped p) * mask
-            for (i, (drow, prow)) in hd
-                .dp_
-                .chunks_exact_mut(np)
-                .zip(hd.p.chunks_exact(np))
-                .enumerate()
-            {
-                let (drow, prow) = (&mut drow[..n], &prow[..n]);
-                if mask.on {
-                    let base = (u * n + i) * n;
-                    for (j, x) in drow.iter_mut().enumerate() {
-                        *x = *x * mask.at(base + j);
+        let mut out = vec![E::store(E::Op::of(0.0)); n * 3 * hdh];
+        let mut stage = vec![E::store(E::Op::of(0.0)); n * 4 * hdh];
+        for (b, heads) in a.batches(u0, u1) {
+            // as in the forward pass: the batch element's rows read once, in order
+            let (block, g_block) = stage.split_at_mut(n * 3 * hdh);
+            block.copy_from_slice(&qkv[b * n * 3 * hdh..][..n * 3 * hdh]);
+            g_block.copy_from_slice(&g_o[b * n * hdh..][..n * hdh]);
+            let (block, g_block) = (&*block, &*g_block);
+            for h in heads.clone() {
+                let u = b * a.heads + h;
+                a.load_head::<E>(block, h, &mut hd, true);
+                a.probs(&mut hd, u, &mask);
+                // dO into hd.o (rows of dp)
+                for (x, g) in hd.o.chunks_exact_mut(dp).zip(g_block.chunks_exact(hdh)) {
+                    for (x, g) in x[..dh].iter_mut().zip(&g[h * dh..][..dh]) {
+                        *x = g.load();
                     }
                 }
-                let mut s = E::Op::of(0.0);
-                let mut acc = [E::Op::of(0.0); LANES];
-                let (mut dc, mut pc) = (drow.chunks_exact(LANES), prow.chunks_exact(LANES));
-                for (d16, p16) in (&mut dc).zip(&mut pc) {
-                    for ((a, dv), pv) in acc.iter_mut().zip(d16).zip(p16) {
-                        *a = dv.mul_add(*pv, *a);
-                    }
-                }
-                for (dv, pv) in dc.remainder().iter().zip(pc.remainder()) {
-                    s = dv.mul_add(*pv, s);
-                }
-                let s = s + hsum(acc);
-                // (the scale sits in q: dK = dS^T (scale q), dQ = scale dS k)
-                for (x, &pj) in drow.iter_mut().zip(prow) {
-                    *x = pj * (*x - s);
-                }
-            }
-            // dQ = dS k ; dK = dS^T q
-            gemm::<E::Op, false>(n, dp, n, &hd.dp_, np, &hd.k, dp, &mut hd.dq, dp);
-            gemm::<E::Op, true>(n, dp, n, &hd.dp_, np, &hd.q, dp, &mut hd.dk, dp);
-            for i in 0..n {
-                for (o, x) in g_qkv[a.at(b, i, 0, h)..][..dh]
-                    .iter_mut()
-                    .zip(&hd.dq[i * dp..][..dh])
+                // d(dropped p) = dO v^T ; dV = (dropped p)^T dO
+                gemm::<E::Op, false>(n, np, dh, &hd.o, dp, &hd.vt, np, &mut hd.dp_, np);
+                let pd = if mask.on { &hd.pd } else { &hd.p };
+                gemm::<E::Op, true>(n, dp, n, pd, np, &hd.o, dp, &mut hd.dv, dp);
+                // dS = scale * p * (dp - sum(dp * p)), dp = d(dropped p) * mask
+                for (i, (drow, prow)) in hd
+                    .dp_
+                    .chunks_exact_mut(np)
+                    .zip(hd.p.chunks_exact(np))
+                    .enumerate()
                 {
-                    *o = E::store(*x * scale);
-                }
-                for (part, src) in [(1, &hd.dk), (2, &hd.dv)] {
-                    for (o, x) in g_qkv[a.at(b, i, part, h)..][..dh]
-                        .iter_mut()
-                        .zip(&src[i * dp..][..dh])
-                    {
-                        *o = E::store(*x);
+                    let (drow, prow) = (&mut drow[..n], &prow[..n]);
+                    if mask.on {
+                        let base = (u * n + i) * n;
+                        for (j, x) in drow.iter_mut().enumerate() {
+                            *x = *x * mask.at(base + j);
+                        }
                     }
+                    let mut s = E::Op::of(0.0);
+                    let mut acc = [E::Op::of(0.0); LANES];
+                    let (mut dc, mut pc) = (drow.chunks_exact(LANES), prow.chunks_exact(LANES));
+                    for (d16, p16) in (&mut dc).zip(&mut pc) {
+                        for ((a, dv), pv) in acc.iter_mut().zip(d16).zip(p16) {
+                            *a = dv.mul_add(*pv, *a);
+                        }
+                    }
+                    for (dv, pv) in dc.remainder().iter().zip(pc.remainder()) {
+                        s = dv.mul_add(*pv, s);
+                    }
+                    let s = s + hsum(acc);
+                    // (the scale sits in q: dK = dS^T (scale q), dQ = scale dS k)
+                    for (x, &pj) in drow.iter_mut().zip(prow) {
+                        *x = pj * (*x - s);
+                    }
+                }
+                // dQ = dS k ; dK = dS^T q
+                gemm::<E::Op, false>(n, dp, n, &hd.dp_, np, &hd.k, dp, &mut hd.dq, dp);
+                gemm::<E::Op, true>(n, dp, n, &hd.dp_, np, &hd.q, dp, &mut hd.dk, dp);
+                for (i, row) in out.chunks_exact_mut(3 * hdh).enumerate() {
+                    let (q, rest) = row.split_at_mut(hdh);
+                    let (k, v) = rest.split_at_mut(hdh);
+                    for (o, x) in q[h * dh..][..dh].iter_mut().zip(&hd.dq[i * dp..][..dh]) {
+                        *o = E::store(*x * scale);
+                    }
+                    for (dst, src) in [(k, &hd.dk), (v, &hd.dv)] {
+                        for (o, x) in dst[h * dh..][..dh].iter_mut().zip(&src[i * dp..][..dh]) {
+                            *o = E::store(*x);
+                        }
+                    }
+                }
+            }
+            let cols = heads.start * dh..heads.end * dh;
+            for (i, row) in out.chunks_exact(3 * hdh).enumerate() {
+                for part in 0..3 {
+                    let src = &row[part * hdh..][cols.clone()];
+                    g_qkv[a.at(b, i, part, 0)..][cols.clone()].copy_from_slice(src);
                 }
             }
         }
