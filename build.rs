@@ -28,6 +28,7 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=src/shim/tensor_meta.cpp");
     println!("cargo:rerun-if-changed=src/shim/muon.cpp");
+    println!("cargo:rerun-if-changed=src/shim/pool.cpp");
     // `cargo test -p ferrotorch-kernels` never builds this crate; anything else links torch.
     let python = env::var_os("PYO3_PYTHON")
         .map(PathBuf::from)
@@ -75,12 +76,14 @@ fn main() {
     let torch_include = PathBuf::from(lines.next().unwrap_or_default().trim());
     let python_include = lines.next().unwrap_or_default().trim().to_string();
     let cxx11_abi = lines.next().unwrap_or("1").trim().to_string();
-    // The C++ shims: a Python tensor's layout in one call (src/access.rs), and Muon's step
-    // through ATen's C++ ops (src/optim/muon.rs).
+    // The C++ shims: a Python tensor's layout in one call (src/access.rs), Muon's step
+    // through ATen's C++ ops (src/optim/muon.rs), and the ViT's reusable activation buffers
+    // (src/vit/buffers.rs).
     cc::Build::new()
         .cpp(true)
         .file("src/shim/tensor_meta.cpp")
         .file("src/shim/muon.cpp")
+        .file("src/shim/pool.cpp")
         .include(&torch_include)
         .include(torch_include.join("torch/csrc/api/include"))
         .include(python_include)

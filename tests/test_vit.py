@@ -57,6 +57,9 @@ def test_logits_and_every_gradient_match_vit_pytorch(kw, batch):
     lr.backward(g)
     assert_grads_match(ours, ref)
     assert float((x.grad - x2.grad).abs().max() / x2.grad.abs().max()) < 1e-4
+    # an empty parameter (the cls token without one) gets an empty gradient, not None
+    for (name, a), (_, b) in zip(ours.named_parameters(), ref.named_parameters()):
+        assert (a.grad is None, a.grad is not None and a.grad.shape) == (b.grad is None, b.grad is not None and b.grad.shape), name
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["rust-kernels", "tch-ops"])
@@ -353,6 +356,84 @@ def test_activation_memory_is_released_after_backward():
     with pytest.raises(RuntimeError, match="freed|second time"):
         node.saved_tensors
     del weakref
+
+
+def _grads(model):
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_reused_buffers_never_change_a_live_graph():
+    """Activation buffers are reused only once torch has freed them: a graph kept alive with
+    retain_graph=True gives bit-identical gradients after other steps have run (and reused
+    every buffer freed meanwhile)."""
+    torch.manual_seed(8)
+    model = ViT(**dict(MEDIUM, depth=1))
+    x1, x2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    out1 = model(x1)
+    g = torch.randn_like(out1)
+    out1.backward(g, retain_graph=True)
+    first = _grads(model)
+    for _ in range(3):
+        model.zero_grad()
+        model(x2).square().sum().backward()
+    model.zero_grad()
+    out1.backward(g)
+    for a, b in zip(_grads(model), first):
+        assert torch.equal(a, b)
+
+
+def test_empty_cache_releases_the_buffers_and_changes_no_result():
+    import ferrotorch
+    from ferrotorch import _native
+
+    torch.manual_seed(9)
+    model = ViT(**CONFIGS[0])
+    x = torch.randn(3, 3, 8, 8)
+
+    def step():
+        model.zero_grad()
+        model(x).sum().backward()
+        return _grads(model)
+
+    first = step()
+    assert _native.vit_cached_bytes() > 0  # the step's buffers wait for the next one
+    again = step()
+    ferrotorch.nn.empty_cache()
+    assert _native.vit_cached_bytes() == 0
+    fresh = step()
+    for a, b, c in zip(first, again, fresh):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_models_training_in_threads_match_serial_training():
+    """Two threads train their own models at once (the GIL is released in the kernels, so
+    they take and return buffers concurrently): the same gradients as one after the other."""
+    import threading
+
+    torch.manual_seed(10)
+    models = [ViT(**CONFIGS[2]) for _ in range(2)]
+    xs = [torch.randn(5, 3, 16, 16) for _ in range(2)]
+
+    def train(i, out):
+        res = []
+        for _ in range(4):
+            models[i].zero_grad()
+            models[i](xs[i]).square().sum().backward()
+            res.append(_grads(models[i]))
+        out[i] = res
+
+    serial, threaded = [None, None], [None, None]
+    for i in range(2):
+        train(i, serial)
+    threads = [threading.Thread(target=train, args=(i, threaded)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(2):
+        for a_step, b_step in zip(serial[i], threaded[i]):
+            for a, b in zip(a_step, b_step):
+                assert torch.equal(a, b)
 
 
 timm = pytest.importorskip("timm")

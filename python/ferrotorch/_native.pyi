@@ -44,6 +44,8 @@ __all__ = [
     "VitRun",
     "vit_forward",
     "vit_backward",
+    "vit_empty_cache",
+    "vit_cached_bytes",
     "FerrotorchValueError",
     "FerrotorchTypeError",
     "FerrotorchRuntimeError",
@@ -300,3 +302,9 @@ def vit_backward(
     params: Sequence[torch.Tensor],
     saved: Sequence[torch.Tensor],
 ) -> list[torch.Tensor]: ...
+
+def vit_empty_cache() -> int:
+    """Frees the ViT's activation buffers waiting for reuse; returns how many bytes."""
+
+def vit_cached_bytes() -> int:
+    """Bytes of ViT activation buffers waiting for reuse."""

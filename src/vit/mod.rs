@@ -37,6 +37,7 @@ use pyo3::prelude::*;
 mod attention;
 mod backward;
 mod bindings;
+mod buffers;
 mod cls;
 mod config;
 mod forward;
@@ -44,10 +45,13 @@ mod matmul;
 mod ops;
 
 pub use bindings::{vit_backward, vit_forward, VitRun};
+pub use buffers::{vit_cached_bytes, vit_empty_cache};
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<VitRun>()?;
     m.add_function(wrap_pyfunction!(vit_forward, m)?)?;
     m.add_function(wrap_pyfunction!(vit_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(vit_empty_cache, m)?)?;
+    m.add_function(wrap_pyfunction!(vit_cached_bytes, m)?)?;
     Ok(())
 }

@@ -8,6 +8,7 @@ use ferrotorch_kernels::DType;
 use tch::{Device, Kind, Tensor};
 
 use super::attention::{attn_desc, merge_heads, split_heads, Probs};
+use super::buffers;
 use super::config::{Cfg, Run};
 use crate::errors::Result;
 use crate::parallel::TorchThreads;
@@ -86,10 +87,9 @@ impl Ops {
         match *self {
             Ops::Fused { dtype, threads } => {
                 let rows = (x.numel() as i64 / d.max(1)) as usize;
-                let y = x.f_empty_like()?;
-                let stat = (stat_kind(x.kind()), Device::Cpu);
-                let mean = Tensor::f_empty([rows as i64], stat)?;
-                let rstd = Tensor::f_empty([rows as i64], stat)?;
+                let y = buffers::empty_like(x)?;
+                let mean = buffers::empty(&[rows as i64], stat_kind(x.kind()))?;
+                let rstd = buffers::empty(&[rows as i64], stat_kind(x.kind()))?;
                 let op = k::LnFwd {
                     x: ptr(x),
                     w: ptr(w),
@@ -136,7 +136,7 @@ impl Ops {
                 let accumulate = acc.is_some();
                 let gx = match acc {
                     Some(a) => a,
-                    None => x.f_empty_like()?,
+                    None => buffers::empty_like(x)?,
                 };
                 let op = k::LnBwd {
                     gy: ptr(&gy),
@@ -203,7 +203,7 @@ impl Ops {
         let scale = (dh as f64).powf(-0.5);
         match *self {
             Ops::Fused { dtype, threads } => {
-                let o = Tensor::f_empty([b, seq, nh * dh], (qkv.kind(), Device::Cpu))?;
+                let o = buffers::empty(&[b, seq, nh * dh], qkv.kind())?;
                 let a = attn_desc(qkv, cfg, r, drop);
                 // SAFETY: `qkv` is contiguous (B, N, 3, H, dh); `o` fresh (B, N, H * dh).
                 unsafe { k::attention(&a, ptr(&o), dtype, threads, self.exec()) };
@@ -231,7 +231,7 @@ impl Ops {
         match *self {
             Ops::Fused { dtype, threads } => {
                 let g_o = g_o.f_contiguous()?;
-                let g_qkv = qkv.f_empty_like()?;
+                let g_qkv = buffers::empty_like(qkv)?;
                 let a = attn_desc(qkv, cfg, r, drop);
                 // SAFETY: as in `attention`; `g_qkv` is fresh and shaped like `qkv`.
                 unsafe {
@@ -264,7 +264,7 @@ impl Ops {
     pub(super) fn gelu(&self, x: &Tensor, drop: Dropout) -> Result<Tensor> {
         match *self {
             Ops::Fused { dtype, threads } => {
-                let y = x.f_empty_like()?;
+                let y = buffers::empty_like(x)?;
                 let op = k::GeluFwd {
                     x: ptr(x),
                     y: ptr(&y),
@@ -294,7 +294,7 @@ impl Ops {
     ) -> Result<(Tensor, Tensor)> {
         match *self {
             Ops::Fused { dtype, threads } => {
-                let y = x.f_empty_like()?;
+                let y = buffers::empty_like(x)?;
                 let op = k::GeluBwd {
                     x: ptr(x),
                     g: ptr(&g),
@@ -337,7 +337,7 @@ impl Ops {
     ) -> Result<Tensor> {
         match *self {
             Ops::Fused { dtype, threads } => {
-                let out = h.f_empty_like()?;
+                let out = buffers::empty_like(h)?;
                 let y = match y {
                     Some(y) => Some(y.f_contiguous()?),
                     None => None,
@@ -381,7 +381,7 @@ pub(super) fn patchify(ops: Ops, x: &Tensor, cfg: &Cfg, r: &Run) -> Result<Tenso
     let (gh, gw) = (r.hh / ph, r.ww / pw);
     match ops {
         Ops::Fused { dtype, threads } => {
-            let out = Tensor::f_empty([r.b, gh * gw, ph * pw * r.c], (x.kind(), Device::Cpu))?;
+            let out = buffers::empty(&[r.b, gh * gw, ph * pw * r.c], x.kind())?;
             let op = patch_op(x, &out, cfg, r, false);
             // SAFETY: `x` is contiguous (B, C, H, W) with H, W multiples of the patch; `out` fresh.
             unsafe { k::patches(&op, dtype, r.b as usize, threads, ops.exec()) };

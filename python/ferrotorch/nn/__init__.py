@@ -2,6 +2,6 @@
 ``ferrotorch.nn.utils`` (gradient clipping in Rust)."""
 
 from . import utils
-from .vit import ViT
+from .vit import ViT, empty_cache
 
-__all__ = ["ViT", "utils"]
+__all__ = ["ViT", "empty_cache", "utils"]

@@ -287,6 +287,21 @@ class _ViTFunction(torch.autograd.Function):
         return (None, *grads)
 
 
+class _EmptyGrad(torch.autograd.Function):
+    """Identity on ``out`` that gives the parameter ``empty`` (no elements) a zero-size
+    gradient, as torch.cat does for vit-pytorch's empty cls token."""
+
+    @staticmethod
+    def forward(ctx: Any, out: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.like = (empty.shape, empty.dtype, empty.device)
+        return out.clone()  # the logits: a few bytes per image
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        shape, dtype, device = ctx.like
+        return grad, torch.zeros(shape, dtype=dtype, device=device)
+
+
 def _double_backward(ctx: Any, grad: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
     """The gradients of ``_ViTFunction`` as a differentiable function of the images, the
     parameters and ``grad``: the forward recomputed as torch ops and differentiated with
@@ -349,6 +364,18 @@ def _lookup_all(root: nn.Module, layout: tuple[tuple[str, tuple[int | str, ...]]
 # A dispatch mode (FakeTensorMode...), a torch function mode other than set_default_device's,
 # or torch.compile tracing: torch ops must see every step.
 _modes_active = _compat.modes_active
+
+
+def empty_cache() -> None:
+    """Releases the activation buffers ``ViT`` keeps between training steps, as
+    ``torch.cuda.empty_cache()`` does for CUDA's caching allocator. A step's activations and
+    gradient temporaries are reused by the next step instead of going back to the C library
+    (whose heap trim made every step fault their pages in again); up to 1 GiB waits for reuse.
+
+        train(model, loader)          # each step reuses the last one's buffers
+        ferrotorch.nn.empty_cache()   # then hand that memory back
+    """
+    _native.vit_empty_cache()
 
 
 class ViT(nn.Module):
@@ -499,8 +526,15 @@ class ViT(nn.Module):
             params = [p.to(dt) for p in params]
             img = img.to(dt)
             with torch.autocast(dev, enabled=False):
-                return self._run(img, params)
-        return self._run(img, params)
+                return self._empty_grads(self._run(img, params))
+        return self._empty_grads(self._run(img, params))
+
+    def _empty_grads(self, out: torch.Tensor) -> torch.Tensor:
+        """vit-pytorch concatenates its (0, dim) cls token even without one, so it gets an
+        empty gradient rather than None; so does ours."""
+        if out.requires_grad and not self.class_token and self.cls_token.requires_grad:
+            return _EmptyGrad.apply(out, self.cls_token)
+        return out
 
     def _run(self, img: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
         cfg = self._config(self.training)

@@ -10,7 +10,7 @@ use super::*;
 /// as much as the vectors on 65-token rows.
 #[inline(always)]
 fn softmax_row<T: Act>(row: &mut [T], n: usize) {
-    debug_assert!(row.len() % LANES == 0 && n <= row.len());
+    debug_assert!(row.len().is_multiple_of(LANES) && n <= row.len());
     let (ninf, zero) = (T::of(f64::NEG_INFINITY), T::of(0.0));
     let mut mx = [ninf; LANES];
     for (j0, c) in (0..).step_by(LANES).zip(row.chunks_exact(LANES)) {
