@@ -335,7 +335,7 @@ impl Meta {
         }
     }
 
-    /// Element type the kernels handle, or None.
+    /// Element type the kernels handle, or None (the inverse of [`scalar_type`]).
     pub fn kernel_dtype(&self) -> Option<DType> {
         match self.dtype {
             6 => Some(DType::F32),
@@ -450,12 +450,27 @@ pub fn plain_tensor(obj: &Bound<'_, PyAny>) -> PyResult<Option<Tensor>> {
 
 /// Element type the kernels handle, or None.
 pub fn kernel_dtype(t: &Tensor) -> Option<DType> {
-    match t.f_kind().ok()? {
+    kind_dtype(t.f_kind().ok()?)
+}
+
+/// The kernels' element type for a tch `Kind`, or None.
+pub fn kind_dtype(kind: Kind) -> Option<DType> {
+    match kind {
         Kind::Float => Some(DType::F32),
         Kind::Double => Some(DType::F64),
         Kind::BFloat16 => Some(DType::BF16),
         Kind::Half => Some(DType::F16),
         _ => None,
+    }
+}
+
+/// c10's ScalarType number of a kernel element type (what [`Meta::kernel_dtype`] reads).
+pub fn scalar_type(d: DType) -> i32 {
+    match d {
+        DType::F16 => 5,
+        DType::F32 => 6,
+        DType::F64 => 7,
+        DType::BF16 => 15,
     }
 }
 

@@ -9,6 +9,7 @@
 use pyo3::prelude::*;
 use tch::{Kind, Tensor};
 
+use crate::access::{kind_dtype, scalar_type};
 use crate::errors::Result;
 
 extern "C" {
@@ -18,21 +19,10 @@ extern "C" {
     fn ft_pool_cached() -> usize;
 }
 
-/// c10's ScalarType number of the dtypes the kernels run.
-fn scalar_type(kind: Kind) -> Option<i32> {
-    match kind {
-        Kind::Half => Some(5),
-        Kind::Float => Some(6),
-        Kind::Double => Some(7),
-        Kind::BFloat16 => Some(15),
-        _ => None,
-    }
-}
-
 /// An uninitialized contiguous CPU tensor of `size` and `kind`, reusing a freed buffer of
 /// the same byte size when one waits; through torch's allocator for anything else.
 pub(super) fn empty(size: &[i64], kind: Kind) -> Result<Tensor> {
-    if let Some(st) = scalar_type(kind) {
+    if let Some(st) = kind_dtype(kind).map(scalar_type) {
         // SAFETY: `size` is `size.len()` readable i64s; a non-null result is a new
         // at::Tensor* that the returned Tensor owns.
         let t = unsafe { ft_pool_empty(size.as_ptr(), size.len(), st) };

@@ -305,11 +305,12 @@ impl RowOp for AttnFwd {
         let mut hd = a.head_buffers::<E::Op>();
         let (np, dp) = (hd.np, hd.dp);
         let mut out = vec![E::store(E::Op::of(0.0)); n * hdh];
-        let mut block = vec![E::store(E::Op::of(0.0)); n * 3 * hdh];
+        let mut block = Vec::with_capacity(n * 3 * hdh);
         for (b, heads) in a.batches(u0, u1) {
             // one sequential read of the batch element's rows, then every head from cache:
             // head by head, the rows' 3 KB stride defeated the prefetchers (20% of the time)
-            block.copy_from_slice(&qkv[b * n * 3 * hdh..][..n * 3 * hdh]);
+            block.clear();
+            block.extend_from_slice(&qkv[b * n * 3 * hdh..][..n * 3 * hdh]);
             for h in heads.clone() {
                 a.load_head::<E>(&block, h, &mut hd, false);
                 a.probs(&mut hd, b * a.heads + h, &mask);
@@ -376,16 +377,17 @@ impl RowOp for AttnBwd {
         let mut hd = a.head_buffers::<E::Op>();
         let (np, dp) = (hd.np, hd.dp);
         let mut out = vec![E::store(E::Op::of(0.0)); n * 3 * hdh];
-        let mut stage = vec![E::store(E::Op::of(0.0)); n * 4 * hdh];
+        let (mut block, mut g_block) =
+            (Vec::with_capacity(n * 3 * hdh), Vec::with_capacity(n * hdh));
         for (b, heads) in a.batches(u0, u1) {
             // as in the forward pass: the batch element's rows read once, in order
-            let (block, g_block) = stage.split_at_mut(n * 3 * hdh);
-            block.copy_from_slice(&qkv[b * n * 3 * hdh..][..n * 3 * hdh]);
-            g_block.copy_from_slice(&g_o[b * n * hdh..][..n * hdh]);
-            let (block, g_block) = (&*block, &*g_block);
+            block.clear();
+            block.extend_from_slice(&qkv[b * n * 3 * hdh..][..n * 3 * hdh]);
+            g_block.clear();
+            g_block.extend_from_slice(&g_o[b * n * hdh..][..n * hdh]);
             for h in heads.clone() {
                 let u = b * a.heads + h;
-                a.load_head::<E>(block, h, &mut hd, true);
+                a.load_head::<E>(&block, h, &mut hd, true);
                 a.probs(&mut hd, u, &mask);
                 // dO into hd.o (rows of dp)
                 for (x, g) in hd.o.chunks_exact_mut(dp).zip(g_block.chunks_exact(hdh)) {
