@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -434,6 +436,63 @@ def test_models_training_in_threads_match_serial_training():
         for a_step, b_step in zip(serial[i], threaded[i]):
             for a, b in zip(a_step, b_step):
                 assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_forked_children_train_while_the_parent_trains_in_a_thread():
+    """DataLoader workers and multiprocessing pools are forked from a process whose other
+    threads may be taking and returning buffers at that moment: each child trains with the
+    buffers it inherited and gets the parent's gradients, and no child waits forever."""
+    import threading
+    import time
+
+    torch.manual_seed(11)
+    model, busy = ViT(**CONFIGS[2]), ViT(**CONFIGS[2])
+    x, xb = torch.randn(5, 3, 16, 16), torch.randn(7, 3, 16, 16)
+
+    def step(m, inp):
+        m.zero_grad()
+        m(inp).square().sum().backward()
+        return _grads(m)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the children (DataLoader workers run on one thread too)
+    try:
+        expected = step(model, x)
+    finally:
+        torch.set_num_threads(threads)
+    stop = threading.Event()
+
+    def churn():
+        while not stop.is_set():
+            step(busy, xb)
+
+    worker = threading.Thread(target=churn)
+    worker.start()
+    try:
+        for _ in range(6):
+            pid = os.fork()
+            if pid == 0:  # the child: no threads but this one
+                code = 3
+                try:
+                    torch.set_num_threads(1)
+                    got = [step(model, x) for _ in range(2)]
+                    code = 0 if all(torch.equal(a, b) for g in got for a, b in zip(g, expected)) else 4
+                finally:
+                    os._exit(code)
+            deadline = time.time() + 120
+            while True:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    assert os.waitstatus_to_exitcode(status) == 0, "forked child got other gradients or failed"
+                    break
+                if time.time() > deadline:
+                    os.kill(pid, 9)
+                    pytest.fail("forked child hung")
+                time.sleep(0.02)
+    finally:
+        stop.set()
+        worker.join()
 
 
 timm = pytest.importorskip("timm")

@@ -34,8 +34,10 @@ struct Pool {
 Pool& pool() {
   static Pool* p = [] {
     auto* q = new Pool();
-    // A fork child gets a fresh lock (another thread may have held it at fork time).
-    pthread_atfork(nullptr, nullptr, [] { new (&pool().mu) std::mutex(); });
+    // fork() waits for the lock, so no other thread is halfway through changing the free
+    // lists when it copies them; both processes then release it (the child's copy is held
+    // by the forking thread, the only one the child has).
+    pthread_atfork([] { pool().mu.lock(); }, [] { pool().mu.unlock(); }, [] { pool().mu.unlock(); });
     return q;
   }();
   return *p;
