@@ -5,8 +5,10 @@ torch.compile, measured in one run.
 
 Configuration of issue #4: 32x32x3 images, patch 4, dim 256, depth 6, heads 8, dim_head 32,
 mlp 512, 10 classes, fp32. A training step is forward + cross-entropy + backward; inference
-is one no-grad forward in eval mode. Times are medians over --repeats runs, the models taking
-turns; "peak MB" is the growth of the process's RSS during two training steps over its RSS
+is one no-grad forward in eval mode. Times are medians over --repeats runs. Each model lives
+in a worker process of its own (as it would in a user's script: one model cannot change the
+heap, page faults or caches another one sees) and the workers take turns, one timed call
+each per repeat, so a slow spell of this shared machine hits all of them; "peak MB" is the growth of the process's RSS during two training steps over its RSS
 after a warm-up step, each model in a fresh subprocess (so one model's memory cannot hide
 another's) with glibc's mmap threshold at 64 KB (so freed tensors leave RSS and the figure
 tracks live memory). Ratios are vit-pytorch / other (higher is better for the other).
@@ -14,7 +16,8 @@ tracks live memory). Ratios are vit-pytorch / other (higher is better for the ot
 Then the seed-000 step (the users' CIFAR-10 loop): the same ViT with dropout 0.1 and
 emb_dropout 0.1, batch 128, a whole optimizer step (zero_grad, forward, cross-entropy,
 backward, AdamW(lr=1e-4, weight_decay=1e-4).step()): ferrotorch.nn.ViT + ferrotorch.optim
-against vit-pytorch + torch.optim (its default implementation), timed in turns.
+against vit-pytorch + torch.optim (its default implementation), in worker processes taking
+turns in the same way.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -116,6 +120,66 @@ def timed(fn) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+def worker(what: str, batch: int, infer_batch: int, threads: int) -> None:
+    """Runs in a subprocess: builds `what` ("model:<name>" or "seed000:ours|ref"), warms it
+    up, then answers each command line on stdin ("train", "infer" or "step") with the
+    milliseconds that one call took, until stdin closes."""
+    torch.set_num_threads(threads)
+    kind, name = what.split(":", 1)
+    if kind == "model":
+        train, infer = steps(build(name), batch, infer_batch)
+        fns = {"train": train, "infer": infer}
+    else:
+        fns = {"step": seed000_step(name == "ours")}
+    for f in fns.values():
+        f()  # warm-up: allocator, optimizer state, torch.compile's build
+    print("ready", flush=True)
+    for line in sys.stdin:
+        print(f"{timed(fns[line.strip()]):.6f}", flush=True)
+
+
+class Worker:
+    """One model in its own process, timed on request."""
+
+    def __init__(self, what: str, args) -> None:
+        self.what = what
+        cmd = [sys.executable, __file__, "--worker", what, "--batch", str(args.batch), "--infer-batch", str(args.infer_batch), "--threads", str(args.threads)]
+        # stderr to a file: a pipe nobody reads would block a chatty worker (torch.compile).
+        self.err = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True)
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != "ready":
+            self.proc.communicate()
+            raise RuntimeError(self.last_error())
+
+    def last_error(self) -> str:
+        self.err.seek(0)
+        lines = self.err.read().strip().splitlines()
+        return lines[-1] if lines else f"{self.what}: exit code {self.proc.returncode}"
+
+    def time(self, command: str) -> float:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            raise RuntimeError(f"{self.what} died: {self.last_error()}")
+        return float(line)
+
+    def close(self) -> None:
+        self.proc.communicate()
+
+
+def in_turns(workers: dict[str, Worker], command: str, repeats: int) -> dict[str, float]:
+    """Median milliseconds of `command` per worker, every repeat timing each worker once."""
+    times: dict[str, list[float]] = {n: [] for n in workers}
+    for _ in range(repeats):
+        for name, w in workers.items():
+            times[name].append(w.time(command))
+    return {n: statistics.median(v) for n, v in times.items()}
+
+
 def rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -184,36 +248,32 @@ def main() -> None:
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--no-seed000", action="store_true", help="skip the seed-000 training step")
     ap.add_argument("--peak-child", help=argparse.SUPPRESS)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.peak_child:
         return peak_child(args.peak_child, args.batch, args.threads)
+    if args.worker:
+        return worker(args.worker, args.batch, args.infer_batch, args.threads)
     torch.set_num_threads(args.threads)
     names = ["vit-pytorch", "ferrotorch", "timm", "ferrotorch (timm)"] + ([] if args.no_compile else ["torch.compile"])
     print(_machine())
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch} (train) / {args.infer_batch} (inference), fp32")
-    fns = {}
+    workers: dict[str, Worker] = {}
     for name in names:
         try:
-            model = build(name)
-            train, infer = steps(model, args.batch, args.infer_batch)
-            train(), infer()  # warm-up (and torch.compile's build)
-        except Exception as e:  # torch.compile may not build on every machine
-            print(f"  ({name} skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]})", file=sys.stderr)
+            workers[name] = Worker(f"model:{name}", args)
+        except RuntimeError as e:  # torch.compile may not build on every machine
+            print(f"  ({name} skipped: {str(e)[:160]})", file=sys.stderr)
             continue
-        fns[name] = (train, infer)
         print(f"  built {name}", file=sys.stderr, flush=True)
-    # Round-robin: every repeat times each model once in turn, so a slow spell of this
-    # shared machine hits all of them instead of whichever model was running.
-    times: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in fns}
-    for kind in (0, 1):
-        for _ in range(args.repeats):
-            for name, f in fns.items():
-                times[name][kind].append(timed(f[kind]))
+    train_ms = in_turns(workers, "train", args.repeats)
+    infer_ms = in_turns(workers, "infer", args.repeats)
+    for w in workers.values():
+        w.close()
     rows: dict[str, tuple[float, float, float | None]] = {}
-    for name in fns:
+    for name in workers:
         peak = None if args.no_memory else measure_peak(name, args.batch, args.threads)
-        t, i = (statistics.median(v) for v in times[name])
-        rows[name] = (t, i, peak)
+        rows[name] = (train_ms[name], infer_ms[name], peak)
     rt, ri, rp = rows["vit-pytorch"]
     print(f"{'model':<18} | {'train ms':>9} {'x':>6} | {'infer ms':>9} {'x':>6} | {'peak MB':>8} {'ours/ref':>8}")
     for name, (t, i, p) in rows.items():
@@ -223,14 +283,11 @@ def main() -> None:
     print("ferrotorch (timm) runs the timm model's weights; compare its times with timm's row.")
     if args.no_seed000:
         return
-    pair = {"vit-pytorch + torch.optim": seed000_step(False), "ferrotorch": seed000_step(True)}
-    for f in pair.values():
-        f()  # warm-up: optimizer state, allocator
-    seed: dict[str, list[float]] = {n: [] for n in pair}
-    for _ in range(args.repeats):
-        for name, f in pair.items():
-            seed[name].append(timed(f))
-    ref, ours = (statistics.median(v) for v in seed.values())
+    pair = {"ref": Worker("seed000:ref", args), "ours": Worker("seed000:ours", args)}
+    seed = in_turns(pair, "step", args.repeats)
+    for w in pair.values():
+        w.close()
+    ref, ours = seed["ref"], seed["ours"]
     print(
         f"seed-000 step (batch {SEED000['batch']}, dropout {SEED000['dropout']}, AdamW): "
         f"vit-pytorch + torch.optim {ref:.1f} ms, ferrotorch {ours:.1f} ms, x {ref / ours:.2f}"
