@@ -40,9 +40,12 @@ class Adafactor(_NativeStep, torch.optim.Adafactor):
             slow: list[int] | range = range(len(params))
             if not scaled and not isinstance(lr, torch.Tensor):
                 slow = adafactor_group(params, grads, steps, row_vars, col_vars, variances, eps1=eps1, **kw)
-            for i in slow:
+            if slow:
+                # One call for all of them: torch's per-call setup, paid once per tensor, made
+                # 2000 small bf16 tensors 20 % slower than torch.optim.Adafactor itself.
+                pick = [params, grads, row_vars, col_vars, variances, steps]
                 _compat.adafactor(
-                    [params[i]], [grads[i]], [row_vars[i]], [col_vars[i]], [variances[i]], [steps[i]],
+                    *([t[i] for i in slow] for t in pick),
                     eps1=eps1, foreach=False, grad_scale=getattr(self, "grad_scale", None),
                     found_inf=getattr(self, "found_inf", None), **kw,
                 )
