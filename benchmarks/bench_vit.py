@@ -8,10 +8,10 @@ mlp 512, 10 classes, fp32. A training step is forward + cross-entropy + backward
 is one no-grad forward in eval mode. Times are medians over --repeats runs. Each model lives
 in a worker process of its own (as it would in a user's script: one model cannot change the
 heap, page faults or caches another one sees) and the workers take turns, one timed call
-each per repeat, so a slow spell of this shared machine hits all of them; "peak MB" is the growth of the process's RSS during two training steps over its RSS
-after a warm-up step, each model in a fresh subprocess (so one model's memory cannot hide
-another's) with glibc's mmap threshold at 64 KB (so freed tensors leave RSS and the figure
-tracks live memory). Ratios are vit-pytorch / other (higher is better for the other).
+each per repeat, so a slow spell of this shared machine hits all of them. "peak MB" is the
+growth of the process's RSS during two training steps over its RSS after a warm-up step,
+each model in a fresh subprocess (so one model's memory cannot hide another's) with glibc's
+mmap threshold at 64 KB (so freed tensors leave RSS and the figure tracks live memory). Ratios are vit-pytorch / other (higher is better for the other).
 
 Then the seed-000 step (the users' CIFAR-10 loop): the same ViT with dropout 0.1 and
 emb_dropout 0.1, batch 128, a whole optimizer step (zero_grad, forward, cross-entropy,
@@ -254,7 +254,6 @@ def main() -> None:
         return peak_child(args.peak_child, args.batch, args.threads)
     if args.worker:
         return worker(args.worker, args.batch, args.infer_batch, args.threads)
-    torch.set_num_threads(args.threads)
     names = ["vit-pytorch", "ferrotorch", "timm", "ferrotorch (timm)"] + ([] if args.no_compile else ["torch.compile"])
     print(_machine())
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch} (train) / {args.infer_batch} (inference), fp32")

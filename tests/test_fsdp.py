@@ -65,7 +65,7 @@ def _worker(rank: int, world: int, port: int) -> None:
     dist.barrier()
     dist.destroy_process_group()
     if rank == 0:
-        print("FSDP2 OK", flush=True)
+        print("FSDP2 OK")
     # Leave without finalizing the interpreter: a gloo worker thread may still be dropping
     # a finished all-gather's work (FSDP's modules keep the process group alive past
     # destroy_process_group), and a tensor it frees then takes the GIL of an interpreter
