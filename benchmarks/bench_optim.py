@@ -4,8 +4,11 @@
     python benchmarks/bench_optim.py --quick          # fewer repeats
 
 Layouts: a = 64 tensors x 262,144 elements, b = 2000 tensors x 1000 elements. Each cell is
-the median ms per ``step()`` over several timed runs; ratios are torch's time divided by
-ferrotorch's (higher is better for ferrotorch); "x best" compares with torch's fastest
+the median ms per ``step()`` over several timed runs of a few steps. The implementations of a
+row are timed in turns (one run each per repeat), so a busy machine's slow spells hit them
+alike, and each run starts with the caches holding another implementation's tensors, as a
+training step's optimizer call starts after the backward pass. Ratios are torch's time
+divided by ferrotorch's (higher is better for ferrotorch); "x best" compares with torch's fastest
 implementation (fused where torch has one, else foreach). Rows whose implementation leaves bf16
 parameters unchanged after a step are flagged: torch 2.13's fused SGD skips bf16 updates.
 
@@ -73,16 +76,21 @@ def make(layout: str, dtype: torch.dtype) -> list[torch.Tensor]:
     return params
 
 
-def time_steps(opt: torch.optim.Optimizer, steps: int, repeats: int) -> float:
-    for _ in range(3):
-        opt.step()
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(steps):
+def time_in_turns(opts: dict[str, torch.optim.Optimizer], steps: dict[str, int], repeats: int) -> dict[str, float]:
+    """Median ms per ``step()`` of each optimizer, timed in turns: every repeat times each
+    one once (``steps[name]`` steps), so a slow spell of a busy machine hits all of them
+    alike instead of whichever happened to run then."""
+    for opt in opts.values():
+        for _ in range(3):
             opt.step()
-        samples.append((time.perf_counter() - t0) / steps * 1e3)
-    return statistics.median(samples)
+    samples: dict[str, list[float]] = {name: [] for name in opts}
+    for _ in range(repeats):
+        for name, opt in opts.items():
+            t0 = time.perf_counter()
+            for _ in range(steps[name]):
+                opt.step()
+            samples[name].append((time.perf_counter() - t0) / steps[name] * 1e3)
+    return {name: statistics.median(s) for name, s in samples.items()}
 
 
 def stream_gbps(numel: int, dtype: torch.dtype, threads: int, repeats: int) -> dict[str, float]:
@@ -124,16 +132,18 @@ def bench(name: str, layout: str, dtype: torch.dtype, threads: int, repeats: int
         del impls["torch fused"]
     torch.set_num_threads(threads)
     row: dict[str, float | str] = {}
+    opts, params, before = {}, {}, {}
     for impl, build in impls.items():
-        params = make(layout, dtype)
-        before = params[0].detach().clone()
-        opt = build(params)
-        steps = 2 if impl == "torch loop" and layout == "a" else 5
-        row[impl] = time_steps(opt, steps, repeats)
-        if torch.equal(params[0].detach(), before):
+        params[impl] = make(layout, dtype)
+        before[impl] = params[impl][0].detach().clone()
+        opts[impl] = build(params[impl])
+    steps = {impl: 2 if impl == "torch loop" and layout == "a" else 5 for impl in impls}
+    row.update(time_in_turns(opts, steps, repeats))
+    for impl in impls:
+        if torch.equal(params[impl][0].detach(), before[impl]):
             row[impl + " note"] = "no update!"
-        del opt, params
-        gc.collect()
+    del opts, params
+    gc.collect()
     return row
 
 
