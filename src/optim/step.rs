@@ -314,8 +314,8 @@ struct Share {
     per: usize,
     /// The ranges of the ready buffers slot by slot (every parameter, every grad, every
     /// state...), then those of the entries torch steps. Tensors are mostly allocated in
-    /// parameter order and a thread takes its blocks in order, so each slot is an ascending
-    /// or descending run and the adaptive sort merges a few runs instead of sorting afresh.
+    /// parameter order and a thread takes its blocks in order, so each slot is mostly made
+    /// of ascending runs, which the pattern-defeating sort finds.
     slots: Vec<Vec<(usize, usize)>>,
     /// All of them, sorted by start, once the thread is done.
     sorted: Vec<(usize, usize)>,
@@ -404,7 +404,10 @@ impl Share {
         for s in self.slots.drain(..) {
             all.extend_from_slice(&s);
         }
-        all.sort_by_key(|r| r.0);
+        // Unstable: equal starts of non-empty ranges overlap whatever their order, and
+        // it is twice as fast as the stable sort when separate allocations break the runs
+        // (10,000 ranges, 1 in 20 out of order: 128 against 271 us).
+        all.sort_unstable_by_key(|r| r.0);
         self.sorted = all;
     }
 }

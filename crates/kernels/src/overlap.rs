@@ -17,7 +17,7 @@ pub fn any_overlap_sorted(lists: &[Vec<(usize, usize)>]) -> bool {
             }))
         }
         _ => {
-            // More threads than two: the adaptive sort merges the sorted runs.
+            // More threads than two: the sort finds the sorted runs.
             let mut all: Vec<(usize, usize)> = lists.iter().flatten().copied().collect();
             any_overlap(&mut all)
         }
@@ -26,9 +26,8 @@ pub fn any_overlap_sorted(lists: &[Vec<(usize, usize)>]) -> bool {
 
 /// True when two of the non-empty `ranges` share a byte (sorts `ranges`).
 pub fn any_overlap(ranges: &mut [(usize, usize)]) -> bool {
-    // By start only (equal starts of non-empty ranges overlap whatever their order); the
-    // stable sort is adaptive: ranges that arrive as a few sorted runs are merged, not sorted.
-    ranges.sort_by_key(|r| r.0);
+    // By start only: equal starts of non-empty ranges overlap whatever their order.
+    ranges.sort_unstable_by_key(|r| r.0);
     overlap_in_sorted(ranges.iter().copied())
 }
 
