@@ -1,5 +1,6 @@
 //! Times the ViT kernels on the benchmark's shapes (batch 64, 65 tokens, dim 256, mlp 512,
-//! 8 heads of 32), one thread: `cargo run -p ferrotorch-kernels --release --example vit_bench`.
+//! 8 heads of 32), one thread: `cargo run -p ferrotorch-kernels --release --example vit_bench`
+//! (fp32) or `... --example vit_bench -- bf16` (the kernels as autocast runs them).
 use ferrotorch_kernels::vit::*;
 use ferrotorch_kernels::{DType, Serial};
 use std::time::Instant;
@@ -32,6 +33,9 @@ fn main() {
     let mut g = vec![0.5f32; rows * mlp];
     let (mut w, mut b) = (vec![1f32; d], vec![0f32; d]);
     let (mut mean, mut rstd) = (vec![0f32; rows], vec![0f32; rows]);
+    for v in [&mut x, &mut y, &mut g, &mut w, &mut b] {
+        enc(v);
+    }
     time("layer_norm", rows * d, &mut || unsafe {
         layer_norm(
             &LnFwd {
@@ -44,7 +48,7 @@ fn main() {
                 d,
                 eps: 1e-5,
             },
-            DType::F32,
+            dt(),
             rows,
             1,
             &Serial,
@@ -62,7 +66,7 @@ fn main() {
                 accumulate: true,
                 d,
             },
-            DType::F32,
+            dt(),
             rows,
             1,
             &Serial,
@@ -76,7 +80,7 @@ fn main() {
                 y: p(&mut y),
                 dropout: Dropout::OFF,
             },
-            DType::F32,
+            dt(),
             ne,
             1,
             &Serial,
@@ -90,7 +94,7 @@ fn main() {
                 y: p(&mut y),
                 dropout: Dropout::OFF,
             },
-            DType::F32,
+            dt(),
             ne,
             1,
             &Serial,
@@ -100,6 +104,7 @@ fn main() {
         .map(|i| ((i * 31 % 100) as f32) * 0.01 - 0.5)
         .collect();
     let (mut o, mut gq) = (vec![0f32; rows * d], vec![0f32; rows * 3 * d]);
+    enc(&mut qkv);
     let at = Attention {
         qkv: p(&mut qkv),
         b: 64,
@@ -110,10 +115,10 @@ fn main() {
         dropout: Dropout::OFF,
     };
     time("attention", rows * d, &mut || unsafe {
-        attention(&at, p(&mut o), DType::F32, 1, &Serial)
+        attention(&at, p(&mut o), dt(), 1, &Serial)
     });
     time("attention_backward", rows * d, &mut || unsafe {
-        attention_backward(&at, p(&mut y), p(&mut gq), DType::F32, 1, &Serial)
+        attention_backward(&at, p(&mut y), p(&mut gq), dt(), 1, &Serial)
     });
     time("add_dropout (residual)", rows * d, &mut || unsafe {
         add_dropout(
@@ -123,10 +128,33 @@ fn main() {
                 out: p(&mut y),
                 dropout: Dropout::OFF,
             },
-            DType::F32,
+            dt(),
             rows * d,
             1,
             &Serial,
         )
     });
+}
+
+/// The element type timed: `bf16` as the first argument (the buffers then hold bf16 values,
+/// as autocast runs the kernels), fp32 otherwise. LayerNorm's statistics stay fp32.
+fn dt() -> DType {
+    if std::env::args().nth(1).as_deref() == Some("bf16") {
+        DType::BF16
+    } else {
+        DType::F32
+    }
+}
+
+/// Rewrites `v`'s values as bf16 in the first half of its buffer when timing bf16.
+fn enc(v: &mut [f32]) {
+    if dt() == DType::BF16 {
+        let bits: Vec<u16> = v
+            .iter()
+            .map(|x| half::bf16::from_f32(*x).to_bits())
+            .collect();
+        // SAFETY: `v` has room for twice as many u16 as it has f32.
+        let u = unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u16, bits.len()) };
+        u.copy_from_slice(&bits);
+    }
 }
