@@ -23,13 +23,25 @@ impl RowOp for LnFwd {
         let (x, y) = unsafe { (self.x.rows::<E>(r0, r1, d), self.y.rows::<E>(r0, r1, d)) };
         let (w, b) = unsafe { (self.w.all::<E>(d), self.b.all::<E>(d)) };
         let inv_d = E::Op::of(1.0 / d as f64);
+        // Narrow elements (bf16, fp16) are widened into a row of the arithmetic type first:
+        // the sums then vectorize fully (over bf16 elements they ran 4 lanes wide).
+        let widen = std::mem::size_of::<E>() < std::mem::size_of::<E::Op>();
+        let mut xf = vec![E::Op::of(0.0); if widen { d } else { 0 }];
         for (k, (xr, yr)) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)).enumerate() {
             let xr = &xr[..d];
-            let mean = lane_sum(d, |j| xr[j].load()) * inv_d;
-            let var = lane_sum(d, |j| {
-                let c = xr[j].load() - mean;
-                c * c
-            }) * inv_d;
+            let (mean, var) = if widen {
+                for (o, v) in xf.iter_mut().zip(xr) {
+                    *o = v.load();
+                }
+                let mean = lane_sum_of(&xf, |v| v) * inv_d;
+                (mean, lane_sum_of(&xf, |v| (v - mean) * (v - mean)) * inv_d)
+            } else {
+                let mean = lane_sum_elems(xr, |v| v) * inv_d;
+                (
+                    mean,
+                    lane_sum_elems(xr, |v| (v - mean) * (v - mean)) * inv_d,
+                )
+            };
             let rstd = E::Op::of(1.0) / (var + E::Op::of(self.eps)).sqrt();
             for (((o, v), wi), bi) in yr.iter_mut().zip(xr).zip(w).zip(b) {
                 *o = E::store(((v.load() - mean) * rstd).mul_add(wi.load(), bi.load()));
@@ -106,8 +118,8 @@ impl RowOp for LnBwd {
                 *xhj = xh;
                 *ghj = g * wv.load();
             }
-            let m1 = lane_sum(d, |j| gxhat[j]) * inv_d;
-            let m2 = lane_sum(d, |j| gxhat[j] * xhat[j]) * inv_d;
+            let m1 = lane_sum_pairs(&gxhat, &xhat, |g, _| g) * inv_d;
+            let m2 = lane_sum_pairs(&gxhat, &xhat, |g, x| g * x) * inv_d;
             if self.accumulate {
                 for ((o, gh), xh) in gxr.iter_mut().zip(&gxhat).zip(&xhat) {
                     *o = E::store(o.load() + (*gh - m1 - *xh * m2) * rstd);
