@@ -365,7 +365,9 @@ impl Share {
             return;
         };
         let hi = entries.iter().rev().find_map(|e| e.metas).unwrap_or(lo) + per;
-        self.metas.clear();
+        // Not cleared first: the shim writes every field it reports (status, address, sizes
+        // up to `dim`...) of every layout; rewriting 104 bytes per tensor beforehand took 7%
+        // of this function (30 of 450 us for 2000 Adam parameters).
         self.metas.resize(hi - lo, Meta::NONE);
         // SAFETY: forwarded from the caller.
         unsafe { Meta::read_plain(&addrs[lo..hi], &mut self.metas) };
