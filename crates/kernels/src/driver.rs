@@ -250,7 +250,7 @@ unsafe fn run_range<A: Algorithm>(
 /// A cursor that runs [`Ahead::DISTANCE`] elements ahead of the kernel over a range of jobs
 /// and asks for the memory of the small jobs' elements it passes (every buffer of their
 /// job) to be brought into the cache.
-pub(crate) struct Ahead<'a, T> {
+struct Ahead<'a, T> {
     jobs: &'a [Job<T>],
     n_states: usize,
     job: usize,
@@ -264,7 +264,7 @@ impl<'a, T> Ahead<'a, T> {
     /// ahead for memory's latency, near enough that what arrives stays in the L2 cache).
     const DISTANCE: usize = 4096;
     /// Elements the kernel updates between two of the cursor's moves.
-    pub(crate) const STRIDE: usize = 256;
+    const STRIDE: usize = 256;
 
     fn new(
         jobs: &'a [Job<T>],
@@ -316,7 +316,7 @@ impl<'a, T> Ahead<'a, T> {
     /// Prefetches the memory of the next `n` elements (every buffer of their job) and moves
     /// past them.
     #[inline(always)]
-    pub(crate) fn fetch(&mut self, n: usize) {
+    fn fetch(&mut self, n: usize) {
         let n_bufs = 2 + self.n_states;
         self.go(n, |job, from, to| {
             if job.numel > SMALL_JOB {
