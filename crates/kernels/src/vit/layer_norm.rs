@@ -36,10 +36,10 @@ impl RowOp for LnFwd {
                 let mean = lane_sum_of(&xf, |v| v) * inv_d;
                 (mean, lane_sum_of(&xf, |v| (v - mean) * (v - mean)) * inv_d)
             } else {
-                let mean = lane_sum_elems(xr, |v| v) * inv_d;
+                let mean = lane_sum_of(xr, |v| v.load()) * inv_d;
                 (
                     mean,
-                    lane_sum_elems(xr, |v| (v - mean) * (v - mean)) * inv_d,
+                    lane_sum_of(xr, |v| (v.load() - mean) * (v.load() - mean)) * inv_d,
                 )
             };
             let rstd = E::Op::of(1.0) / (var + E::Op::of(self.eps)).sqrt();
@@ -118,7 +118,7 @@ impl RowOp for LnBwd {
                 *xhj = xh;
                 *ghj = g * wv.load();
             }
-            let m1 = lane_sum_pairs(&gxhat, &xhat, |g, _| g) * inv_d;
+            let m1 = lane_sum_of(&gxhat, |g| g) * inv_d;
             let m2 = lane_sum_pairs(&gxhat, &xhat, |g, x| g * x) * inv_d;
             if self.accumulate {
                 for ((o, gh), xh) in gxr.iter_mut().zip(&gxhat).zip(&xhat) {

@@ -145,12 +145,12 @@ fn tree<T: Act>(mut a: [T; LANES], f: impl Fn(T, T) -> T) -> T {
     a[0]
 }
 
-/// `sum(f(x))` over `xs`, in lanes: lane `l` takes elements `l, l + 16, ...` of the whole
-/// chunks, the lanes are added pairwise, then the tail in order. Written over chunks of the
-/// slice: an index closure (`|j| f(xs[j])`) left the loads scalar, and LayerNorm's forward
-/// took twice as long.
+/// `sum(f(x))` over `xs` (buffer elements or arithmetic values; `f` loads and maps one), in
+/// lanes: lane `l` takes elements `l, l + 16, ...` of the whole chunks, the lanes are added
+/// pairwise, then the tail in order. Written over chunks of the slice: an index closure
+/// (`|j| f(xs[j])`) left the loads scalar, and LayerNorm's forward took twice as long.
 #[inline(always)]
-fn lane_sum_of<T: Act>(xs: &[T], f: impl Fn(T) -> T) -> T {
+fn lane_sum_of<X: Copy, T: Act>(xs: &[X], f: impl Fn(X) -> T) -> T {
     let mut acc = [T::of(0.0); LANES];
     let mut chunks = xs.chunks_exact(LANES);
     for c in &mut chunks {
@@ -161,23 +161,6 @@ fn lane_sum_of<T: Act>(xs: &[T], f: impl Fn(T) -> T) -> T {
     let mut s = hsum(acc);
     for x in chunks.remainder() {
         s = s + f(*x);
-    }
-    s
-}
-
-/// [`lane_sum_of`] over buffer elements, each loaded into the arithmetic type.
-#[inline(always)]
-fn lane_sum_elems<E: VElem>(xs: &[E], f: impl Fn(E::Op) -> E::Op) -> E::Op {
-    let mut acc = [E::Op::of(0.0); LANES];
-    let mut chunks = xs.chunks_exact(LANES);
-    for c in &mut chunks {
-        for (a, x) in acc.iter_mut().zip(c) {
-            *a = *a + f(x.load());
-        }
-    }
-    let mut s = hsum(acc);
-    for x in chunks.remainder() {
-        s = s + f(x.load());
     }
     s
 }
